@@ -1,0 +1,40 @@
+"""Shared pytest fixtures: small real tokenizers trained in the test session (no hub downloads)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def python_docs_text() -> list[str]:
+    """English prose shipped with CPython (the pydoc topics), split into paragraphs."""
+    import pydoc_data.topics
+
+    paragraphs: list[str] = []
+    for body in pydoc_data.topics.topics.values():
+        paragraphs.extend(p.strip() for p in body.split("\n\n") if len(p.strip()) > 40)
+    return paragraphs
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory) -> str:
+    """Path to a real SentencePiece BPE model (vocab 512, byte fallback) trained on Python's docs."""
+    import sentencepiece as spm
+
+    out = tmp_path_factory.mktemp("spm")
+    text_file = out / "corpus.txt"
+    text_file.write_text("\n".join(python_docs_text()), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(text_file),
+        model_prefix=str(out / "tok"),
+        vocab_size=512,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+    )
+    return str(out / "tok.model")
