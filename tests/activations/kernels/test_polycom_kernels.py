@@ -1,0 +1,176 @@
+"""Fused PolyCom kernels (dense_model/activations/kernels/polycom.py) against the torch reference.
+
+On the CPU the kernels run under TRITON_INTERPRET=1 (see conftest.py), so sizes stay small; row
+lengths are ragged (not powers of two) and longer than the tiles in the tiled variants. bf16 runs
+in the interpreter on the CPU (checked here), so 16-bit inputs are tested as bf16 and fp16.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from _polycom_helpers import assert_close_rel, relative_tolerance
+
+from dense_model.activations._polycom import polycom_reference
+
+# Tile configurations: the default (a row in registers), per-row kernels walking 32-column tiles
+# (two passes over the row), and the TP code path (stats kernel -> apply kernel) at TP=1.
+CONFIGS = {
+    "fused": {},
+    "tiled": dict(max_fused_block=32, loop_block=32, apply_block=32),
+    "split": dict(force_split=True, loop_block=64, apply_block=64),
+}
+
+
+def run(fn, x, weight, bias, grad, **kw):
+    """(y, dx, d weight, d bias) of fn on fresh leaves."""
+    x = x.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    bias = bias.detach().clone().requires_grad_()
+    y = fn(x, weight, bias, **kw)
+    y.backward(grad)
+    return y.detach(), x.grad, weight.grad, bias.grad
+
+
+def inputs(shape, order, dtype, device, seed, param_dtype=torch.float32, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * scale).to(dtype)
+    grad = torch.randn(shape, generator=gen).to(dtype)
+    weight = torch.randn(order, generator=gen).to(param_dtype)
+    bias = torch.randn(1, generator=gen).to(param_dtype)
+    return x.to(device), weight.to(device), bias.to(device), grad.to(device)
+
+
+def check_parity(polycom_kernels, shape, order, dtype, inner, device, seed, config=None, **input_kw):
+    cfg = polycom_kernels.PolyComKernelConfig(**(config or {}))
+    x, weight, bias, grad = inputs(shape, order, dtype, device, seed, **input_kw)
+    fused = run(polycom_kernels.polycom_fused, x, weight, bias, grad, inner=inner, eps=1e-6, config=cfg)
+    ref = run(polycom_reference, x, weight, bias, grad, inner=inner, eps=1e-6)
+    rtol = relative_tolerance(dtype)
+    for name, a, e in zip(("y", "dx", "d_weight", "d_bias"), fused, ref):
+        assert a.dtype == e.dtype and a.shape == e.shape, (name, a.dtype, e.dtype, a.shape, e.shape)
+        assert torch.isfinite(a).all(), name
+        assert_close_rel(a, e, rtol, f"{inner} {dtype} {tuple(shape)} r={order} {name}")
+    return fused
+
+
+@pytest.mark.parametrize("inner", ["norm", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+@pytest.mark.parametrize("cols", [33, 100, 257])
+def test_matches_reference(polycom_kernels, device, inner, dtype, rows, cols):
+    check_parity(polycom_kernels, (rows, cols), 3, dtype, inner, device, seed=rows * 1000 + cols)
+
+
+@pytest.mark.parametrize("inner", ["norm", "relu"])
+@pytest.mark.parametrize("path", ["tiled", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tiled_and_split_paths(polycom_kernels, device, inner, path, dtype):
+    # 257 columns: 9 tiles of 32 (last one holds 1 column) / 5 tiles of 64.
+    check_parity(polycom_kernels, (5, 257), 3, dtype, inner, device, seed=7, config=CONFIGS[path])
+
+
+@pytest.mark.parametrize("inner", ["norm", "relu"])
+@pytest.mark.parametrize("order", [1, 2, 4, 5])
+def test_orders(polycom_kernels, device, inner, order):
+    check_parity(polycom_kernels, (3, 100), order, torch.float32, inner, device, seed=order)
+
+
+@pytest.mark.parametrize("inner", ["norm", "relu"])
+def test_leading_dims_and_non_contiguous_input(polycom_kernels, device, inner):
+    # [s, b, f] like megatron's MLP input, taken as a transposed (non-contiguous) view.
+    x, weight, bias, grad = inputs((2, 5, 67), 3, torch.float32, device, seed=3)
+    x_t = x.transpose(0, 1)  # [5, 2, 67], non-contiguous
+    grad_t = grad.transpose(0, 1)
+    assert not x_t.is_contiguous()
+    cfg = polycom_kernels.PolyComKernelConfig()
+    fused = run(polycom_kernels.polycom_fused, x_t, weight, bias, grad_t, inner=inner, config=cfg)
+    ref = run(polycom_reference, x_t, weight, bias, grad_t, inner=inner)
+    for name, a, e in zip(("y", "dx", "d_weight", "d_bias"), fused, ref):
+        assert a.shape == e.shape
+        assert_close_rel(a, e, 1e-5, name)
+
+
+@pytest.mark.parametrize("inner", ["norm", "relu"])
+def test_bf16_parameters(polycom_kernels, device, inner):
+    """Megatron's Float16Module casts the scalars to bf16: grads come back in bf16."""
+    _, _, dw, db = check_parity(
+        polycom_kernels, (3, 100), 3, torch.bfloat16, inner, device, seed=11, param_dtype=torch.bfloat16
+    )
+    assert dw.dtype == torch.bfloat16 and db.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("inner", ["norm", "relu"])
+def test_fp16_large_inputs_keep_fp32_statistics(polycom_kernels, device, inner):
+    """|x| up to ~30 in fp16: x^6 (inside N(x^3)) is far beyond fp16's 65504; fp32 stats stay finite."""
+    x, weight, bias, grad = inputs((3, 100), 3, torch.float16, device, seed=5, scale=10.0)
+    assert x.float().abs().max() ** 6 > 65504
+    if inner == "norm":
+        check_parity(polycom_kernels, (3, 100), 3, torch.float16, inner, device, seed=5, scale=10.0)
+    else:  # relu(x)^3 alone overflows fp16 only beyond ~40; keep the check to parity
+        check_parity(polycom_kernels, (3, 100), 3, torch.float16, inner, device, seed=5, scale=3.0)
+
+
+@pytest.mark.parametrize("inner", ["norm", "relu"])
+def test_fp32_against_float64_reference(polycom_kernels, device, inner):
+    """fp32 kernels against the reference evaluated in float64 (the oracle's own rounding excluded)."""
+    x, weight, bias, grad = inputs((3, 257), 3, torch.float32, device, seed=13)
+    fused = run(polycom_kernels.polycom_fused, x, weight, bias, grad, inner=inner)
+    ref64 = run(polycom_reference, x.double(), weight.double(), bias.double(), grad.double(), inner=inner)
+    for name, a, e in zip(("y", "dx", "d_weight", "d_bias"), fused, ref64):
+        assert_close_rel(a, e, 1e-5, name)
+
+
+def test_empty_input(polycom_kernels, device):
+    for inner in ("norm", "relu"):
+        x, weight, bias, grad = inputs((0, 33), 3, torch.float32, device, seed=1)
+        y, dx, dw, db = run(polycom_kernels.polycom_fused, x, weight, bias, grad, inner=inner)
+        assert y.shape == (0, 33) and dx.shape == (0, 33)
+        assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
+
+
+def test_rejects_bad_arguments(polycom_kernels, device):
+    x = torch.randn(2, 8, device=device)
+    with pytest.raises(ValueError, match="inner"):
+        polycom_kernels.polycom_fused(x, torch.ones(3), torch.zeros(1), inner="gelu")
+    with pytest.raises(ValueError, match="bias"):
+        polycom_kernels.polycom_fused(x, torch.ones(3), torch.zeros(2), inner="norm")
+
+
+def test_registry_wires_the_fused_function(polycom_kernels):
+    from dense_model.activations import get_activation_entry
+
+    for name in ("polynorm", "polyrelu"):
+        assert get_activation_entry(name).load_fused() is polycom_kernels.polycom_fused
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_package_import_does_not_import_triton_and_falls_back_without_it():
+    """The kernels package is importable without Triton; without Triton the registry gets None."""
+    code = """
+import sys
+import dense_model.activations.kernels
+assert "triton" not in sys.modules, "importing the kernels package imported triton"
+
+class _NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("triton hidden by the test")
+        return None
+
+sys.meta_path.insert(0, _NoTriton())
+from dense_model.activations import build_activation, get_activation_entry
+assert get_activation_entry("polynorm").load_fused() is None
+import torch
+act = build_activation("polynorm")
+assert act(torch.randn(2, 10)).shape == (2, 10)
+print("ok")
+"""
+    proc = _python(code)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
