@@ -9,7 +9,8 @@ that bends those calls to the CPU, so the rest of dense_model is written as for 
       to the CPU, and turns off ``pin_memory``;
   (b) the model-parallel RNG tracker and ``torch.cuda`` RNG calls use the CPU generator;
   (c) ``torch.cuda.current_device/synchronize/...`` and CUDA streams become harmless stubs;
-  (d) ``Tensor.type()`` reports CPU tensors under their CUDA names, so megatron's checks that
+  (d) custom autograd Functions' backward runs under the same mode (recompute re-runs forward);
+  (e) ``Tensor.type()`` reports CPU tensors under their CUDA names, so megatron's checks that
       a parameter or gradient is a ``torch.cuda.FloatTensor`` pass for CPU float32.
 
 ``enable_cpu_mode()`` does all of it once per process, and does nothing at all when CUDA is
@@ -132,8 +133,8 @@ def _patch_torch_cuda() -> None:
     # RNG: the CPU generator is the only device generator there is.
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    cuda.manual_seed = lambda seed: torch.manual_seed(seed)
-    cuda.manual_seed_all = lambda seed: torch.manual_seed(seed)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all (left alone: a no-op without CUDA).
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     cuda.random.get_rng_state = cuda.get_rng_state
     cuda.random.set_rng_state = cuda.set_rng_state
 
@@ -150,6 +151,22 @@ def _patch_megatron_rng() -> None:
 
     mrandom._get_cuda_rng_state = get_state
     mrandom._set_cuda_rng_state = set_state
+
+
+def _patch_autograd_backward() -> None:
+    """Custom autograd Functions' backward (activation recompute re-runs the forward there) sees the
+    mode too: the autograd engine does not carry torch-function modes into backward."""
+    from torch.autograd.function import BackwardCFunction
+
+    original = BackwardCFunction.apply
+
+    def apply(self, *args):
+        if torch.overrides._get_current_function_mode_stack():
+            return original(self, *args)
+        with _CudaToCpuMode():
+            return original(self, *args)
+
+    BackwardCFunction.apply = apply
 
 
 def cpu_mode_active() -> bool:
@@ -170,6 +187,7 @@ def enable_cpu_mode() -> bool:
             return True
         _patch_torch_cuda()
         _patch_megatron_rng()
+        _patch_autograd_backward()
         _mode = _CudaToCpuMode()
         _mode.__enter__()  # stays pushed for the life of the process
         _active = True

@@ -1,0 +1,478 @@
+"""The typed config: nested dataclasses, loaded from YAML with dotted ``key=value`` overrides.
+
+    cfg = load_config("configs/1b_polynorm.yaml", ["model.activation=polyrelu", "training.lr=2e-4"])
+    validate(cfg, world_size=32)   # before any process group exists; raises ConfigError
+
+Every field has a one-line docstring (the comment after it). Unknown keys, wrong types and
+settings that cannot work (hidden not divisible by heads, FFN width not divisible by TP, ...) are
+rejected with the field's dotted name and the fix. A YAML file may name a ``base:`` file (relative
+to itself) whose values it overrides, so the per-activation 1B configs share one base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 24
+    """Transformer layers."""
+    hidden_size: int = 2048
+    """Model width."""
+    num_attention_heads: int = 16
+    """Attention heads (query heads)."""
+    num_query_groups: int | None = None
+    """Key/value heads for GQA; None = as many as attention heads (no GQA, as in the paper)."""
+    activation: str = "swiglu"
+    """MLP activation, a name from dense_model.activations.list_activations()."""
+    activation_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the activation, e.g. {order: 3} for polynorm/polyrelu."""
+    fused_activation: bool = True
+    """Use the activation's fused Triton kernel on GPUs when it has one (the torch reference otherwise)."""
+    ffn_hidden_size: int | None = None
+    """FFN width; None = derived from swiglu_ffn_hidden_size, parameter-matched to the activation."""
+    swiglu_ffn_hidden_size: int = 5504
+    """SwiGLU width the FFN is matched to when ffn_hidden_size is None (non-gated: 1.5x, 5504 -> 8256)."""
+    vocab_size: int = 32000
+    """Tokenizer vocabulary size (the embedding is padded to make_vocab_size_divisible_by x TP)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this times TP (Megatron's default)."""
+    seq_length: int = 4096
+    """Sequence length in tokens."""
+    rotary_base: int = 10000
+    """RoPE base."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
+    init_method_std: float = 0.013975
+    """Std of the normal init, sqrt(2 / (5 * hidden)); output layers are scaled by depth."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    untie_embeddings: bool = True
+    """Separate input embedding and output layer weights (Llama style)."""
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    """Layer implementation: megatron-core's local modules, or Transformer Engine (GPU, if installed)."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    """TP: ranks the attention heads and FFN width are split over."""
+    pipeline_model_parallel_size: int = 1
+    """PP: pipeline stages; num_layers must divide evenly."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs TP > 1)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce with backward (GPU)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with forward (GPU)."""
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 2
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 64
+    """Sequences per optimizer step over all ranks (gradient accumulation fills the gap)."""
+    train_iters: int | None = None
+    """Optimizer steps; None = derived from train_tokens."""
+    train_tokens: int | None = 100_000_000_000
+    """Tokens to train on when train_iters is None (paper: 100B)."""
+    lr: float = 3.0e-4
+    """Peak learning rate."""
+    min_lr: float = 3.0e-5
+    """Learning rate at the end of the cosine decay."""
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    lr_warmup_tokens: int | None = 620_000_000
+    """Warmup length in tokens (paper: 620M); lr_warmup_iters overrides it when set."""
+    lr_warmup_iters: int | None = None
+    """Warmup length in steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to 1-D parameters: norms, PolyCom scalars)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1.0e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    bf16: bool = True
+    """bf16 mixed precision (on GPUs; the CPU always runs fp32)."""
+    seed: int = 1234
+    """Random seed (weights, data order, dropout)."""
+    recompute_granularity: Literal["none", "selective", "full"] = "selective"
+    """Activation recompute: megatron's selective (attention core) or full layers."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """How full recompute picks layers."""
+    recompute_num_layers: int = 1
+    """Layers per recompute chunk (full recompute)."""
+    eod_mask_loss: bool = False
+    """Mask the loss on end-of-document tokens."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """A NaN/Inf loss or gradient: stop with a message naming the step, or skip the step."""
+    peak_flops: float | None = None
+    """Peak FLOP/s per device for MFU; None = detected from the GPU name (A100/H100/H200 bf16)."""
+
+
+@dataclass
+class DataConfig:
+    blend: str | None = None
+    """Blend file (JSON) written by preprocess_data.py --split-by-subset."""
+    paths: list[str] = field(default_factory=list)
+    """Megatron mmap prefixes (PREFIX_text_document) when no blend file is given."""
+    weights: list[float] | None = None
+    """Weights for paths (None = proportional to size, Megatron's behaviour)."""
+    tokenizer_type: Literal["sentencepiece", "huggingface"] = "sentencepiece"
+    """Tokenizer library."""
+    tokenizer_model: str | None = None
+    """SentencePiece .model file or Hugging Face tokenizer folder."""
+    split: str = "969,30,1"
+    """Train/valid/test split of each dataset, in parts."""
+    cache_dir: str | None = None
+    """Where megatron-core caches its sample indices; None = RUN_DIR/data_cache."""
+    num_workers: int = 2
+    """DataLoader workers."""
+    demo: bool = False
+    """Use the RedPajama-format sample shipped in examples/ (tokenised on first use)."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int | None = 1000
+    """Save every N steps (and at the end); None = only at the end."""
+    keep_last: int | None = 3
+    """Keep the last K checkpoints; None keeps all."""
+    load: str | None = None
+    """Checkpoint directory to start from; None = the run's own checkpoints/ (resume)."""
+    fresh: bool = False
+    """Ignore existing checkpoints in the run directory and start from step 0."""
+    fully_parallel_save: bool = True
+    """Spread the save over data-parallel ranks (dist_checkpointing's fully parallel strategy)."""
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    """Steps between log lines / metrics.jsonl entries."""
+    eval_interval: int = 1000
+    """Steps between validation runs."""
+    eval_iters: int = 20
+    """Micro-batches... per validation run (global batches)."""
+    tensorboard: bool = True
+    """Write TensorBoard events in the run directory."""
+    wandb_project: str | None = None
+    """Also log to Weights & Biases under this project (if wandb is installed)."""
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    """Where config.yaml, metrics.jsonl, TensorBoard events and checkpoints/ go."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor/pipeline/data parallel layout."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Optimizer, schedule, batch, precision."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Datasets and tokenizer."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Log lines, metrics, TensorBoard."""
+
+
+# --------------------------------------------------------------------------------------------
+# Derived values
+
+
+def ffn_hidden_size(model: ModelConfig) -> int:
+    """The FFN width: explicit, or parameter-matched to a SwiGLU of swiglu_ffn_hidden_size.
+
+    A gated MLP has 3 matrices of hidden x F, a plain one 2: matching parameters gives
+    F_plain = 1.5 x F_swiglu (5504 -> 8256).
+    """
+    from dense_model.activations import is_gated
+
+    if model.ffn_hidden_size is not None:
+        return model.ffn_hidden_size
+    if is_gated(model.activation):
+        return model.swiglu_ffn_hidden_size
+    return model.swiglu_ffn_hidden_size * 3 // 2
+
+
+def padded_vocab_size(model: ModelConfig, tp: int) -> int:
+    multiple = model.make_vocab_size_divisible_by * tp
+    return -(-model.vocab_size // multiple) * multiple
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, where: str):
+    """Check (and lightly convert) a YAML value against a field type; raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}; write it as [a, b]")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}; write it as {{key: value}}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e9 written in YAML
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def _apply(obj, values: dict, prefix: str = "") -> None:
+    """Set the dataclass ``obj``'s fields from a nested dict, rejecting unknown keys."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key {where!r}; valid keys here: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+            _apply(current, value, where + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = _read_yaml((path.parent / base), seen + (path.resolve(),))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["model.activation=polynorm", "training.lr=3e-4"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. model.activation=polynorm)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key segment in {key!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is set both as a value and a section")
+        node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (and its ``base:`` chain) <- dotted overrides. Types checked."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    data = _deep_merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (before any process group starts)
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Raise ConfigError with the field and the fix if ``cfg`` cannot run on ``world_size`` ranks."""
+    from dense_model.activations import get_activation_entry
+
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    try:
+        entry = get_activation_entry(m.activation)
+    except ValueError as err:
+        raise ConfigError(f"model.activation: {err}") from None
+    try:
+        entry.cls(**m.activation_kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.activation_kwargs: {m.activation} rejects {m.activation_kwargs}: {err}") from None
+
+    def positive(name, value):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+
+    for name, value in [
+        ("model.num_layers", m.num_layers),
+        ("model.hidden_size", m.hidden_size),
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.seq_length", m.seq_length),
+        ("model.vocab_size", m.vocab_size),
+        ("model.ffn_hidden_size", m.ffn_hidden_size),
+        ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
+        ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size),
+        ("training.micro_batch_size", t.micro_batch_size),
+        ("training.global_batch_size", t.global_batch_size),
+        ("training.train_iters", t.train_iters),
+    ]:
+        positive(name, value)
+
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+            f"{m.num_attention_heads}; pick a head count that divides it (e.g. "
+            f"{_divisors_near(m.hidden_size, m.num_attention_heads)})"
+        )
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % groups:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"model.num_query_groups={groups}"
+        )
+    if m.num_attention_heads % tp:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"parallel.tensor_model_parallel_size={tp}; use a TP size that divides the head count"
+        )
+    if groups % tp:
+        raise ConfigError(f"model.num_query_groups={groups} is not divisible by parallel.tensor_model_parallel_size={tp}")
+    ffn = ffn_hidden_size(m)
+    if ffn % tp:
+        raise ConfigError(
+            f"FFN width {ffn} (model.ffn_hidden_size, or derived from model.swiglu_ffn_hidden_size="
+            f"{m.swiglu_ffn_hidden_size} for {m.activation}) is not divisible by "
+            f"parallel.tensor_model_parallel_size={tp}; set model.ffn_hidden_size to a multiple of {tp}"
+        )
+    if m.num_layers % pp:
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_model_parallel_size="
+            f"{pp}; use a PP size that divides the layer count"
+        )
+    if p.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+    if t.train_iters is None and t.train_tokens is None:
+        raise ConfigError("set training.train_iters or training.train_tokens")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"training.min_lr={t.min_lr} is above training.lr={t.lr}")
+    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.paths):
+        raise ConfigError(
+            f"data.weights has {len(cfg.data.weights)} entries but data.paths has {len(cfg.data.paths)}; "
+            "give one weight per path"
+        )
+    if world_size is not None:
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor_model_parallel_size x "
+                f"pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}; launch a multiple of "
+                f"{tp * pp} processes or change parallel.*"
+            )
+        dp = world_size // (tp * pp)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"training.global_batch_size={t.global_batch_size} is not divisible by "
+                f"training.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}; "
+                f"use a multiple of {t.micro_batch_size * dp}"
+            )
+
+
+def _divisors_near(n: int, k: int) -> list[int]:
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    return sorted(divs, key=lambda d: abs(d - k))[:3]

@@ -1,0 +1,263 @@
+"""The model: megatron-core's GPTModel, Llama style, with the MLP activation from the registry.
+
+    initialize_parallel(tp, pp)
+    model = build_model(cfg)                 # GPTModel for this rank's pipeline stage
+
+Llama style: RMSNorm, RoPE (base 10000), untied embeddings, no linear biases, no dropout by default.
+The activation is swapped through megatron-core's ``ModuleSpec``: the stock layer spec (local or
+Transformer Engine) is kept whole and only the MLP's ``activation_func`` submodule is replaced by
+``RegistryActivation``, which builds ``dense_model.activations.build_activation(name)``. The
+transformer layer is never copied. Gated activations set ``gated_linear_unit`` so fc1 is 2x wide
+with megatron's [gate, up] layout and checkpoint resharding across TP sizes stays right.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+from dense_model.activations import build_activation, get_activation_entry
+from dense_model.config import Config, ModelConfig, ffn_hidden_size, padded_vocab_size
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+class RegistryActivation(torch.nn.Module):
+    """The MLP's activation_func submodule: the registry activation, told its TP group.
+
+    megatron-core's MLP calls it on fc1's whole output (``use_te_activation_func`` is the flag that
+    makes MLP build and call the spec's activation module instead of a bare function).
+    """
+
+    def __init__(self, config, name: str, kwargs: dict, fused: bool):
+        super().__init__()
+        from megatron.core import parallel_state
+
+        kwargs = dict(kwargs)
+        entry = get_activation_entry(name)
+        if hasattr(entry.cls, "tp_group") or "tp_group" in entry.cls.__init__.__code__.co_varnames:
+            tp = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+            kwargs.setdefault("tp_group", tp)
+            if "use_fused" in entry.cls.__init__.__code__.co_varnames:
+                kwargs.setdefault("use_fused", fused)
+        self.act = build_activation(name, **kwargs)
+
+    def forward(self, x):  # [s, b, ffn/tp] (gated: [s, b, 2*ffn/tp]) -> [s, b, ffn/tp]
+        return self.act(x)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Coefficients (if any) as replicated sharded tensors, so distributed checkpoints hold them."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state, prefix, sharded_offsets=sharded_offsets)
+
+
+def layer_spec(cfg: ModelConfig):
+    """megatron-core's stock GPT layer spec with the MLP activation replaced by the registry's."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if cfg.transformer_impl == "transformer_engine":
+        if not transformer_engine_available():
+            raise RuntimeError(
+                "model.transformer_impl=transformer_engine but Transformer Engine is not installed "
+                "(or no GPU): pip install 'transformer-engine[pytorch]' on a CUDA machine, or set "
+                "model.transformer_impl=local"
+            )
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = copy.deepcopy(spec)
+    mlp = spec.submodules.mlp
+    mlp.submodules.activation_func = ModuleSpec(
+        module=RegistryActivation,
+        params={"name": cfg.activation, "kwargs": dict(cfg.activation_kwargs), "fused": cfg.fused_activation},
+    )
+    return spec
+
+
+def transformer_config(cfg: Config, perform_initialization: bool = True):
+    """megatron-core TransformerConfig for ``cfg`` (Llama style)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    on_gpu = torch.cuda.is_available()
+    bf16 = t.bf16 and on_gpu
+    gated = get_activation_entry(m.activation).gated
+    recompute = None if t.recompute_granularity == "none" else t.recompute_granularity
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=ffn_hidden_size(m),
+        kv_channels=m.hidden_size // m.num_attention_heads,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        add_bias_linear=False,
+        gated_linear_unit=gated,
+        # The MLP calls the spec's activation module (RegistryActivation). megatron-core validates
+        # activation_func against the TE-supported set when this flag is on; the value is unused.
+        use_te_activation_func=True,
+        activation_func=F.silu,
+        bias_activation_fusion=False,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        recompute_granularity=recompute,
+        recompute_method=t.recompute_method if recompute == "full" else None,
+        recompute_num_layers=t.recompute_num_layers if recompute == "full" else None,
+        # megatron's init also sets the TP attributes that grad-norm and the optimizer read;
+        # initialize_weights() then redraws the values so they do not depend on the TP/PP layout.
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=perform_initialization,
+        # Fusions that need CUDA kernels (or apex) are off on the CPU.
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=on_gpu,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+    )
+
+
+def build_model(
+    cfg: Config,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    initialize: bool = True,
+    allocate_only: bool = False,
+):
+    """The GPTModel of this rank's pipeline stage (needs ``initialize_parallel`` first).
+
+    Weights are drawn by ``initialize_weights``: identical for every TP/PP layout. ``initialize=False``
+    skips that (a checkpoint is loaded next); ``allocate_only=True`` also skips megatron's own init
+    (uninitialised memory: for counting the parameters of big models, not for training).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    m = cfg.model
+    model = GPTModel(
+        config=transformer_config(cfg, perform_initialization=not allocate_only),
+        transformer_layer_spec=layer_spec(m),
+        vocab_size=padded_vocab_size(m, cfg.parallel.tensor_model_parallel_size),
+        max_sequence_length=m.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not m.untie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=m.rotary_base,
+    )
+    if initialize and not allocate_only:
+        initialize_weights(model, cfg)
+    return model
+
+
+def _global_name(model, name: str) -> str:
+    """Parameter name with the local layer index replaced by the global one (PP stages)."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "decoder" and parts[1] == "layers":
+        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+    return ".".join(parts)
+
+
+@torch.no_grad()
+def initialize_weights(model, cfg: Config, seed: int | None = None) -> None:
+    """Draw every weight from a generator keyed by (seed, global parameter name), then keep this
+    rank's TP slice: the same model whatever the TP/PP layout (megatron's own init depends on PP).
+
+    Megatron's scheme: normal(0, std) everywhere, std / sqrt(2 * layers) for the layers that write
+    into the residual stream (attention linear_proj, MLP linear_fc2), ones for norms; PolyCom
+    scalars keep their own init (1/r, 0).
+    """
+    from megatron.core import parallel_state as ps
+
+    seed = cfg.training.seed if seed is None else seed
+    std = cfg.model.init_method_std
+    residual_std = std / math.sqrt(2.0 * cfg.model.num_layers)
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    tp = ps.get_tensor_model_parallel_world_size()
+    for name, param in model.named_parameters():
+        if ".activation_func." in name:
+            continue
+        if "layernorm" in name or name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        if name.endswith(".bias"):
+            param.zero_()
+            continue
+        gname = _global_name(model, name)
+        sliced = getattr(param, "tensor_model_parallel", False) and tp > 1
+        dim = getattr(param, "partition_dim", 0)
+        full_shape = list(param.shape)
+        if sliced:
+            full_shape[dim] *= tp
+        gen = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + zlib.crc32(gname.encode()))
+        s = residual_std if ("linear_proj" in name or "linear_fc2" in name) else std
+        full = torch.empty(full_shape, dtype=torch.float32, device=param.device).normal_(0.0, s, generator=gen)
+        if sliced:
+            # Megatron's layout: split into tp * stride chunks, rank r keeps chunks r, r + tp, ...
+            stride = getattr(param, "partition_stride", 1)
+            chunks = torch.chunk(full, tp * stride, dim=dim)
+            full = torch.cat(chunks[tp_rank::tp], dim=dim)
+        param.copy_(full.to(param.dtype))
+
+
+def count_parameters(m: ModelConfig) -> dict[str, int]:
+    """Parameter counts of the full (unsharded) model, analytically; tested against a built model."""
+    h, layers = m.hidden_size, m.num_layers
+    heads = m.num_attention_heads
+    groups = m.num_query_groups or heads
+    kv = h // heads
+    ffn = ffn_hidden_size(m)
+    gated = get_activation_entry(m.activation).gated
+    act = build_activation(m.activation, **m.activation_kwargs)
+    act_params = sum(p.numel() for p in act.parameters())
+    attention = h * (heads + 2 * groups) * kv + heads * kv * h
+    mlp = h * ffn * (2 if gated else 1) + ffn * h
+    norms = 2 * h
+    per_layer = attention + mlp + norms + act_params
+    vocab = padded_vocab_size(m, 1)
+    embedding = vocab * h
+    output = vocab * h if m.untie_embeddings else 0
+    total = layers * per_layer + embedding + output + h  # + final norm
+    return {
+        "total": total,
+        "non_embedding": total - embedding - output,
+        "per_layer": per_layer,
+        "mlp_per_layer": mlp,
+        "activation_per_layer": act_params,
+        "embedding": embedding,
+        "output_layer": output,
+    }
+
+
+def model_config_replace(m: ModelConfig, **changes) -> ModelConfig:
+    return dataclasses.replace(m, **changes)

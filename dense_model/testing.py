@@ -1,0 +1,40 @@
+"""Helpers for multi-process tests on the CPU: real gloo process groups, one process per rank.
+
+    def worker(rank, world_size, out_dir): ...        # module-level, so spawn can pickle it
+    spawn_workers(worker, 2, out_dir)                  # raises if any rank fails
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, fn, world_size, port, env, args):
+    os.environ.update(env)
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    fn(rank, world_size, *args)
+    from dense_model.parallel import destroy_parallel
+
+    destroy_parallel()
+
+
+def spawn_workers(fn, world_size: int, *args, env: dict[str, str] | None = None) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes wired for torch.distributed."""
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    mp.spawn(_entry, args=(fn, world_size, free_port(), env, args), nprocs=world_size, join=True)
