@@ -43,6 +43,7 @@ class PolyComKernelConfig:
     max_fused_block: int = 16384  # rows up to this many columns are held in registers (one HBM read)
     loop_block: int = 4096  # column tile of the per-row kernels when a row is longer
     apply_block: int = 2048  # column tile of the 2-D (rows x tiles) elementwise kernels
+    row_num_warps: int | None = None  # warps of the per-row kernels; None = by tile size
     force_split: bool = False  # use the TP code path (stats -> all-reduce -> apply) even at TP=1
 
 
@@ -64,12 +65,11 @@ def _tp_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _row_tile(n_cols: int, cfg: PolyComKernelConfig) -> tuple[int, bool]:
-    """(BLOCK, SINGLE_TILE) for the one-program-per-row kernels."""
+def _row_tile(n_cols: int, cfg: PolyComKernelConfig) -> tuple[int, bool, int]:
+    """(BLOCK, SINGLE_TILE, num_warps) for the one-program-per-row kernels."""
     full = triton.next_power_of_2(max(n_cols, 1))
-    if full <= cfg.max_fused_block:
-        return full, True
-    return min(cfg.loop_block, full), False
+    block, single = (full, True) if full <= cfg.max_fused_block else (min(cfg.loop_block, full), False)
+    return block, single, cfg.row_num_warps or _num_warps(block)
 
 
 def _apply_tile(n_cols: int, cfg: PolyComKernelConfig) -> int:
@@ -90,10 +90,10 @@ def polynorm_forward(x2, weight, bias, eps, tp_group, cfg):
     inv = torch.empty(rows, order, device=x2.device, dtype=torch.float32)
     if tp == 1 and not cfg.force_split:
         if rows > 0:
-            block, single = _row_tile(n_cols, cfg)
+            block, single, warps = _row_tile(n_cols, cfg)
             K.polynorm_fwd_fused_kernel[(rows,)](
                 x2, y2, inv, weight, bias, n_cols, x2.stride(0), y2.stride(0), 1.0 / max(n_cols, 1), eps,
-                ORDER=order, PAD=_pad(order), BLOCK=block, SINGLE_TILE=single, num_warps=_num_warps(block),
+                ORDER=order, PAD=_pad(order), BLOCK=block, SINGLE_TILE=single, num_warps=warps,
             )  # fmt: skip
         return y2, inv
     sumsq = torch.zeros(rows, order, device=x2.device, dtype=torch.float32)
@@ -125,11 +125,10 @@ def polynorm_backward(g2, x2, inv, weight, bias, tp_group, cfg):
     inv_width = 1.0 / max(n_cols * tp, 1)
     if tp == 1 and not cfg.force_split:
         if rows > 0:
-            block, single = _row_tile(n_cols, cfg)
+            block, single, warps = _row_tile(n_cols, cfg)
             K.polynorm_bwd_fused_kernel[(rows,)](
                 x2, g2, dx2, inv, mom, weight, bias, n_cols, x2.stride(0), g2.stride(0), dx2.stride(0),
-                inv_width, ORDER=order, PAD=_pad(order), BLOCK=block, SINGLE_TILE=single,
-                num_warps=_num_warps(block),
+                inv_width, ORDER=order, PAD=_pad(order), BLOCK=block, SINGLE_TILE=single, num_warps=warps,
             )  # fmt: skip
     else:
         if rows > 0 and n_cols > 0:

@@ -1,0 +1,393 @@
+"""Benchmark the MLP activation alone at the 1B shape: time, memory and bandwidth, forward+backward.
+
+For PolyNorm and PolyReLU on [tokens, 8256] and SwiGLU on [tokens, 2 x 5504] (bf16 by default), it
+times forward and forward+backward of:
+
+  fused       our Triton kernels (dense_model.activations.kernels.polycom.polycom_fused)
+  torch       our torch reference (fp32 statistics; what the registry runs without the kernels)
+  paper-ckpt  the reference code's style: the paper's torch ops in the input dtype inside
+              torch.utils.checkpoint (recomputed in backward)
+  liger       Liger-Kernel's LigerPolyNormFunction (PolyNorm) / LigerSiLUMulFunction (SwiGLU),
+              when liger_kernel imports
+
+and reports peak memory above the inputs (forward+backward), memory kept alive between forward and
+backward (the activation memory a layer holds), and the achieved bandwidth: the bytes an ideal
+kernel must move (forward reads x, writes y; backward reads x and dy, writes dx) divided by the
+forward+backward time, against the device's copy bandwidth measured here with a 1 GiB
+tensor.copy_ (read + write). Fused outputs are checked against the torch reference first.
+
+    python scripts/bench_activations.py                        # H100/H200: markdown table
+    python scripts/bench_activations.py --json results.json    # also machine-readable
+    python scripts/bench_activations.py --sweep                # try tile configs of the fused kernels
+    python scripts/bench_activations.py --device cpu           # smoke run: tiny shapes, Triton interpreter
+
+Timings use triton.testing.do_bench (CUDA events, L2 flushed before each run, median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda", help="cpu: smoke run under TRITON_INTERPRET=1"
+    )
+    p.add_argument("--tokens", type=int, default=None, help="rows (default 8192; 8 with --device cpu)")
+    p.add_argument("--ffn", type=int, default=None, help="PolyCom width (default 8256; 96 on cpu)")
+    p.add_argument("--swiglu-ffn", type=int, default=None, help="SwiGLU FFN width (default 5504; 64 on cpu)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--activations", default="polynorm,polyrelu,swiglu", help="comma-separated subset")
+    p.add_argument("--variants", default="fused,torch,paper-ckpt,liger", help="comma-separated subset")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
+    p.add_argument("--rep", type=int, default=200, help="do_bench repetitions (ms)")
+    p.add_argument(
+        "--sweep", action="store_true", help="also time tile configs of the fused PolyNorm kernels"
+    )
+    p.add_argument("--no-check", action="store_true", help="skip the fused-vs-reference parity check")
+    p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON ('-' for stdout)")
+    return p.parse_args(argv)
+
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The implementations compared
+# ----------------------------------------------------------------------------------------------
+
+
+def paper_polynorm(x, weight, bias, eps=1e-6):
+    """The reference code's PolyNorm: torch ops in the input dtype; weight[0] multiplies N(x^3)."""
+
+    def norm(u):
+        return u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps)
+
+    return weight[0] * norm(x**3) + weight[1] * norm(x**2) + weight[2] * norm(x) + bias
+
+
+def paper_polyrelu(x, weight, bias):
+    """The reference code's PolyReLU: torch ops in the input dtype; weight[0] multiplies relu(x)^3."""
+    r = torch.relu(x)
+    return weight[0] * r**3 + weight[1] * r**2 + weight[2] * r + bias
+
+
+def checkpointed(fn):
+    def run(*args):
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+    return run
+
+
+def liger_polynorm():
+    try:
+        from liger_kernel.ops.poly_norm import LigerPolyNormFunction
+    except Exception:
+        return None
+
+    def run(x, weight, bias):  # Liger takes a 0-dim bias; in_place=True is its default (dy reused)
+        return LigerPolyNormFunction.apply(x, weight, bias.reshape(()), 1e-6, True)
+
+    return run
+
+
+def liger_swiglu():
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    except Exception:
+        return None
+
+    def run(x):
+        gate, up = torch.chunk(x, 2, dim=-1)
+        return LigerSiLUMulFunction.apply(gate, up)
+
+    return run
+
+
+def build_variants(activation, names, config=None):
+    """{variant: (f(x, weight, bias) -> y, needs_params)} for the activation."""
+    from dense_model.activations._polycom import polycom_reference
+    from dense_model.activations.glu import SwiGLU
+
+    out = {}
+    if activation in ("polynorm", "polyrelu"):
+        inner = "norm" if activation == "polynorm" else "relu"
+        if "fused" in names:
+            from dense_model.activations.kernels.polycom import polycom_fused
+
+            out["fused"] = lambda x, w, b: polycom_fused(x, w, b, inner=inner, eps=1e-6, config=config)
+        if "torch" in names:
+            out["torch"] = lambda x, w, b: polycom_reference(x, w, b, inner=inner, eps=1e-6)
+        if "paper-ckpt" in names:
+            out["paper-ckpt"] = checkpointed(paper_polynorm if inner == "norm" else paper_polyrelu)
+        if "liger" in names and inner == "norm" and (fn := liger_polynorm()) is not None:
+            out["liger"] = fn
+    elif activation == "swiglu":
+        swiglu = SwiGLU()
+        if "torch" in names:
+            out["torch"] = lambda x, w, b: swiglu(x)
+        if "paper-ckpt" in names:
+            out["torch-ckpt"] = lambda x, w, b: torch.utils.checkpoint.checkpoint(
+                swiglu, x, use_reentrant=False
+            )
+        if "liger" in names and (fn := liger_swiglu()) is not None:
+            out["liger"] = lambda x, w, b: fn(x)
+    else:
+        raise SystemExit(f"unknown activation {activation!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+
+
+def make_inputs(rows, width, dtype, device, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(rows, width, device=device, dtype=dtype, generator=gen).requires_grad_()
+    weight = torch.full((3,), 1.0 / 3.0, device=device, requires_grad=True)
+    bias = torch.zeros(1, device=device, requires_grad=True)
+    return x, weight, bias
+
+
+def timer(args):
+    if args.device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+
+    raise RuntimeError("timings are taken on CUDA only")
+
+
+def copy_bandwidth_gbs(args):
+    """Device copy bandwidth (GB/s, read + write) of a 1 GiB tensor.copy_; None on the CPU."""
+    if args.device != "cuda":
+        return None
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = timer(args)(lambda: dst.copy_(src))
+    return 2 * src.nbytes / ms / 1e6
+
+
+def saved_bytes_per_token(fn, x, weight, bias) -> float:
+    """Bytes autograd keeps from forward to backward, per row, not counting x's own storage.
+
+    x is fc1's output and alive anyway; everything else an activation saves (fp32 copies, powers,
+    statistics) is memory it adds per layer. Measured with saved-tensor hooks over unique storages,
+    so it is the same on any device (Liger's kernel included; checkpointed variants save nothing
+    beyond their inputs).
+    """
+    storages = {}
+    x_ptr = x.untyped_storage().data_ptr()
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() != x_ptr:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(x, weight, bias)
+    del y
+    return sum(storages.values()) / x.shape[0]
+
+
+def measure(fn, x, weight, bias, args, ideal_bytes):
+    leaves = [x, weight, bias]
+    dy = torch.randn(x.shape[0], ideal_bytes["out_width"], device=x.device, dtype=x.dtype)
+    saved = saved_bytes_per_token(fn, x, weight, bias)
+
+    def forward():
+        return fn(x, weight, bias)
+
+    def forward_backward():
+        y = fn(x, weight, bias)
+        used = [t for t in leaves if t.requires_grad]
+        torch.autograd.grad(y, used, dy, allow_unused=True)
+
+    if args.device != "cuda":  # smoke run: exercise both passes, report no timings
+        forward()
+        forward_backward()
+        empty = dict.fromkeys(
+            ("fwd_ms", "fwd_bwd_ms", "kept_after_fwd_mib", "peak_fwd_bwd_mib", "achieved_gbs")
+        )
+        return {**empty, "saved_bytes_per_token": saved}
+    bench = timer(args)
+    result = {"fwd_ms": bench(forward), "fwd_bwd_ms": bench(forward_backward), "saved_bytes_per_token": saved}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    y = forward()
+    kept = torch.cuda.memory_allocated() - base  # y + what autograd saved for backward
+    torch.autograd.grad(y, [t for t in leaves if t.requires_grad], dy, allow_unused=True)
+    del y
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    result.update(kept_after_fwd_mib=kept / 2**20, peak_fwd_bwd_mib=peak / 2**20)
+    result["achieved_gbs"] = (ideal_bytes["fwd"] + ideal_bytes["bwd"]) / result["fwd_bwd_ms"] / 1e6
+    return result
+
+
+def ideal_bytes(activation, rows, width, itemsize):
+    """Bytes an ideal fused kernel moves: forward x -> y; backward x, dy -> dx."""
+    if activation == "swiglu":  # x [rows, 2w] -> y [rows, w]
+        n_in, n_out = 2 * rows * width, rows * width
+    else:
+        n_in = n_out = rows * width
+    return {"fwd": (n_in + n_out) * itemsize, "bwd": (2 * n_in + n_out) * itemsize, "out_width": width}
+
+
+def parity(activation, x, weight, bias):
+    """Max error of fused vs the torch reference at the benchmark shape, relative to max |ref|."""
+    from dense_model.activations._polycom import polycom_reference
+    from dense_model.activations.kernels.polycom import polycom_fused
+
+    inner = "norm" if activation == "polynorm" else "relu"
+    dy = torch.randn_like(x)
+    errors = {}
+    results = []
+    for fn in (polycom_fused, polycom_reference):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+        y = fn(*leaves, inner=inner, eps=1e-6)
+        grads = torch.autograd.grad(y, leaves, dy)
+        results.append((y, *grads))
+    for name, a, e in zip(("y", "dx", "d_weight", "d_bias"), *results):
+        a, e = a.float(), e.float()
+        errors[name] = ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+    return errors
+
+
+SWEEP = [  # PolyComKernelConfig variants tried by --sweep (the first is the default)
+    dict(),
+    dict(row_num_warps=32),
+    dict(max_fused_block=0, loop_block=2048, row_num_warps=8),
+    dict(max_fused_block=0, loop_block=4096, row_num_warps=8),
+    dict(max_fused_block=0, loop_block=8192, row_num_warps=16),
+]
+
+
+def sweep_label(config) -> str:
+    tiles = "row in registers" if config.max_fused_block > 0 else f"{config.loop_block}-column tiles"
+    return f"({tiles}, {config.row_num_warps or 'default'} warps)"
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    global torch
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "bench_activations: no CUDA device here. The numbers this script exists for need an H100/H200;\n"
+            "run it on one, or use --device cpu for a smoke run (tiny shapes, Triton interpreter, no timings\n"
+            "worth reading).",
+            file=sys.stderr,
+        )
+        return 2
+    cpu = args.device == "cpu"
+    rows = args.tokens or (8 if cpu else 8192)
+    ffn = args.ffn or (96 if cpu else 8256)
+    swiglu_ffn = args.swiglu_ffn or (64 if cpu else 5504)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    names = set(args.variants.split(","))
+    import triton
+
+    from dense_model.activations.kernels.polycom import PolyComKernelConfig
+
+    meta = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "device": torch.cuda.get_device_name()
+        if not cpu
+        else f"cpu ({platform.processor() or platform.machine()}), Triton interpreter",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "dtype": args.dtype,
+        "shapes": {"polycom": [rows, ffn], "swiglu": [rows, 2 * swiglu_ffn]},
+    }
+    copy_gbs = copy_bandwidth_gbs(args)
+    meta["copy_bandwidth_gbs"] = copy_gbs
+    rows_out = []
+    checks = {}
+    for activation in args.activations.split(","):
+        width = swiglu_ffn if activation == "swiglu" else ffn
+        in_width = 2 * width if activation == "swiglu" else width
+        x, weight, bias = make_inputs(rows, in_width, dtype, args.device)
+        if activation != "swiglu" and "fused" in names and not args.no_check:
+            checks[activation] = parity(activation, x, weight, bias)
+        nbytes = ideal_bytes(activation, rows, width, x.element_size())
+        configs = [None] + ([PolyComKernelConfig(**c) for c in SWEEP[1:]] if args.sweep else [])
+        for config in configs if activation == "polynorm" else [None]:
+            variants = build_variants(activation, names, config)
+            for variant, fn in variants.items():
+                if config is not None and variant != "fused":
+                    continue
+                label = variant if config is None else f"fused {sweep_label(config)}"
+                res = measure(fn, x, weight, bias, args, nbytes)
+                res["ideal_bytes"] = nbytes["fwd"] + nbytes["bwd"]
+                res["pct_of_copy_bw"] = 100 * res["achieved_gbs"] / copy_gbs if copy_gbs else None
+                rows_out.append({"activation": activation, "variant": label, **res})
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+    print(markdown(meta, rows_out, checks))
+    if args.json:
+        blob = json.dumps({"meta": meta, "checks": checks, "results": rows_out}, indent=2)
+        if args.json == "-":
+            print(blob)
+        else:
+            with open(args.json, "w") as f:
+                f.write(blob + "\n")
+    return 0
+
+
+def fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def markdown(meta, rows, checks) -> str:
+    lines = [
+        f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['dtype']}; "
+        f"{meta['date_utc']}",
+        f"Command: `{meta['command']}`",
+        f"Shapes: PolyCom {meta['shapes']['polycom']}, SwiGLU input {meta['shapes']['swiglu']}; "
+        f"copy bandwidth {fmt(meta['copy_bandwidth_gbs'], '.0f')} GB/s",
+        "",
+    ]
+    if meta["device"].startswith("cpu"):
+        lines += ["**CPU smoke run under the Triton interpreter: code paths exercised, nothing timed.**", ""]
+    for act, err in checks.items():
+        lines.append(
+            f"Parity {act} fused vs torch reference (max |diff| / max |ref|): "
+            + ", ".join(f"{k} {v:.1e}" for k, v in err.items())
+        )
+    lines += [
+        "",
+        "| activation | variant | fwd ms | fwd+bwd ms | saved for bwd B/token | kept after fwd MiB "
+        "| peak fwd+bwd MiB | GB/s (ideal bytes) | % of copy BW |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['activation']} | {r['variant']} | {fmt(r['fwd_ms'], '.3f')} | {fmt(r['fwd_bwd_ms'], '.3f')} | "
+            f"{fmt(r['saved_bytes_per_token'], '.0f')} | "
+            f"{fmt(r['kept_after_fwd_mib'], '.1f')} | {fmt(r['peak_fwd_bwd_mib'], '.1f')} | "
+            f"{fmt(r['achieved_gbs'], '.0f')} | {fmt(r['pct_of_copy_bw'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
