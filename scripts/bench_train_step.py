@@ -1,11 +1,11 @@
 """Training-step throughput of the 1B model on one GPU: PolyNorm against SwiGLU, fused kernels on and off.
 
 Each run builds the model from the config (``dense_model.config.load_config`` +
-``dense_model.model.build_model``), wraps it as Megatron-LM does for bf16 training (Float16Module,
+``dense_model.model.build_model``) and wraps it as the trainer does (``dense_model.training.optim``:
 megatron-core DistributedDataParallel, the megatron optimizer: AdamW with fp32 master weights, the
 distributed optimizer and grad clipping as configured), then times full optimizer steps (one
-micro-batch of synthetic tokens: forward, backward, optimizer) after a few warmup steps, in one
-process, one run after another:
+micro-batch of synthetic tokens: forward, backward, optimizer) after a few warmup steps, one run
+after another, each in its own child process (--no-isolate: all in this one):
 
   swiglu                    (no fused kernel)
   polynorm  fused on        (model.fused_activation=true: the Triton kernels)
@@ -15,13 +15,13 @@ It reports tokens/s, step time, MFU and peak memory, and each run's step time ag
 A run that does not fit is reported as OOM; with ``--fit-layers`` the layer count is halved until
 the run fits and the table says how many layers ran.
 
-MFU = tokens/s x FLOPs per token / peak FLOP/s, with FLOPs per token = 6 x (matmul parameters:
-every >= 2-D parameter except the input embedding, output layer included) + 12 x layers x hidden x
-seq_length (attention scores and values, forward + backward, not halved for the causal mask; the
-PaLM paper's convention). Elementwise work (norms, activations) is not counted, so a
-parameter-matched PolyNorm and SwiGLU have the same FLOPs per token. Peak FLOP/s: --peak-tflops, else
-training.peak_flops from the config, else the dense bf16 peak of the GPU model (H100 SXM 989, H100
-PCIe 756, H200 989, A100 312 TFLOP/s).
+MFU = tokens/s x FLOPs per token / peak FLOP/s. FLOPs per token come from the trainer's
+``dense_model.training.metrics.flops_per_token`` (3 x forward matmul FLOPs including the logits,
+plus 12 x layers x hidden x seq for attention scores and values, not halved for the causal mask);
+elementwise work (norms, activations) is not counted, so a parameter-matched PolyNorm and SwiGLU
+have the same FLOPs per token. Peak FLOP/s: --peak-tflops, else training.peak_flops from the
+config, else the dense bf16 peak of the GPU model (H100 SXM 989, H100 NVL 835, H100 PCIe 756,
+H200 989, A100 312 TFLOP/s).
 
     python scripts/bench_train_step.py                                    # 1B defaults, seq 4096, mbs 2
     python scripts/bench_train_step.py --config configs/1b_polynorm.yaml --json step.json
@@ -98,7 +98,15 @@ def parse_args(argv=None):
 
 
 def flops_per_token(model, cfg) -> float:
-    """6 x matmul parameters + 12 x layers x hidden x seq (see the module docstring)."""
+    """Training FLOPs per token: the trainer's ``dense_model.training.metrics.flops_per_token`` when it
+    imports (so MFU here and in training logs agree), else 6 x matmul parameters + 12 x layers x
+    hidden x seq (the same convention, counted from the built model)."""
+    try:
+        from dense_model.training.metrics import flops_per_token as trainer_flops_per_token
+
+        return float(trainer_flops_per_token(cfg))
+    except ImportError:
+        pass
     n_matmul = 0
     for name, param in model.named_parameters():
         if param.dim() >= 2 and "word_embeddings" not in name:
@@ -158,29 +166,43 @@ def forward_step(data_iterator, model):
 
 
 def build(cfg):
-    """(model chunk list, optimizer) wrapped as Megatron-LM wraps them for (bf16) training."""
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer.module import Float16Module
+    """(model chunk list, optimizer, builder name), built the way the trainer builds them.
+
+    Uses the trainer's own ``dense_model.training.optim.wrap_ddp`` / ``build_optimizer`` (megatron
+    DistributedDataParallel with fp32 grad buffers, megatron AdamW with fp32 master weights) when
+    they import, else the same construction written out here.
+    """
+    from megatron.core.distributed import finalize_model_grads
 
     from dense_model.model import build_model
 
     model = build_model(cfg)
-    config = model.config
-    if config.bf16 or config.fp16:
-        model = Float16Module(config, model)  # casts the remaining fp32 params (PolyCom scalars) too
+    try:
+        from dense_model.training.optim import build_optimizer, wrap_ddp
+
+        builder = "dense_model.training.optim"
+    except ImportError:
+        wrap_ddp, build_optimizer, builder = _wrap_ddp, _build_optimizer, "scripts/bench_train_step.py"
+    ddp = wrap_ddp(model, cfg)
+    ddp.config.finalize_model_grads_func = finalize_model_grads
+    return [ddp], build_optimizer([ddp], cfg), builder
+
+
+def _wrap_ddp(model, cfg):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-    config.finalize_model_grads_func = finalize_model_grads
-    t = cfg.training
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def _build_optimizer(model_chunks, cfg):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    t, config = cfg.training, model_chunks[0].config
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=t.lr,
@@ -194,8 +216,7 @@ def build(cfg):
         params_dtype=config.params_dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(opt_config, [model])
-    return [model], optimizer
+    return get_megatron_optimizer(opt_config, model_chunks)
 
 
 def run_one(args, cfg, device) -> dict:
@@ -205,7 +226,7 @@ def run_one(args, cfg, device) -> dict:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model, optimizer = build(cfg)
+    model, optimizer, builder = build(cfg)
     fpt = flops_per_token(model[0], cfg)
     batch = synthetic_batch(cfg, device)
     forward_backward = get_forward_backward_func()
@@ -233,6 +254,7 @@ def run_one(args, cfg, device) -> dict:
             times.append(time.perf_counter() - start)
         losses.append(float(reduced[0]["lm loss"]))
     result = {
+        "builder": builder,
         "num_layers": cfg.model.num_layers,
         "flops_per_token": fpt,
         "loss_first": losses[0],
