@@ -1,0 +1,87 @@
+"""The laptop demo's data: a tokenizer and a blend of `examples/redpajama_sample`, made once, cached.
+
+    from dense_model.data.demo import prepare_demo_dataset
+    demo = prepare_demo_dataset("runs/demo_data")
+    demo["tokenizer_model"], demo["blend"]
+
+The first call trains a SentencePiece BPE tokenizer (vocab 4096, byte fallback, eos id 2) on the
+sample and tokenises it per subset with EOD appended (a few seconds on 2 cores). Later calls find
+both in `work_dir` and return at once; they redo the work only if the sample files changed (their
+names and sizes are recorded in `work_dir/demo_stamp.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from dense_model.data.blend import load_blend
+from dense_model.data.jsonl import expand_inputs
+
+DEMO_VOCAB_SIZE = 4096
+_STAMP = "demo_stamp.json"
+
+
+def sample_dir() -> str:
+    """examples/redpajama_sample of the repository that holds this package."""
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(repo_root, "examples", "redpajama_sample")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"the demo sample {path} is missing: it ships with the repository checkout (regenerate it "
+            "with `python scripts/make_redpajama_sample.py`); an installed wheel does not carry it."
+        )
+    return path
+
+
+def _fingerprint(folder: str) -> list[list]:
+    return [[os.path.relpath(p, folder), os.path.getsize(p)] for p in expand_inputs([folder])]
+
+
+def prepare_demo_dataset(work_dir: str) -> dict:
+    """{'tokenizer_model': path of the .model, 'blend': path of the blend JSON} for the demo sample."""
+    from dense_model.data.preprocess import PreprocessConfig, preprocess
+    from dense_model.data.train_tokenizer import train_sentencepiece
+
+    folder = sample_dir()
+    work_dir = os.path.abspath(work_dir)
+    os.makedirs(work_dir, exist_ok=True)
+    tokenizer_model = os.path.join(work_dir, "demo_tokenizer.model")
+    prefix = os.path.join(work_dir, "redpajama_sample")
+    blend = prefix + "_blend.json"
+    stamp_path = os.path.join(work_dir, _STAMP)
+    stamp = {"sample": _fingerprint(folder), "vocab_size": DEMO_VOCAB_SIZE}
+    result = {"tokenizer_model": tokenizer_model, "blend": blend}
+
+    if os.path.isfile(stamp_path) and os.path.isfile(tokenizer_model) and os.path.isfile(blend):
+        with open(stamp_path) as f:
+            cached = json.load(f)
+        if cached == stamp:
+            try:
+                load_blend(blend)  # every dataset it names is present
+                return result
+            except (FileNotFoundError, ValueError):
+                pass
+
+    if os.path.exists(stamp_path):
+        os.remove(stamp_path)
+    train_sentencepiece([folder], os.path.join(work_dir, "demo_tokenizer"), vocab_size=DEMO_VOCAB_SIZE)
+    preprocess(
+        PreprocessConfig(
+            inputs=[folder],
+            output_prefix=prefix,
+            tokenizer_type="sentencepiece",
+            tokenizer_model=tokenizer_model,
+            append_eod=True,
+            split_by_subset=True,
+            workers=1,  # the sample is ~2 MB: a worker pool would cost more to start than it saves
+            progress=False,
+            restart=True,
+        ),
+        log=None,
+    )
+    tmp = stamp_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(stamp, f)
+    os.replace(tmp, stamp_path)
+    return result

@@ -1,0 +1,116 @@
+"""Training datasets: megatron-core's GPTDataset over our mmap datasets, blended by weight.
+
+    from dense_model.data.blend import load_blend
+    from dense_model.data.gpt_dataset import build_gpt_datasets
+    prefixes, weights = load_blend("data/red_blend.json")
+    train, valid, test = build_gpt_datasets(prefixes, weights, tokenizer=tok, seq_length=4096, seed=1234,
+                                            split="969,30,1", num_samples=(n_train, n_valid, n_test),
+                                            cache_dir="runs/x/data_cache")
+    train[0] -> {"tokens", "labels", "attention_mask", "loss_mask", "position_ids"}   # each [seq_length]
+
+Built by `BlendedMegatronDatasetBuilder(GPTDataset, ...)`: shuffled samples, document/sample/
+shuffle indexes cached in `cache_dir` (rank 0 builds them first, the other ranks then load them).
+Works with or without an initialised torch.distributed group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+
+@contextlib.contextmanager
+def _rank_zero_without_process_group():
+    """megatron-core 0.16's BlendedDataset calls torch.distributed.get_rank() without checking
+    is_initialized() when it must build its cache, which raises in a single process without a group.
+    Without a group this process is the only rank, so answer 0 while the datasets are built."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        yield
+        return
+    original = torch.distributed.get_rank
+    torch.distributed.get_rank = lambda group=None: 0
+    try:
+        yield
+    finally:
+        torch.distributed.get_rank = original
+
+
+def _check_splits_have_tokens(prefixes: Sequence[str], split_matrix, split: str) -> None:
+    """megatron-core 0.16 loops forever (GPTDataset._get_num_epochs) when a split of a dataset holds
+    no tokens; fail with a message instead. Splits are cut by sequence count as megatron does."""
+    from dense_model.data.indexed import read_index_header
+
+    names = ("train", "valid", "test")
+    for prefix in prefixes:
+        header = read_index_header(prefix + ".idx")
+        lengths = header.lengths()
+        n = header.sequence_count
+        for name, bounds in zip(names, split_matrix):
+            if bounds is None:
+                continue
+            beg, end = int(round(bounds[0] * float(n))), int(round(bounds[1] * float(n)))
+            if end <= beg or int(lengths[beg:end].sum(dtype="int64")) == 0:
+                raise ValueError(
+                    f"dataset {prefix} has {n} documents: split {split!r} leaves its {name} part empty "
+                    f"(documents {beg}..{end}). Use more data, or a split that gives {name} nothing "
+                    '(e.g. "98,2,0" drops test).'
+                )
+
+
+def build_gpt_datasets(
+    prefixes: Sequence[str],
+    weights: Sequence[float] | None,
+    *,
+    tokenizer,
+    seq_length: int,
+    seed: int,
+    split: str,
+    num_samples: tuple[int, int, int],
+    cache_dir: str,
+    eod_mask_loss: bool = False,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+):
+    """(train, valid, test) datasets (None where the split is empty) over the blended prefixes.
+
+    `prefixes`: dataset prefixes (no .bin/.idx); `weights`: one per prefix, or None to weight by
+    size. `split`: megatron's "train,valid,test" proportions of each dataset's documents, e.g.
+    "969,30,1". `num_samples`: samples wanted per split (the blend is sized to give at least these).
+    `tokenizer`: from `dense_model.data.tokenizers.build_tokenizer` (eod, pad, vocab_size).
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefixes = [str(p) for p in prefixes]
+    if not prefixes:
+        raise ValueError("build_gpt_datasets: no dataset prefixes given")
+    if weights is not None:
+        weights = [float(w) for w in weights]
+        if len(weights) != len(prefixes):
+            raise ValueError(f"build_gpt_datasets: {len(prefixes)} prefixes but {len(weights)} weights")
+    if len(num_samples) != 3:
+        raise ValueError("build_gpt_datasets: num_samples must be (train, valid, test)")
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(prefixes, weights),
+        split=split,
+        path_to_cache=cache_dir,
+        tokenizer=tokenizer,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+        mmap_bin_files=True,
+    )
+    _check_splits_have_tokens(prefixes, config.split_matrix, split)
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config)
+    with warnings.catch_warnings(), _rank_zero_without_process_group():
+        if tokenizer.pad == tokenizer.eod:
+            # Our tokenizers use EOD as PAD when the model has no pad token; megatron-core then warns
+            # and masks nothing as padding, which is the right behaviour for packed pretraining data.
+            warnings.filterwarnings("ignore", message="The pad token id in the tokenizer collides")
+        train, valid, test = builder.build()
+    return train, valid, test
