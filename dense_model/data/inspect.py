@@ -141,7 +141,10 @@ def inspect_dataset(
         ids = megatron_ds[i]
         sample = {"index": i, "tokens": int(ids.shape[0]), "first_ids": [int(t) for t in ids[:16]]}
         if tokenizer is not None:
-            sample["text"] = tokenizer.decode(ids[:4096])[:sample_chars]
+            try:
+                sample["text"] = tokenizer.decode(ids[:4096])[:sample_chars]
+            except Exception as err:  # ids out of the vocabulary: already reported as a problem
+                sample["text"] = f"<cannot decode: {err}>"
         report["samples"].append(sample)
     return report
 

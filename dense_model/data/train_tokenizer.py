@@ -142,8 +142,9 @@ def train_sentencepiece(
         )
     except RuntimeError as err:
         raise ValueError(
-            f"SentencePiece training failed ({err}). With little text, lower --vocab-size "
-            "(the sample must hold more distinct pieces than the vocabulary)."
+            f"SentencePiece training failed ({err}). Its message says what to change: usually --vocab-size "
+            "(larger than a small sample supports, or smaller than the characters to cover) or "
+            "--character-coverage."
         ) from err
     return TokenizerTrainingResult(
         model_prefix + ".model", model_prefix + ".vocab", seen, len(documents), bad

@@ -1,0 +1,123 @@
+"""toolkits/pretrain_data_preprocessing: the thin CLIs and the shell wrapper, run as users run them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TOOLS = REPO / "toolkits" / "pretrain_data_preprocessing"
+
+
+def _run(cmd: list[str], **env) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), **env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=full_env)
+
+
+@pytest.mark.slow
+def test_shell_wrapper_makes_subset_datasets_and_a_blend(tmp_path, spm_model, texts, data_helpers):
+    data_helpers.write_jsonl(str(tmp_path / "in" / "arxiv" / "a.jsonl"), [{"text": t} for t in texts[:30]])
+    data_helpers.write_jsonl(
+        str(tmp_path / "in" / "book" / "b.jsonl.zst"), [{"text": t} for t in texts[30:40]], "zst"
+    )
+    out = tmp_path / "out"
+    proc = _run(
+        [
+            "bash",
+            str(TOOLS / "run_make_pretraining_dataset.sh"),
+            str(tmp_path / "in"),
+            str(out),
+            spm_model,
+            "2",
+        ],
+        PYTHON=sys.executable,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (out / "redpajama_blend.json").is_file()
+    for subset in ("arxiv", "book"):
+        assert (out / f"redpajama_{subset}_text_document.idx").is_file()
+    assert proc.stdout.count("consistency: OK") == 2
+    assert "documents: 40" in proc.stdout
+
+
+def test_wrapper_usage_message():
+    proc = _run(["bash", str(TOOLS / "run_make_pretraining_dataset.sh")])
+    assert proc.returncode == 2 and "INPUT OUTPUT_DIR TOKENIZER_MODEL" in proc.stdout
+
+
+def test_preprocess_cli_reports_errors_without_a_traceback(tmp_path, spm_model):
+    proc = _run(
+        [
+            sys.executable,
+            str(TOOLS / "preprocess_data.py"),
+            "--input",
+            str(tmp_path / "missing"),
+            "--output-prefix",
+            str(tmp_path / "o"),
+            "--tokenizer-type",
+            "sentencepiece",
+            "--tokenizer-model",
+            spm_model,
+        ]
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: --input") and "Traceback" not in proc.stderr
+
+
+def test_merge_cli_folder_in_name_order(tmp_path, spm_model, sp, texts, data_helpers):
+    from dense_model.data.preprocess import PreprocessConfig, preprocess
+
+    parts = tmp_path / "parts"
+    for name, chunk in (("b", texts[10:15]), ("a", texts[0:5])):
+        path = data_helpers.write_jsonl(str(tmp_path / f"{name}.jsonl"), [{"text": t} for t in chunk])
+        preprocess(
+            PreprocessConfig(
+                inputs=[path],
+                output_prefix=str(parts / name),
+                tokenizer_type="sentencepiece",
+                tokenizer_model=spm_model,
+                append_eod=True,
+                progress=False,
+            ),
+            log=None,
+        )
+    proc = _run(
+        [
+            sys.executable,
+            str(TOOLS / "merge_datasets.py"),
+            "--input",
+            str(parts),
+            "--output-prefix",
+            str(tmp_path / "m"),
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "merged 2 datasets" in proc.stdout
+    want = [sp.encode(t) + [sp.eos_id()] for t in texts[0:5] + texts[10:15]]
+    assert data_helpers.read_dataset(str(tmp_path / "m")) == want
+
+
+def test_train_tokenizer_and_inspect_clis(tmp_path, texts, data_helpers):
+    path = data_helpers.write_jsonl(str(tmp_path / "a.jsonl"), [{"text": t} for t in texts])
+    proc = _run(
+        [
+            sys.executable,
+            str(TOOLS / "train_tokenizer.py"),
+            "--input",
+            path,
+            "--model-prefix",
+            str(tmp_path / "tok"),
+            "--vocab-size",
+            "600",
+            "--num-threads",
+            "1",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "tok.model").is_file() and "trained" in proc.stdout
+    proc = _run([sys.executable, str(TOOLS / "inspect_dataset.py"), str(tmp_path / "nothing")])
+    assert proc.returncode == 1 and "does not exist" in proc.stderr

@@ -1,0 +1,160 @@
+"""dense_model.data.gpt_dataset: a blend file from preprocess loads in megatron-core's dataset builder,
+without torch.distributed and inside a 2-process gloo group."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dense_model.data.blend import load_blend
+from dense_model.data.gpt_dataset import build_gpt_datasets
+from dense_model.data.preprocess import PreprocessConfig, preprocess
+from dense_model.data.tokenizers import build_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def blend_file(tmp_path_factory, spm_model, texts, data_helpers) -> str:
+    root = tmp_path_factory.mktemp("blend")
+    for i, subset in enumerate(("arxiv", "book", "github")):
+        data_helpers.write_jsonl(
+            str(root / "in" / subset / "part.jsonl"), [{"text": t} for t in texts[i * 60 : i * 60 + 60]]
+        )
+    prefix = root / "out" / "red"
+    preprocess(
+        PreprocessConfig(
+            inputs=[str(root / "in")],
+            output_prefix=str(prefix),
+            tokenizer_type="sentencepiece",
+            tokenizer_model=spm_model,
+            append_eod=True,
+            split_by_subset=True,
+            progress=False,
+        ),
+        log=None,
+    )
+    return str(prefix) + "_blend.json"
+
+
+def _build(blend_file, spm_model, cache_dir, **kw):
+    tok = build_tokenizer("sentencepiece", spm_model)
+    prefixes, weights = load_blend(blend_file)
+    return build_gpt_datasets(
+        prefixes,
+        weights,
+        tokenizer=tok,
+        seq_length=SEQ,
+        seed=1234,
+        split="90,10,0",
+        num_samples=(64, 8, 0),
+        cache_dir=str(cache_dir),
+        **kw,
+    )
+
+
+def test_blend_file_builds_without_a_process_group(tmp_path, blend_file, spm_model):
+    assert not torch.distributed.is_initialized()
+    train, valid, test = _build(blend_file, spm_model, tmp_path / "cache")
+    assert len(train) >= 64 and len(valid) >= 8 and test is None
+    sample = train[0]
+    assert sample["tokens"].shape == (SEQ,) and sample["labels"].shape == (SEQ,)
+    assert sample["loss_mask"].shape == (SEQ,) and sample["position_ids"].shape == (SEQ,)
+    assert torch.equal(sample["tokens"][1:], sample["labels"][:-1])  # labels are tokens shifted by one
+    datasets = {int(train[i]["dataset_id"]) for i in range(len(train))}
+    assert datasets == {0, 1, 2}  # every subset of the blend is drawn
+    assert list((tmp_path / "cache").glob("*.npy")), "indexes are cached"
+    again, _, _ = _build(blend_file, spm_model, tmp_path / "cache")  # cache hit
+    assert torch.equal(again[5]["tokens"], train[5]["tokens"])
+
+
+def test_eod_mask_loss(tmp_path, blend_file, spm_model):
+    train, _, _ = _build(blend_file, spm_model, tmp_path / "cache", eod_mask_loss=True)
+    for i in range(len(train)):
+        s = train[i]
+        eod = s["tokens"] == 2
+        if eod.any():
+            assert (s["loss_mask"][eod] == 0).all()
+            return
+    pytest.fail("no sample holds an EOD token")
+
+
+def test_empty_split_is_an_error_not_a_hang(tmp_path, spm_model, data_helpers):
+    data_helpers.write_jsonl(str(tmp_path / "one.jsonl"), [{"text": "a single short document"}])
+    preprocess(
+        PreprocessConfig(
+            inputs=[str(tmp_path / "one.jsonl")],
+            output_prefix=str(tmp_path / "one"),
+            tokenizer_type="sentencepiece",
+            tokenizer_model=spm_model,
+            append_eod=True,
+            progress=False,
+        ),
+        log=None,
+    )
+    with pytest.raises(ValueError, match="leaves its valid part empty"):
+        build_gpt_datasets(
+            [str(tmp_path / "one_text_document")],
+            None,
+            tokenizer=build_tokenizer("sentencepiece", spm_model),
+            seq_length=8,
+            seed=1,
+            split="90,10,0",
+            num_samples=(4, 1, 0),
+            cache_dir=str(tmp_path / "c"),
+        )
+
+
+_RANKS = textwrap.dedent(
+    """
+    import json, sys, torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    def run(rank, blend, model, cache, store, out):
+        dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+        from dense_model.data.blend import load_blend
+        from dense_model.data.gpt_dataset import build_gpt_datasets
+        from dense_model.data.tokenizers import build_tokenizer
+        prefixes, weights = load_blend(blend)
+        train, valid, _ = build_gpt_datasets(prefixes, weights, tokenizer=build_tokenizer("sentencepiece", model),
+            seq_length=SEQ_LEN, seed=1234, split="90,10,0", num_samples=(64, 8, 0), cache_dir=cache)
+        with open(out + str(rank), "w") as f:
+            json.dump({"len": len(train), "tokens": train[3]["tokens"].tolist()}, f)
+        dist.barrier()
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        import megatron.core.datasets.gpt_dataset  # imported once, inherited by the forked ranks
+        mp.start_processes(run, args=tuple(sys.argv[1:]), nprocs=2, start_method="fork")
+    """
+).replace("SEQ_LEN", str(SEQ))
+
+
+@pytest.mark.slow
+def test_blend_file_builds_inside_a_gloo_group(tmp_path, blend_file, spm_model):
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS)
+    out = str(tmp_path / "rank")
+    cmd = [
+        sys.executable,
+        str(script),
+        blend_file,
+        spm_model,
+        str(tmp_path / "cache"),
+        str(tmp_path / "store"),
+        out,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads(Path(out + str(r)).read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    train, _, _ = _build(blend_file, spm_model, tmp_path / "cache_single")
+    assert ranks[0]["len"] == len(train) and ranks[0]["tokens"] == train[3]["tokens"].tolist()

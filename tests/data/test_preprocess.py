@@ -1,0 +1,310 @@
+"""dense_model.data.preprocess: real SentencePiece, real megatron-core reader, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dense_model.data.blend import REDPAJAMA_1T_TOKENS, load_blend
+from dense_model.data.jsonl import BadLineError
+from dense_model.data.preprocess import (
+    DELAY_ENV,
+    NoDocumentsError,
+    PreprocessConfig,
+    ResumeError,
+    preprocess,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = REPO / "toolkits" / "pretrain_data_preprocessing" / "preprocess_data.py"
+
+
+def _cfg(spm_model, inputs, prefix, **kw) -> PreprocessConfig:
+    base = dict(
+        inputs=inputs if isinstance(inputs, list) else [inputs],
+        output_prefix=str(prefix),
+        tokenizer_type="sentencepiece",
+        tokenizer_model=spm_model,
+        append_eod=True,
+        progress=False,
+    )
+    base.update(kw)
+    return PreprocessConfig(**base)
+
+
+@pytest.mark.parametrize("compression", [None, "zst", "gz"], ids=["plain", "zstd", "gzip"])
+def test_output_equals_tokenizer_encoding_and_is_identical_for_1_and_2_workers(
+    tmp_path, spm_model, sp, texts, corpora, data_helpers, compression
+):
+    outputs = {}
+    for workers in (1, 2):
+        prefix = tmp_path / f"w{workers}" / "out"
+        # 0.01 MB shards cut each plain file into several byte ranges; compressed files are one shard each.
+        summary = preprocess(
+            _cfg(spm_model, corpora[compression], prefix, workers=workers, shard_size_mb=0.01), log=None
+        )
+        assert summary.documents == len(texts)
+        assert summary.bad.total == 0
+        dataset = str(prefix) + "_text_document"
+        assert summary.outputs[0].prefix == dataset
+        outputs[workers] = data_helpers.file_bytes(dataset)
+        docs = data_helpers.read_dataset(dataset)
+        assert len(docs) == len(texts)
+        for doc, text in zip(docs, texts):
+            assert doc == sp.encode(text) + [sp.eos_id()]
+        assert summary.tokens == sum(len(d) for d in docs)
+        assert not os.path.exists(str(prefix) + ".shards"), "the work folder is removed after a finished run"
+    assert outputs[1] == outputs[2], "bytes must not depend on the worker count"
+    if compression is None:
+        assert summary.shards > 3  # the plain files really were cut into byte ranges
+
+
+def test_uint16_tokens_and_no_eod_without_append_eod(tmp_path, spm_model, sp, texts, corpora, data_helpers):
+    prefix = tmp_path / "noeod"
+    preprocess(_cfg(spm_model, corpora[None], prefix, append_eod=False), log=None)
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(prefix) + "_text_document")
+    assert ds.index.dtype == np.uint16  # vocab 512 < 65500, megatron's DType.optimal_dtype
+    assert ds[3].tolist() == sp.encode(texts[3])
+
+
+BAD_LINES = [
+    (b"this is not json", "invalid_json"),
+    (b'{"text": "unterminated', "invalid_json"),
+    (b'{"content": "no text key"}', "missing_key"),
+    (b"[1, 2, 3]", "missing_key"),
+    (b'{"text": 42}', "not_string"),
+    (b'{"text": null}', "not_string"),
+    (b'{"text": ""}', "empty_text"),
+    (b'{"text": "   \\n  "}', "empty_text"),
+    (b'{"text": "caf\xe9 latin-1 byte"}', "invalid_utf8"),
+    (b'{"text": "lone surrogate \\ud800 here"}', "invalid_utf8"),
+]
+
+
+def _bad_corpus(path: str, good: list[str]) -> tuple[list[bytes], dict[int, str]]:
+    """Good documents with every kind of bad line spread among them; returns lines and {line: reason}."""
+    lines, bad = [], {}
+    g = iter(good)
+    for i in range(len(good) + len(BAD_LINES)):
+        if i % 7 == 3 and len(bad) < len(BAD_LINES):
+            raw, reason = BAD_LINES[len(bad)]
+            lines.append(raw)
+            bad[len(lines)] = reason
+        else:
+            lines.append(json.dumps({"text": next(g)}).encode())
+    lines.insert(10, b"")  # a blank line: ignored, not bad
+    bad = {(n + 1 if n > 10 else n): r for n, r in bad.items()}
+    with open(path, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    return lines, bad
+
+
+def test_bad_lines_are_skipped_counted_and_located(tmp_path, spm_model, sp, texts, data_helpers):
+    good = texts[:60]
+    path = str(tmp_path / "dump.jsonl")
+    _, bad = _bad_corpus(path, good)
+    prefix = tmp_path / "out"
+    # Small shards: most bad lines sit in byte ranges that do not start at line 1.
+    summary = preprocess(_cfg(spm_model, path, prefix, workers=2, shard_size_mb=0.004), log=None)
+    assert summary.shards > 3
+    expected = {}
+    for reason in bad.values():
+        expected[reason] = expected.get(reason, 0) + 1
+    assert {r: n for r, n in summary.bad.counts.items() if n} == expected
+    assert summary.bad.blank_lines == 1
+    first = sorted(bad)[:5]
+    assert summary.bad.resolved_positions() == [f"{path}:{n} ({bad[n]})" for n in first]
+    docs = data_helpers.read_dataset(str(prefix) + "_text_document")
+    assert docs == [sp.encode(t) + [sp.eos_id()] for t in good]
+    text = summary.format()
+    assert "invalid_json 2" in text and f"{path}:{first[0]}" in text
+
+
+def test_strict_stops_at_the_first_bad_line_and_writes_nothing(tmp_path, spm_model, texts):
+    path = str(tmp_path / "dump.jsonl")
+    _, bad = _bad_corpus(path, texts[:60])
+    prefix = tmp_path / "out"
+    with pytest.raises(BadLineError) as info:
+        preprocess(_cfg(spm_model, path, prefix, strict=True), log=None)
+    first = min(bad)
+    assert info.value.line == first and info.value.reason == bad[first]
+    assert f"{path}:{first}" in str(info.value)
+    assert not any(p.name.startswith("out_") for p in tmp_path.iterdir()), "no output under a final name"
+
+
+def test_strict_line_number_inside_a_later_byte_range(tmp_path, spm_model, texts):
+    path = str(tmp_path / "late.jsonl")
+    lines = [json.dumps({"text": t}) for t in texts[:100]]
+    lines[87] = '{"text": 1}'
+    Path(path).write_text("\n".join(lines) + "\n")
+    with pytest.raises(BadLineError) as info:
+        preprocess(_cfg(spm_model, path, tmp_path / "o", strict=True, shard_size_mb=0.004), log=None)
+    assert (info.value.line, info.value.reason) == (88, "not_string")
+
+
+def _run_cli(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
+    return subprocess.Popen(
+        [sys.executable, str(CLI), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(
+    tmp_path, spm_model, corpora, data_helpers, workers
+):
+    inputs = [corpora[None], corpora["zst"]]
+    args = ["--input", *inputs, "--tokenizer-type", "sentencepiece", "--tokenizer-model", spm_model]
+    args += ["--append-eod", "--workers", str(workers), "--shard-size-mb", "0.01", "--no-progress"]
+
+    reference = tmp_path / "ref" / "out"
+    preprocess(_cfg(spm_model, inputs, reference, workers=2, shard_size_mb=0.01), log=None)
+
+    prefix = tmp_path / "run" / "out"
+    work = Path(str(prefix) + ".shards")
+    proc = _run_cli([*args, "--output-prefix", str(prefix)], {DELAY_ENV: "0.3"}, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if work.is_dir() and len(list(work.glob("*.done.json"))) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.communicate()[0]}"
+    os.kill(proc.pid, signal.SIGKILL)  # the main process only: workers must die with it
+    proc.wait()
+    time.sleep(0.5)
+    done_after_kill = {p.name for p in work.glob("*.done.json")}
+    assert len(done_after_kill) >= 3
+    assert not Path(str(prefix) + "_text_document.bin").exists(), "nothing under the final names"
+    assert not Path(str(prefix) + "_text_document.idx").exists()
+    time.sleep(0.5)
+    assert {p.name for p in work.glob("*.done.json")} == done_after_kill, "orphan workers kept writing"
+
+    rerun = _run_cli([*args, "--output-prefix", str(prefix)])
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out
+    assert f"resuming: {len(done_after_kill)} shards already done" in out
+    assert data_helpers.file_bytes(str(prefix) + "_text_document") == data_helpers.file_bytes(
+        str(reference) + "_text_document"
+    )
+    assert not work.exists()
+
+
+def test_resume_refuses_other_settings_and_restart_discards(tmp_path, spm_model, corpora):
+    prefix = tmp_path / "out"
+    preprocess(_cfg(spm_model, corpora["gz"], prefix, keep_shards=True), log=None)
+    with pytest.raises(ResumeError, match="append_eod"):
+        preprocess(_cfg(spm_model, corpora["gz"], prefix, append_eod=False), log=None)
+    summary = preprocess(_cfg(spm_model, corpora["gz"], prefix, append_eod=False, restart=True), log=None)
+    assert summary.shards_reused == 0
+
+
+def test_changed_input_redoes_only_its_shards(tmp_path, spm_model, texts, data_helpers, sp):
+    folder = tmp_path / "in"
+    for i in range(3):
+        data_helpers.write_jsonl(
+            str(folder / f"f{i}.jsonl"), [{"text": t} for t in texts[i * 10 : i * 10 + 10]]
+        )
+    prefix = tmp_path / "out"
+    first = preprocess(_cfg(spm_model, str(folder), prefix, keep_shards=True), log=None)
+    assert first.shards == 3
+    again = preprocess(_cfg(spm_model, str(folder), prefix, keep_shards=True), log=None)
+    assert again.shards_reused == 3
+    data_helpers.write_jsonl(str(folder / "f1.jsonl"), [{"text": t} for t in texts[100:105]])
+    changed = preprocess(_cfg(spm_model, str(folder), prefix), log=None)
+    assert changed.shards_reused == 2
+    docs = data_helpers.read_dataset(str(prefix) + "_text_document")
+    want = texts[0:10] + texts[100:105] + texts[20:30]
+    assert docs == [sp.encode(t) + [sp.eos_id()] for t in want]
+
+
+def test_split_by_subset_writes_datasets_and_a_blend(tmp_path, spm_model, texts, data_helpers, sp):
+    root = tmp_path / "redpajama"
+    w = data_helpers.write_jsonl
+    # subset from the record, from meta (SlimPajama style), and from the folder name
+    w(
+        str(root / "mixed" / "a.jsonl"),
+        [
+            {"text": texts[0], "red_pajama_subset": "arxiv"},
+            {"text": texts[1], "meta": {"redpajama_set_name": "RedPajamaBook"}},
+            {"text": texts[2], "red_pajama_subset": "arxiv"},
+        ],
+    )
+    w(str(root / "github" / "g.jsonl.zst"), [{"text": texts[3], "meta": {"repo": "x"}}], "zst")
+    w(str(root / "wikipedia" / "w.jsonl"), [{"text": texts[4]}, {"text": texts[5]}])
+    prefix = tmp_path / "out" / "red"
+    summary = preprocess(_cfg(spm_model, str(root), prefix, split_by_subset=True, workers=2), log=None)
+    subsets = {o.subset: o for o in summary.outputs}
+    assert sorted(subsets) == ["arxiv", "book", "github", "wikipedia"]
+    assert subsets["arxiv"].prefix == str(prefix) + "_arxiv_text_document"
+    eos = [sp.eos_id()]
+    assert data_helpers.read_dataset(subsets["arxiv"].prefix) == [
+        sp.encode(texts[0]) + eos,
+        sp.encode(texts[2]) + eos,
+    ]
+    assert data_helpers.read_dataset(subsets["wikipedia"].prefix) == [sp.encode(t) + eos for t in texts[4:6]]
+
+    blend_path = str(prefix) + "_blend.json"
+    assert summary.blends == [blend_path]
+    blend = json.loads(Path(blend_path).read_text())
+    assert blend["version"] == 1 and blend["weighting"] == "tokens"
+    assert [d["prefix"] for d in blend["datasets"]] == [f"red_{s}_text_document" for s in sorted(subsets)]
+    total = sum(o.tokens for o in summary.outputs)
+    for d in blend["datasets"]:
+        assert d["tokens"] == subsets[d["subset"]].tokens
+        assert d["weight"] == pytest.approx(d["tokens"] / total)
+    prefixes, weights = load_blend(blend_path)
+    assert prefixes == [subsets[s].prefix for s in sorted(subsets)]
+
+    preprocess(
+        _cfg(spm_model, str(root), prefix, split_by_subset=True, blend_weighting="redpajama", restart=True),
+        log=None,
+    )
+    _, weights = load_blend(blend_path)
+    rp = [REDPAJAMA_1T_TOKENS[s] for s in sorted(subsets)]
+    assert weights == pytest.approx([r / sum(rp) for r in rp])
+
+
+def test_several_json_keys_write_one_dataset_each(tmp_path, spm_model, sp, data_helpers):
+    path = data_helpers.write_jsonl(
+        str(tmp_path / "qa.jsonl"),
+        [{"question": f"Question {i}?", "answer": f"Answer number {i}."} for i in range(5)],
+    )
+    prefix = tmp_path / "qa"
+    summary = preprocess(_cfg(spm_model, path, prefix, json_keys=["question", "answer"]), log=None)
+    assert [o.prefix for o in summary.outputs] == [f"{prefix}_question_document", f"{prefix}_answer_document"]
+    assert data_helpers.read_dataset(f"{prefix}_answer_document")[4] == sp.encode("Answer number 4.") + [
+        sp.eos_id()
+    ]
+
+
+def test_no_documents_is_an_error_and_writes_nothing(tmp_path, spm_model, data_helpers):
+    path = data_helpers.write_jsonl(str(tmp_path / "bad.jsonl"), [{"body": "x"}, "not json"])
+    with pytest.raises(NoDocumentsError, match="missing_key 1"):
+        preprocess(_cfg(spm_model, path, tmp_path / "o"), log=None)
+    assert not list(tmp_path.glob("o_*"))
+
+
+def test_input_errors_name_the_argument(tmp_path, spm_model):
+    with pytest.raises(FileNotFoundError, match="--input"):
+        preprocess(_cfg(spm_model, str(tmp_path / "nope"), tmp_path / "o"), log=None)
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        preprocess(_cfg(spm_model, str(tmp_path / "x.txt"), tmp_path / "o"), log=None)
+    with pytest.raises(FileNotFoundError, match="--tokenizer-model"):
+        preprocess(_cfg(str(tmp_path / "missing.model"), str(tmp_path), tmp_path / "o"), log=None)
