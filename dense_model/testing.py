@@ -12,6 +12,17 @@ import socket
 import torch.multiprocessing as mp
 
 
+def python_docs_text() -> list[str]:
+    """English prose shipped with CPython (the pydoc topics), split into paragraphs: test corpora
+    without downloading anything."""
+    import pydoc_data.topics
+
+    paragraphs: list[str] = []
+    for body in pydoc_data.topics.topics.values():
+        paragraphs.extend(p.strip() for p in body.split("\n\n") if len(p.strip()) > 40)
+    return paragraphs
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-
-def python_docs_text() -> list[str]:
-    """English prose shipped with CPython (the pydoc topics), split into paragraphs."""
-    import pydoc_data.topics
-
-    paragraphs: list[str] = []
-    for body in pydoc_data.topics.topics.values():
-        paragraphs.extend(p.strip() for p in body.split("\n\n") if len(p.strip()) > 40)
-    return paragraphs
+from dense_model.testing import python_docs_text
 
 
 @pytest.fixture(scope="session")

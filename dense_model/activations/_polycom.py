@@ -64,9 +64,9 @@ def tp_world_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def replicated_coefficients(weight, bias, group):
-    """The scalars as fp32 tensors whose gradient is summed over the TP group."""
-    weight, bias = weight.float(), bias.float()
+def replicated_coefficients(weight, bias, group, dtype=torch.float32):
+    """The scalars as ``dtype`` tensors whose gradient is summed over the TP group."""
+    weight, bias = weight.to(dtype), bias.to(dtype)
     if tp_world_size(group) > 1:
         weight = _SumGradOverGroup.apply(weight, group)
         bias = _SumGradOverGroup.apply(bias, group)
@@ -79,8 +79,9 @@ def polycom_reference(x, weight, bias, *, inner: str, eps: float = 1e-6, tp_grou
     x: [..., ffn / tp]; weight: [r]; bias: [1]. Returns a tensor like x.
     """
     out_dtype = x.dtype
-    x32 = x.float()  # [..., f]
-    w, b = replicated_coefficients(weight, bias, tp_group)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 at least
+    x32 = x.to(compute)  # [..., f]
+    w, b = replicated_coefficients(weight, bias, tp_group, compute)
     order = w.shape[0]
     if inner == "relu":
         r = F.relu(x32)

@@ -32,6 +32,9 @@ import torch.distributed as dist
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "dense_model.json"
 CHECKPOINTS = "checkpoints"
+# The distributed optimizer's state in a layout any TP/PP/DP can load (megatron-core 0.16 refuses
+# its default "fully_sharded_model_space" format: flattened_range is no longer supported).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
 class CheckpointError(RuntimeError):
@@ -139,6 +142,7 @@ def save_checkpoint(
     scheduler=None,
     extra: dict | None = None,
     keep_last: int | None = None,
+    fully_parallel: bool = False,
 ) -> Path:
     """Save on every rank (collective). Returns the final iteration folder."""
     from megatron.core import dist_checkpointing
@@ -158,11 +162,11 @@ def save_checkpoint(
     model_state = _unwrap(model).sharded_state_dict()
     state = {"model": model_state, "iteration": iteration, "layout": _layout(), "rng_state": _rng_state_object()}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_state)
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     state.update(extra or {})
-    dist_checkpointing.save(state, str(tmp))
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(fully_parallel))
     _barrier()
 
     if _rank() == 0:
@@ -178,6 +182,21 @@ def save_checkpoint(
             _prune(root, keep_last)
     _barrier()
     return final
+
+
+def _save_strategy(fully_parallel: bool):
+    """Fully parallel save: each data-parallel replica writes a share of the replicated tensors."""
+    if not fully_parallel or not dist.is_initialized():
+        return None
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    if ps.get_data_parallel_world_size() == 1:
+        return None
+    return FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy(), ps.get_data_parallel_group(with_context_parallel=True)
+    )
 
 
 def _copy_tokenizer(cfg, folder: Path) -> dict | None:
@@ -205,19 +224,23 @@ def load_checkpoint(folder: str | os.PathLike, model, optimizer=None, scheduler=
     (iteration, consumed samples, ...)."""
     from megatron.core import dist_checkpointing
 
+    from dense_model.training.optim import finish_optimizer_load, prepare_optimizer_for_load
+
     folder = resolve_checkpoint(folder)
     common = dist_checkpointing.load_common_state_dict(str(folder))
     same_layout = common.get("layout") == _layout()
     model_state = _unwrap(model).sharded_state_dict()
     request = {"model": model_state}
     if optimizer is not None:
-        request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True)
+        prepare_optimizer_for_load(optimizer)
+        request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
     if load_rng and same_layout:
         request["rng_state"] = _rng_state_object()
     loaded = dist_checkpointing.load(request, str(folder))
     _unwrap(model).load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        finish_optimizer_load(optimizer)
     if scheduler is not None and "scheduler" in loaded:
         scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in request:

@@ -1,0 +1,95 @@
+"""Training and validation batches from megatron-core's GPTDataset, resumable by sample count.
+
+A global batch of G samples at step s is samples [s*G, (s+1)*G) of the (shuffled, blended) train
+dataset; data-parallel rank r takes the contiguous block r of it and cuts it into micro-batches.
+The data position is therefore just the number of consumed samples, and the samples a step sees
+do not depend on the data-parallel size (DP=2 and DP=1 with the same global batch agree).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def build_datasets(cfg, train_iters: int, tokenizer):
+    """(train, valid) datasets for the config's blend; valid may be None."""
+    from dense_model.data.blend import load_blend
+    from dense_model.data.gpt_dataset import build_gpt_datasets
+
+    d, t = cfg.data, cfg.training
+    if d.blend:
+        prefixes, weights = load_blend(d.blend)
+    elif d.paths:
+        prefixes, weights = list(d.paths), d.weights
+    else:
+        raise ValueError("no training data: set data.blend (a blend file) or data.paths (mmap prefixes)")
+    global_batch = t.global_batch_size
+    eval_samples = cfg.logging.eval_iters * global_batch
+    n_evals = train_iters // max(cfg.logging.eval_interval, 1) + 1
+    cache_dir = d.cache_dir or str(Path(cfg.run_dir) / "data_cache")
+    train, valid, _ = build_gpt_datasets(
+        prefixes,
+        weights,
+        tokenizer=tokenizer,
+        seq_length=cfg.model.seq_length,
+        seed=t.seed,
+        split=d.split,
+        num_samples=(train_iters * global_batch, eval_samples * n_evals, 0),
+        cache_dir=cache_dir,
+        eod_mask_loss=t.eod_mask_loss,
+    )
+    return train, valid
+
+
+class _GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields this DP rank's micro-batches (lists of sample indices), step after step."""
+
+    def __init__(self, num_samples, start_sample, global_batch, micro_batch, dp_rank, dp_size, wrap):
+        self.num_samples, self.start = num_samples, start_sample
+        self.global_batch, self.micro_batch = global_batch, micro_batch
+        self.dp_rank, self.dp_size, self.wrap = dp_rank, dp_size, wrap
+
+    def __iter__(self):
+        per_rank = self.global_batch // self.dp_size
+        first = self.start
+        while True:
+            if first + self.global_batch > self.num_samples:
+                if not self.wrap:
+                    return
+                first = 0
+            base = first + self.dp_rank * per_rank
+            for m in range(0, per_rank, self.micro_batch):
+                yield list(range(base + m, base + m + self.micro_batch))
+            first += self.global_batch
+
+
+def batch_iterator(dataset, cfg, consumed_samples: int, wrap: bool = False, num_workers: int | None = None):
+    """An iterator of micro-batch dicts (tokens, labels, loss_mask, position_ids) for this rank."""
+    from megatron.core import parallel_state as ps
+
+    t = cfg.training
+    sampler = _GlobalBatchSampler(
+        len(dataset),
+        consumed_samples,
+        t.global_batch_size,
+        t.micro_batch_size,
+        ps.get_data_parallel_rank(),
+        ps.get_data_parallel_world_size(),
+        wrap,
+    )
+    workers = cfg.data.num_workers if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        collate_fn=_collate,
+    )
+    return iter(loader)
+
+
+def _collate(samples):
+    keys = ("tokens", "labels", "loss_mask", "position_ids")
+    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}

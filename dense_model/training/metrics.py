@@ -1,0 +1,131 @@
+"""Log lines, metrics.jsonl, TensorBoard (and optionally Weights & Biases), and MFU.
+
+MFU = achieved model FLOP/s / peak FLOP/s. Model FLOPs per token (forward; training is 3x, and
+activation recompute is not counted, the usual convention):
+  attention  2*h*(h + 2*kv) [QKV] + 2*h*h [proj] + 4*s*h [scores and weighted sum, full s x s]
+  MLP        2*h*F*(2 if gated else 1) [fc1] + 2*F*h [fc2]   (a parameter-matched PolyNorm MLP
+             (F=8256) and SwiGLU (2x5504) cost the same matmul FLOPs; the activation's own
+             elementwise work, tens of FLOPs per element, is left out as in Megatron-LM)
+  logits     2*h*V
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s), by substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12}
+
+
+def flops_per_token(cfg, training: bool = True) -> float:
+    from dense_model.activations import is_gated
+    from dense_model.config import ffn_hidden_size, padded_vocab_size
+
+    m = cfg.model
+    h, s, layers = m.hidden_size, m.seq_length, m.num_layers
+    kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
+    ffn = ffn_hidden_size(m)
+    attention = 2 * h * (h + 2 * kv) + 2 * h * h + 4 * s * h
+    mlp = 2 * h * ffn * (2 if is_gated(m.activation) else 1) + 2 * ffn * h
+    logits = 2 * h * padded_vocab_size(m, 1)
+    forward = layers * (attention + mlp) + logits
+    return 3.0 * forward if training else float(forward)
+
+
+def peak_flops(cfg) -> float | None:
+    if cfg.training.peak_flops:
+        return cfg.training.peak_flops
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+class MetricsLogger:
+    """Writes on the logging rank only: console line, metrics.jsonl, TensorBoard, wandb."""
+
+    def __init__(self, cfg, enabled: bool):
+        self.enabled = enabled
+        self.cfg = cfg
+        self.flops_per_token = flops_per_token(cfg)
+        self.peak = peak_flops(cfg)
+        self.tb = self.wandb = None
+        self._file = None
+        if not enabled:
+            return
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if cfg.logging.wandb_project:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir), resume="allow")
+            except ImportError:
+                print("logging.wandb_project is set but wandb is not installed; pip install wandb", flush=True)
+
+    def log_train(self, step, tokens, loss, lr, grad_norm, step_time, tokens_in_interval, world_size, skipped=0):
+        if not self.enabled:
+            return
+        tokens_per_sec = tokens_in_interval / max(step_time, 1e-9)
+        record = {
+            "step": step,
+            "tokens": tokens,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_sec": tokens_per_sec,
+            "time": time.time(),
+        }
+        line = (
+            f"step {step:>7d} | tokens {tokens:.3e} | loss {loss:.4f} | lr {lr:.3e} | "
+            f"grad norm {grad_norm:.3f} | {tokens_per_sec:,.0f} tok/s"
+        )
+        if self.peak:
+            record["mfu"] = tokens_per_sec * self.flops_per_token / (self.peak * world_size)
+            line += f" | MFU {100 * record['mfu']:.1f}%"
+        if skipped:
+            record["skipped_steps"] = skipped
+            line += f" | skipped {skipped}"
+        self._write(record, line, prefix="train")
+
+    def log_valid(self, step, tokens, loss):
+        if not self.enabled:
+            return
+        ppl = math.exp(min(loss, 50.0))
+        record = {"step": step, "tokens": tokens, "val_loss": loss, "val_ppl": ppl, "time": time.time()}
+        self._write(record, f"step {step:>7d} | validation loss {loss:.4f} | perplexity {ppl:.3f}", prefix="valid")
+
+    def _write(self, record, line, prefix):
+        print(line, flush=True)
+        self._file.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if key in ("step", "time") or value is None:
+                continue
+            if self.tb is not None:
+                self.tb.add_scalar(f"{prefix}/{key}", value, step)
+        if self.tb is not None:
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in record.items() if k != "time"}, step=step)
+
+    def close(self):
+        if self._file:
+            self._file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

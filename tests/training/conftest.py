@@ -1,0 +1,129 @@
+"""A small real mmap dataset (CPython's docs, tokenised by the session's SentencePiece model)
+written with megatron-core's IndexedDatasetBuilder, and a tiny model config that trains on it."""
+
+import numpy as np
+import pytest
+
+from dense_model.testing import python_docs_text
+
+
+@pytest.fixture(scope="session")
+def mmap_dataset(tmp_path_factory, spm_model):
+    import sentencepiece as spm
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    sp = spm.SentencePieceProcessor(model_file=spm_model)
+    prefix = str(tmp_path_factory.mktemp("mmap") / "docs_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for paragraph in python_docs_text()[:3000]:
+        ids = sp.encode(paragraph) + [sp.eos_id()]
+        builder.add_document(np.array(ids, dtype=np.uint16), [len(ids)])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def tiny_overrides(run_dir, prefix, spm_model, *extra):
+    """A 4-layer PolyNorm model small enough for a 2-core CPU, with every-step logging."""
+    return [
+        f"run_dir={run_dir}",
+        "model.num_layers=4",
+        "model.hidden_size=64",
+        "model.num_attention_heads=4",
+        "model.swiglu_ffn_hidden_size=128",
+        "model.vocab_size=512",
+        "model.seq_length=64",
+        "model.activation=polynorm",
+        "training.micro_batch_size=2",
+        "training.global_batch_size=8",
+        "training.train_iters=12",
+        "training.lr=3e-3",
+        "training.min_lr=3e-4",
+        "training.lr_warmup_iters=2",
+        "training.recompute_granularity=none",
+        f"data.paths=[{prefix}]",
+        f"data.tokenizer_model={spm_model}",
+        "data.split=90,10,0",
+        "data.num_workers=0",
+        "checkpoint.save_interval=4",
+        "checkpoint.keep_last=2",
+        "logging.log_interval=1",
+        "logging.eval_interval=6",
+        "logging.eval_iters=2",
+        "logging.tensorboard=true",
+        *extra,
+    ]
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def tiny_config(tmp_path, mmap_dataset, spm_model):
+    """Write the tiny model's config as a YAML file; returns (config_path, run_dir)."""
+    import yaml
+
+    from dense_model.config import parse_overrides
+
+    def make(name="run", *extra):
+        run_dir = tmp_path / name
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(parse_overrides(tiny_overrides(run_dir, mmap_dataset, spm_model, *extra))))
+        return path, run_dir
+
+    return make
+
+
+def launch(config, *overrides, nproc=1, env=None):
+    """Start `bash run_pretrain.sh CONFIG overrides` (torchrun, nproc gloo processes) -> Popen."""
+    import os
+    import subprocess
+    import sys
+
+    from dense_model.testing import free_port
+
+    full_env = {**os.environ, "PYTHON": sys.executable, "GPUS_PER_NODE": str(nproc), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    full_env.update(env or {})
+    return subprocess.Popen(
+        ["bash", str(REPO / "run_pretrain.sh"), str(config), *overrides],
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def kill_job(proc):
+    """SIGKILL the launcher, torchrun and every worker (a crashed node). torchrun puts its workers
+    in sessions of their own, so the whole process tree is collected first."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    tree = root.children(recursive=True) + [root]
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+    proc.wait()
+
+
+def finish(proc, timeout=600):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def read_metrics(run_dir):
+    """(train losses by step, validation losses by step): the last record of each step wins."""
+    import json
+
+    train, valid = {}, {}
+    with open(run_dir / "metrics.jsonl") as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                train[r["step"]] = r["loss"]
+            if "val_loss" in r:
+                valid[r["step"]] = r["val_loss"]
+    return train, valid
