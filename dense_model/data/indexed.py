@@ -14,8 +14,10 @@ streams instead: .bin files are copied with `shutil.copyfileobj`, the merged .id
 three passes over memory-mapped input indexes, in chunks of 4M entries (~50 MB). The result is
 byte-identical to `IndexedDatasetBuilder.add_index` + `finalize` (tests check this).
 
-Every file is written under a temporary name, fsynced, then renamed, .bin before .idx: a reader
-that sees an .idx under the final name always sees its complete .bin.
+Every file is written under a temporary name, then renamed, .bin before .idx: a reader that sees
+an .idx under the final name always sees its complete .bin. Final outputs are fsynced before the
+rename (`durable=True`, the default); preprocessing's intermediate shard files are not, and are
+validated before reuse instead.
 """
 
 from __future__ import annotations
@@ -76,17 +78,20 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def publish(pairs: Sequence[tuple[str, str]]) -> None:
-    """Rename each (tmp, final) in order, then fsync the folders touched."""
+def publish(pairs: Sequence[tuple[str, str]], durable: bool = True) -> None:
+    """Rename each (tmp, final) in order, then (durable) fsync the folders touched."""
     for tmp, final in pairs:
         os.replace(tmp, final)
+    if not durable:
+        return
     for folder in {os.path.dirname(os.path.abspath(final)) for _, final in pairs}:
         fsync_dir(folder)
 
 
-def _fsync_close(f) -> None:
+def _close(f, durable: bool) -> None:
     f.flush()
-    os.fsync(f.fileno())
+    if durable:
+        os.fsync(f.fileno())
     f.close()
 
 
@@ -178,10 +183,13 @@ class DocumentWriter:
     """Appends documents (token id lists) to a new dataset; `finish()` publishes .bin then .idx.
 
     Memory: the token data goes straight to the file; only the lengths stay (4 bytes a document).
+    `durable=False` skips the fsyncs (the renames stay atomic for a killed process, but not for a
+    power cut): for intermediate files that are validated before reuse.
     """
 
-    def __init__(self, prefix: str, dtype: type[np.number]) -> None:
+    def __init__(self, prefix: str, dtype: type[np.number], durable: bool = True) -> None:
         self.prefix = prefix
+        self.durable = durable
         self.dtype = np.dtype(dtype)
         self._bin_tmp = tmp_name(prefix + ".bin")
         self._bin = open(self._bin_tmp, "wb", buffering=8 << 20)
@@ -202,11 +210,13 @@ class DocumentWriter:
         self.tokens += n
 
     def finish(self) -> None:
-        _fsync_close(self._bin)
+        _close(self._bin, self.durable)
         idx_tmp = tmp_name(self.prefix + ".idx")
         lengths = np.frombuffer(self._lengths, dtype=np.int32) if self._lengths else np.zeros(0, np.int32)
-        write_index(idx_tmp, self.dtype.type, lengths)
-        publish([(self._bin_tmp, self.prefix + ".bin"), (idx_tmp, self.prefix + ".idx")])
+        write_index(idx_tmp, self.dtype.type, lengths, durable=self.durable)
+        publish(
+            [(self._bin_tmp, self.prefix + ".bin"), (idx_tmp, self.prefix + ".idx")], durable=self.durable
+        )
 
     def abort(self) -> None:
         if not self._bin.closed:
@@ -215,8 +225,8 @@ class DocumentWriter:
             os.remove(self._bin_tmp)
 
 
-def write_index(idx_path: str, dtype, lengths: np.ndarray) -> None:
-    """Write (and fsync) an .idx for one-sequence-per-document data with these lengths."""
+def write_index(idx_path: str, dtype, lengths: np.ndarray, durable: bool = True) -> None:
+    """Write (and, if durable, fsync) an .idx for one-sequence-per-document data with these lengths."""
     lengths = np.asarray(lengths, dtype=np.int32)
     count = lengths.shape[0]
     itemsize = np.dtype(dtype).itemsize
@@ -230,7 +240,8 @@ def write_index(idx_path: str, dtype, lengths: np.ndarray) -> None:
         f.write(pointers.tobytes(order="C"))
         f.write(np.arange(count + 1, dtype=np.int64).tobytes(order="C"))
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------------------------------
