@@ -191,7 +191,8 @@ class LineSource:
     def input_bytes(self) -> int:
         if self._counter is not None:
             return self._counter.consumed
-        return max(self._pos - self.start, 0)
+        end = self._pos if self.end is None else min(self._pos, self.end)
+        return max(end - self.start, 0)
 
     def __iter__(self) -> Iterator[tuple[int, int, bytes]]:
         if self.compressed:

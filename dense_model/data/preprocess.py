@@ -151,6 +151,7 @@ class PreprocessSummary:
     shards_reused: int
     lines: int
     seconds: float
+    tokens_this_run: int = 0  # tokens of the shards this run tokenised (reused ones excluded)
     blends: list[str] = field(default_factory=list)
 
     @property
@@ -172,7 +173,7 @@ class PreprocessSummary:
             f"  input: {self.files} files, {self.total_bytes / MB:,.1f} MB, {self.shards} shards"
             + (f" ({self.shards_reused} reused from an earlier run)" if self.shards_reused else ""),
             f"  documents: {self.documents:,}  tokens: {self.tokens:,}  "
-            f"({self.tokens / secs:,.0f} tokens/s, {self.input_bytes / MB / secs:,.2f} MB/s this run)",
+            f"(this run: {self.tokens_this_run / secs:,.0f} tokens/s, {self.input_bytes / MB / secs:,.2f} MB/s)",
         ]
         bad = self.bad
         reasons = ", ".join(f"{r} {n:,}" for r, n in bad.counts.items() if n)
@@ -474,9 +475,9 @@ class _Progress:
         if self._enabled and self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(
-                total=self._total, unit="B", unit_scale=True, desc="tokenizing", dynamic_ncols=True
-            )
+            # get_terminal_size falls back to 100 columns where the terminal reports 0 (some ptys).
+            width = shutil.get_terminal_size((100, 20)).columns
+            self.bar = tqdm(total=self._total, unit="B", unit_scale=True, desc="tokenizing", ncols=width)
 
     def update(self, docs: int, tokens: int, nbytes: int) -> None:
         self.docs += docs
@@ -509,16 +510,17 @@ def _run_pool(pending: list[ShardSpec], workers: int, ctx_args: dict, progress: 
     method = "fork" if sys.platform == "linux" and threading.active_count() == 1 else "spawn"
     mp = multiprocessing.get_context(method)
     tasks, results = mp.Queue(), mp.Queue()
-    for spec in pending:
-        tasks.put(spec)
-    for _ in range(workers):
-        tasks.put(None)
     procs = [
         mp.Process(target=_worker_main, args=(i, os.getpid(), dict(ctx_args), tasks, results), daemon=True)
         for i in range(workers)
     ]
     for p in procs:
         p.start()
+    # Only now feed the queue: put() starts a feeder thread, and the workers were forked without it.
+    for spec in pending:
+        tasks.put(spec)
+    for _ in range(workers):
+        tasks.put(None)
     progress.begin()
     current: dict[int, str] = {}
     exited: set[int] = set()
@@ -784,6 +786,7 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
         shards_reused=reused,
         lines=lines,
         seconds=time.monotonic() - t0,
+        tokens_this_run=sum(o["tokens"] for s in pending for o in results[s.id]["outputs"]),
         blends=blends,
     )
     say(summary.format())

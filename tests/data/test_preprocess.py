@@ -308,3 +308,40 @@ def test_input_errors_name_the_argument(tmp_path, spm_model):
         preprocess(_cfg(spm_model, str(tmp_path / "x.txt"), tmp_path / "o"), log=None)
     with pytest.raises(FileNotFoundError, match="--tokenizer-model"):
         preprocess(_cfg(str(tmp_path / "missing.model"), str(tmp_path), tmp_path / "o"), log=None)
+
+
+def test_strict_with_worker_processes(tmp_path, spm_model, texts):
+    path = str(tmp_path / "late.jsonl")
+    lines = [json.dumps({"text": t}) for t in texts[:100]]
+    lines[60] = "oops"
+    Path(path).write_text("\n".join(lines) + "\n")
+    with pytest.raises(BadLineError) as info:
+        preprocess(
+            _cfg(spm_model, path, tmp_path / "o", strict=True, workers=2, shard_size_mb=0.004), log=None
+        )
+    assert (info.value.line, info.value.reason) == (61, "invalid_json")
+
+
+def test_huggingface_tokenizer_with_workers(tmp_path, texts, corpora, data_helpers):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=700,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    backend.save(str(tmp_path / "tokenizer.json"))
+    prefix = tmp_path / "hf"
+    cfg = _cfg(
+        str(tmp_path / "tokenizer.json"), corpora["zst"], prefix, tokenizer_type="huggingface", workers=2
+    )
+    summary = preprocess(cfg, log=None)
+    eod = backend.token_to_id("<|endoftext|>")
+    docs = data_helpers.read_dataset(str(prefix) + "_text_document")
+    assert summary.documents == len(texts)
+    assert docs == [backend.encode(t, add_special_tokens=False).ids + [eod] for t in texts]
