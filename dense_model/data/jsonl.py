@@ -255,9 +255,21 @@ class BadLineStats:
     blank_lines: int = 0
 
     def add(self, reason: str, path: str, line: int | None, offset: int) -> None:
+        """Count a bad line. Positions stay the first ones of each file by offset, even when found out
+        of order (a lone surrogate shows only when its batch is encoded, after later lines)."""
         self.counts[reason] += 1
-        if len(self.positions) < MAX_REPORTED_POSITIONS:
-            self.positions.append((path, line or None, offset, reason))
+        entry = (path, line or None, offset, reason)
+        positions = self.positions
+        if len(positions) < MAX_REPORTED_POSITIONS:
+            positions.append(entry)
+        elif positions[-1][0] == path and offset < positions[-1][2]:
+            positions[-1] = entry
+        else:
+            return
+        i = len(positions) - 1  # one insertion-sort step keeps a file's positions in offset order
+        while i > 0 and positions[i - 1][0] == path and positions[i - 1][2] > offset:
+            positions[i - 1], positions[i] = positions[i], positions[i - 1]
+            i -= 1
 
     @property
     def total(self) -> int:

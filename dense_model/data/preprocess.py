@@ -267,12 +267,14 @@ def process_shard(spec: ShardSpec, ctx: ShardContext, report: Callable[[int, int
     out_meta: list[dict] = []
     texts: list[str] = []
     dests: list[tuple[tuple[str | None, int], int, int]] = []  # (output, line number, offset)
-    state = {"chars": 0, "reported_bytes": 0}
+    state = {"chars": 0, "reported_bytes": 0, "flushing": False}
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     source = LineSource(path, spec.start, spec.end)
 
     def skip(reason: str, number: int, offset: int, detail: str = "") -> None:
         if strict:
+            if not state["flushing"]:
+                flush()  # the pending texts come first and may hold an earlier bad line (a lone surrogate)
             raise BadLineError(reason, path, number or None, offset, detail)
         bad.add(reason, path, number, offset)
 
@@ -289,6 +291,13 @@ def process_shard(spec: ShardSpec, ctx: ShardContext, report: Callable[[int, int
     def flush() -> None:
         if not texts:
             return
+        state["flushing"] = True
+        try:
+            _flush()
+        finally:
+            state["flushing"] = False
+
+    def _flush() -> None:
         try:
             encoded = tok.encode_batch(texts)
         except Exception:

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from dense_model.data.jsonl import (
+    BadLineStats,
     LineSource,
     absolute_line,
     expand_inputs,
@@ -34,6 +35,15 @@ def test_byte_ranges_own_every_line_exactly_once(tmp_path):
                     assert number == len(got) + 1
                 got.append(line)
         assert got == lines, f"chunk size {chunk}"
+
+
+def test_bad_line_positions_keep_the_first_by_offset():
+    stats = BadLineStats()
+    for offset in (50, 10, 70, 20, 30, 5, 60, 1):  # out of order, as batch encoding finds them
+        stats.add("invalid_json", "f.jsonl", None, offset)
+    stats.add("not_string", "g.jsonl", 3, 0)
+    assert [p[2] for p in stats.positions] == [1, 5, 10, 20, 30]
+    assert stats.total == 9 and stats.counts["not_string"] == 1
 
 
 def test_absolute_line(tmp_path):
