@@ -12,6 +12,8 @@ names and sizes are recorded in `work_dir/demo_stamp.json`).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 
@@ -38,14 +40,32 @@ def _fingerprint(folder: str) -> list[list]:
     return [[os.path.relpath(p, folder), os.path.getsize(p)] for p in expand_inputs([folder])]
 
 
+@contextlib.contextmanager
+def _exclusive(work_dir: str):
+    """Several processes (e.g. every rank of a launch) may call at once: one builds, the others wait."""
+    fd = os.open(os.path.join(work_dir, ".demo.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def prepare_demo_dataset(work_dir: str) -> dict:
-    """{'tokenizer_model': path of the .model, 'blend': path of the blend JSON} for the demo sample."""
+    """{'tokenizer_model': path of the .model, 'blend': path of the blend JSON} for the demo sample.
+
+    Safe to call from several processes at once (a file lock in work_dir serialises them)."""
+    work_dir = os.path.abspath(work_dir)
+    os.makedirs(work_dir, exist_ok=True)
+    with _exclusive(work_dir):
+        return _prepare(work_dir)
+
+
+def _prepare(work_dir: str) -> dict:
     from dense_model.data.preprocess import PreprocessConfig, preprocess
     from dense_model.data.train_tokenizer import train_sentencepiece
 
     folder = sample_dir()
-    work_dir = os.path.abspath(work_dir)
-    os.makedirs(work_dir, exist_ok=True)
     tokenizer_model = os.path.join(work_dir, "demo_tokenizer.model")
     prefix = os.path.join(work_dir, "redpajama_sample")
     blend = prefix + "_blend.json"

@@ -69,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--shard-size-mb",
         type=float,
         default=None,
-        help="cut plain files into shards of this size (default: total/64, 1..256 MB)",
+        help="cut plain files into shards of this size (default: total/128 within 0.25..256 MB); "
+        "a compressed file is always one shard, so give several files to use several workers",
     )
     g.add_argument("--restart", action="store_true", help="discard the shards of an earlier unfinished run")
     g.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
