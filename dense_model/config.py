@@ -393,7 +393,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     try:
         entry.cls(**m.activation_kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"model.activation_kwargs: {m.activation} rejects {m.activation_kwargs}: {err}") from None
+        raise ConfigError(
+            f"model.activation_kwargs: {m.activation} rejects {m.activation_kwargs}: {err}"
+        ) from None
 
     def positive(name, value):
         if value is not None and value <= 0:
@@ -433,7 +435,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"parallel.tensor_model_parallel_size={tp}; use a TP size that divides the head count"
         )
     if groups % tp:
-        raise ConfigError(f"model.num_query_groups={groups} is not divisible by parallel.tensor_model_parallel_size={tp}")
+        raise ConfigError(
+            f"model.num_query_groups={groups} is not divisible by parallel.tensor_model_parallel_size={tp}"
+        )
     ffn = ffn_hidden_size(m)
     if ffn % tp:
         raise ConfigError(

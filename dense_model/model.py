@@ -221,7 +221,9 @@ def initialize_weights(model, cfg: Config, seed: int | None = None) -> None:
             full_shape[dim] *= tp
         gen = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + zlib.crc32(gname.encode()))
         s = residual_std if ("linear_proj" in name or "linear_fc2" in name) else std
-        full = torch.empty(full_shape, dtype=torch.float32, device=param.device).normal_(0.0, s, generator=gen)
+        full = torch.empty(full_shape, dtype=torch.float32, device=param.device).normal_(
+            0.0, s, generator=gen
+        )
         if sliced:
             # Megatron's layout: split into tp * stride chunks, rank r keeps chunks r, r + tp, ...
             stride = getattr(param, "partition_stride", 1)

@@ -1,7 +1,7 @@
 """Helpers for multi-process tests on the CPU: real gloo process groups, one process per rank.
 
-    def worker(rank, world_size, out_dir): ...        # module-level, so spawn can pickle it
-    spawn_workers(worker, 2, out_dir)                  # raises if any rank fails
+def worker(rank, world_size, out_dir): ...        # module-level, so spawn can pickle it
+spawn_workers(worker, 2, out_dir)                  # raises if any rank fails
 """
 
 from __future__ import annotations

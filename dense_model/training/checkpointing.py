@@ -72,7 +72,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         )
     folder = iteration_dir(root, latest)
     if not (folder / METADATA).is_file():
-        raise CheckpointError(f"{root / TRACKER} points at iteration {latest} but {folder / METADATA} is missing")
+        raise CheckpointError(
+            f"{root / TRACKER} points at iteration {latest} but {folder / METADATA} is missing"
+        )
     return folder
 
 
@@ -111,8 +113,16 @@ def _rng_state_object():
     return ShardedObject(
         "rng_state",
         state,
-        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size()),
-        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()),
+        (
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_data_parallel_world_size(),
+        ),
+        (
+            ps.get_pipeline_model_parallel_rank(),
+            ps.get_tensor_model_parallel_rank(),
+            ps.get_data_parallel_rank(),
+        ),
         replica_id=0,
     )
 
@@ -160,7 +170,12 @@ def save_checkpoint(
     _barrier()
 
     model_state = _unwrap(model).sharded_state_dict()
-    state = {"model": model_state, "iteration": iteration, "layout": _layout(), "rng_state": _rng_state_object()}
+    state = {
+        "model": model_state,
+        "iteration": iteration,
+        "layout": _layout(),
+        "rng_state": _rng_state_object(),
+    }
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA)
     if scheduler is not None:
@@ -171,7 +186,12 @@ def save_checkpoint(
 
     if _rank() == 0:
         tokenizer = _copy_tokenizer(cfg, tmp)
-        meta = {"format": "dense_model/1", "iteration": iteration, "config": config_to_dict(cfg), "tokenizer": tokenizer}
+        meta = {
+            "format": "dense_model/1",
+            "iteration": iteration,
+            "config": config_to_dict(cfg),
+            "tokenizer": tokenizer,
+        }
         _fsync_write(tmp / METADATA, json.dumps(meta, indent=2))
         save_config(cfg, tmp / "config.yaml")
         if final.exists():  # re-saving the same iteration (e.g. SIGTERM right after a periodic save)
@@ -219,7 +239,9 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: str | os.PathLike, model, optimizer=None, scheduler=None, load_rng: bool = True) -> dict:
+def load_checkpoint(
+    folder: str | os.PathLike, model, optimizer=None, scheduler=None, load_rng: bool = True
+) -> dict:
     """Load into an already-built model (any TP/PP layout). Returns the common state
     (iteration, consumed samples, ...)."""
     from megatron.core import dist_checkpointing
@@ -233,7 +255,9 @@ def load_checkpoint(folder: str | os.PathLike, model, optimizer=None, scheduler=
     request = {"model": model_state}
     if optimizer is not None:
         prepare_optimizer_for_load(optimizer)
-        request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
+        request["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=True, metadata=OPTIMIZER_METADATA
+        )
     if load_rng and same_layout:
         request["rng_state"] = _rng_state_object()
     loaded = dist_checkpointing.load(request, str(folder))
@@ -297,4 +321,6 @@ def load_model_for_inference(
         tok = meta["tokenizer"]
         tokenizer = build_tokenizer(tok["type"], str(folder / tok["file"]))
         cfg.data.tokenizer_model = str(folder / tok["file"])
-    return InferenceModel(model=model, config=cfg, tokenizer=tokenizer, iteration=meta["iteration"], folder=folder)
+    return InferenceModel(
+        model=model, config=cfg, tokenizer=tokenizer, iteration=meta["iteration"], folder=folder
+    )

@@ -74,9 +74,13 @@ class MetricsLogger:
 
                 self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir), resume="allow")
             except ImportError:
-                print("logging.wandb_project is set but wandb is not installed; pip install wandb", flush=True)
+                print(
+                    "logging.wandb_project is set but wandb is not installed; pip install wandb", flush=True
+                )
 
-    def log_train(self, step, tokens, loss, lr, grad_norm, step_time, tokens_in_interval, world_size, skipped=0):
+    def log_train(
+        self, step, tokens, loss, lr, grad_norm, step_time, tokens_in_interval, world_size, skipped=0
+    ):
         if not self.enabled:
             return
         tokens_per_sec = tokens_in_interval / max(step_time, 1e-9)
@@ -106,7 +110,9 @@ class MetricsLogger:
             return
         ppl = math.exp(min(loss, 50.0))
         record = {"step": step, "tokens": tokens, "val_loss": loss, "val_ppl": ppl, "time": time.time()}
-        self._write(record, f"step {step:>7d} | validation loss {loss:.4f} | perplexity {ppl:.3f}", prefix="valid")
+        self._write(
+            record, f"step {step:>7d} | validation loss {loss:.4f} | perplexity {ppl:.3f}", prefix="valid"
+        )
 
     def _write(self, record, line, prefix):
         print(line, flush=True)

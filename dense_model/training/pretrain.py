@@ -47,7 +47,9 @@ def _last_stage_value(value: float | None) -> float:
 
     t = torch.tensor([value if value is not None else 0.0], dtype=torch.float64)
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(t, ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        dist.broadcast(
+            t, ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+        )
     return t.item()
 
 
@@ -129,7 +131,9 @@ class Trainer:
             common = load_checkpoint(load_from, self.ddp, self.optimizer, self.scheduler)
             self.state = TrainState(
                 iteration=common["iteration"],
-                consumed_samples=common.get("consumed_train_samples", common["iteration"] * t.global_batch_size),
+                consumed_samples=common.get(
+                    "consumed_train_samples", common["iteration"] * t.global_batch_size
+                ),
                 skipped_steps=common.get("skipped_steps", 0),
             )
             self._print(f"resumed from {load_from} at step {self.state.iteration}")

@@ -47,7 +47,9 @@ def reduce_lm_loss(losses_reduced: list[dict]) -> float | None:
     return (stacked[0] / stacked[1].clamp(min=1)).item()
 
 
-def forward_backward(model, data_iterator, num_microbatches: int, seq_length: int, micro_batch_size: int, forward_only=False):
+def forward_backward(
+    model, data_iterator, num_microbatches: int, seq_length: int, micro_batch_size: int, forward_only=False
+):
     """Run megatron-core's schedule for one global batch; returns the per-micro-batch loss dicts."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

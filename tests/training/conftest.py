@@ -67,7 +67,9 @@ def tiny_config(tmp_path, mmap_dataset, spm_model):
     def make(name="run", *extra):
         run_dir = tmp_path / name
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(parse_overrides(tiny_overrides(run_dir, mmap_dataset, spm_model, *extra))))
+        path.write_text(
+            yaml.safe_dump(parse_overrides(tiny_overrides(run_dir, mmap_dataset, spm_model, *extra)))
+        )
         return path, run_dir
 
     return make
@@ -81,7 +83,13 @@ def launch(config, *overrides, nproc=1, env=None):
 
     from dense_model.testing import free_port
 
-    full_env = {**os.environ, "PYTHON": sys.executable, "GPUS_PER_NODE": str(nproc), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    full_env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "GPUS_PER_NODE": str(nproc),
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
     full_env.update(env or {})
     return subprocess.Popen(
         ["bash", str(REPO / "run_pretrain.sh"), str(config), *overrides],

@@ -1,0 +1,44 @@
+"""The README's main job: `bash run_pretrain.sh` with no config runs the laptop demo end to end
+(tokenizer training and tokenisation of the shipped RedPajama sample, then training on the CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    from dense_model.testing import free_port
+
+    run_dir = tmp_path / "demo"
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "DENSE_MODEL_CACHE": str(tmp_path / "cache"),
+        "MASTER_PORT": str(free_port()),
+    }
+    proc = subprocess.run(
+        ["bash", "run_pretrain.sh", f"run_dir={run_dir}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    valid = [r for r in records if "val_loss" in r]
+    assert train[-1]["step"] == 150
+    assert train[-1]["loss"] < train[0]["loss"] - 1.5, (train[0]["loss"], train[-1]["loss"])
+    assert valid and valid[-1]["val_loss"] < valid[0]["val_loss"]
+    latest = (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text()
+    assert latest == "150" and (run_dir / "checkpoints" / "iter_0000150" / "dense_model.json").is_file()
+    assert f"checkpoint {run_dir / 'checkpoints'}" in out and "metrics.jsonl" in out
