@@ -14,7 +14,7 @@ with megatron's [gate, up] layout and checkpoint resharding across TP sizes stay
 from __future__ import annotations
 
 import copy
-import dataclasses
+import inspect
 import math
 import zlib
 
@@ -45,12 +45,13 @@ class RegistryActivation(torch.nn.Module):
         from megatron.core import parallel_state
 
         kwargs = dict(kwargs)
-        entry = get_activation_entry(name)
-        if hasattr(entry.cls, "tp_group") or "tp_group" in entry.cls.__init__.__code__.co_varnames:
-            tp = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
-            kwargs.setdefault("tp_group", tp)
-            if "use_fused" in entry.cls.__init__.__code__.co_varnames:
-                kwargs.setdefault("use_fused", fused)
+        accepted = inspect.signature(get_activation_entry(name).cls).parameters
+        if "tp_group" in accepted:  # activations with row statistics or replicated scalars (PolyCom)
+            kwargs.setdefault(
+                "tp_group", parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+            )
+        if "use_fused" in accepted:
+            kwargs.setdefault("use_fused", fused)
         self.act = build_activation(name, **kwargs)
 
     def forward(self, x):  # [s, b, ffn/tp] (gated: [s, b, 2*ffn/tp]) -> [s, b, ffn/tp]
@@ -259,7 +260,3 @@ def count_parameters(m: ModelConfig) -> dict[str, int]:
         "embedding": embedding,
         "output_layer": output,
     }
-
-
-def model_config_replace(m: ModelConfig, **changes) -> ModelConfig:
-    return dataclasses.replace(m, **changes)

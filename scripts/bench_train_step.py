@@ -20,11 +20,10 @@ MFU = tokens/s x FLOPs per token / peak FLOP/s. FLOPs per token come from the tr
 plus 12 x layers x hidden x seq for attention scores and values, not halved for the causal mask);
 elementwise work (norms, activations) is not counted, so a parameter-matched PolyNorm and SwiGLU
 have the same FLOPs per token. Peak FLOP/s: --peak-tflops, else training.peak_flops from the
-config, else the dense bf16 peak of the GPU model (H100 SXM 989, H100 NVL 835, H100 PCIe 756,
-H200 989, A100 312 TFLOP/s).
+config, else the dense bf16 peak of the GPU model (``dense_model.training.metrics.PEAK_BF16_FLOPS``).
 
     python scripts/bench_train_step.py                                    # 1B defaults, seq 4096, mbs 2
-    python scripts/bench_train_step.py --config configs/1b_polynorm.yaml --json step.json
+    python scripts/bench_train_step.py --config configs/1b/polynorm.yaml --json step.json
     python scripts/bench_train_step.py --runs polynorm:on,polynorm:off    # a subset
     python scripts/bench_train_step.py --device cpu                       # smoke run: tiny model, no timings
 
@@ -38,21 +37,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import inspect
 import json
 import os
 import statistics
 import sys
 import time
-
-PEAK_BF16_TFLOPS = [  # (substring of torch.cuda.get_device_name(), dense bf16 TFLOP/s)
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.4),
-    ("H200", 989.4),
-    ("H800", 989.4),
-    ("A100", 312.0),
-]
 
 CPU_SMOKE_OVERRIDES = [
     "model.num_layers=2",
@@ -97,48 +86,10 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 
 
-def flops_per_token(model, cfg) -> float:
-    """Training FLOPs per token: the trainer's ``dense_model.training.metrics.flops_per_token`` when it
-    imports (so MFU here and in training logs agree), else 6 x matmul parameters + 12 x layers x
-    hidden x seq (the same convention, counted from the built model)."""
-    try:
-        from dense_model.training.metrics import flops_per_token as trainer_flops_per_token
-
-        return float(trainer_flops_per_token(cfg))
-    except ImportError:
-        pass
-    n_matmul = 0
-    for name, param in model.named_parameters():
-        if param.dim() >= 2 and "word_embeddings" not in name:
-            n_matmul += param.numel()
-    m = cfg.model
-    return 6.0 * n_matmul + 12.0 * m.num_layers * m.hidden_size * m.seq_length
-
-
-def peak_flops(args, cfg) -> float | None:
-    if args.peak_tflops:
-        return args.peak_tflops * 1e12
-    if getattr(cfg.training, "peak_flops", None):
-        return float(cfg.training.peak_flops)
-    if args.device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in name:
-            return tflops * 1e12
-    return None
-
-
 def init_parallel(cfg):
     from dense_model.parallel import initialize_parallel
 
-    params = list(inspect.signature(initialize_parallel).parameters)
-    if params and params[0] in ("cfg", "config"):
-        initialize_parallel(cfg)
-    else:
-        initialize_parallel(
-            tensor_model_parallel_size=1, pipeline_model_parallel_size=1, seed=cfg.training.seed
-        )
+    initialize_parallel(1, 1, seed=cfg.training.seed)
 
 
 def synthetic_batch(cfg, device):
@@ -153,81 +104,20 @@ def synthetic_batch(cfg, device):
     }
 
 
-def forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # [b, s] losses
-    mask = batch["loss_mask"]
-
-    def loss_func(output_tensor):
-        loss = (output_tensor.float() * mask).sum() / mask.sum()
-        return loss, {"lm loss": loss.detach()}
-
-    return output, loss_func
-
-
-def build(cfg):
-    """(model chunk list, optimizer, builder name), built the way the trainer builds them.
-
-    Uses the trainer's own ``dense_model.training.optim.wrap_ddp`` / ``build_optimizer`` (megatron
-    DistributedDataParallel with fp32 grad buffers, megatron AdamW with fp32 master weights) when
-    they import, else the same construction written out here.
-    """
-    from megatron.core.distributed import finalize_model_grads
-
-    from dense_model.model import build_model
-
-    model = build_model(cfg)
-    try:
-        from dense_model.training.optim import build_optimizer, wrap_ddp
-
-        builder = "dense_model.training.optim"
-    except ImportError:
-        wrap_ddp, build_optimizer, builder = _wrap_ddp, _build_optimizer, "scripts/bench_train_step.py"
-    ddp = wrap_ddp(model, cfg)
-    ddp.config.finalize_model_grads_func = finalize_model_grads
-    return [ddp], build_optimizer([ddp], cfg), builder
-
-
-def _wrap_ddp(model, cfg):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-    )
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-
-
-def _build_optimizer(model_chunks, cfg):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    t, config = cfg.training, model_chunks[0].config
-    opt_config = OptimizerConfig(
-        optimizer="adam",
-        lr=t.lr,
-        min_lr=t.min_lr,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_eps=t.adam_eps,
-        clip_grad=t.clip_grad,
-        bf16=config.bf16,
-        params_dtype=config.params_dtype,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-    )
-    return get_megatron_optimizer(opt_config, model_chunks)
-
-
 def run_one(args, cfg, device) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from dense_model.training.metrics import flops_per_token
+    from dense_model.training.optim import build_training_model
+    from dense_model.training.step import forward_step
 
     cuda = device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model, optimizer, builder = build(cfg)
-    fpt = flops_per_token(model[0], cfg)
+    _, ddp, optimizer = build_training_model(cfg)  # exactly the trainer's model, DDP and optimizer
+    model = [ddp]
+    fpt = flops_per_token(cfg)
     batch = synthetic_batch(cfg, device)
     forward_backward = get_forward_backward_func()
     losses, times = [], []
@@ -252,9 +142,9 @@ def run_one(args, cfg, device) -> dict:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
-        losses.append(float(reduced[0]["lm loss"]))
+        loss_sum, tokens = reduced[0]["lm loss"].tolist()
+        losses.append(loss_sum / tokens)
     result = {
-        "builder": builder,
         "num_layers": cfg.model.num_layers,
         "flops_per_token": fpt,
         "loss_first": losses[0],
@@ -378,7 +268,11 @@ def run_in_process(args, runs):
 
     first = load_config(args.config, base)
     init_parallel(first)
-    peak = peak_flops(args, first)
+    if args.peak_tflops:
+        first.training.peak_flops = args.peak_tflops * 1e12
+    from dense_model.training.metrics import peak_flops
+
+    peak = peak_flops(first)
     meta = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),

@@ -18,8 +18,17 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 tensor-core peaks (FLOP/s), by substring of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12}
+# Dense bf16 tensor-core peaks (FLOP/s), by substring of torch.cuda.get_device_name(); first match wins.
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989.4e12),
+    ("H200", 989.4e12),
+    ("H800", 989.4e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 125e12),
+]
 
 
 def flops_per_token(cfg, training: bool = True) -> float:
@@ -43,7 +52,7 @@ def peak_flops(cfg) -> float | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    for key, value in PEAK_BF16_FLOPS.items():
+    for key, value in PEAK_BF16_FLOPS:
         if key in name:
             return value
     return None

@@ -12,6 +12,32 @@ import math
 import torch
 
 
+def build_training_model(cfg):
+    """(model, ddp, optimizer) for this rank, wired the way megatron-core's schedules expect.
+
+    The GPTModel, wrapped in megatron's Float16Module for bf16 (bf16 weights, fp32 main params in
+    the optimizer), then DistributedDataParallel; the optimizer; and the config hooks the pipeline
+    schedules call (no_sync for gradient accumulation, finalize_model_grads for the DP reduce,
+    grad_scale_func). Used by the trainer and by scripts/bench_train_step.py.
+    """
+    from megatron.core.distributed import finalize_model_grads
+
+    from dense_model.model import build_model
+
+    model = build_model(cfg)
+    wrapped = model
+    if model.config.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        wrapped = Float16Module(model.config, model)
+    ddp = wrap_ddp(wrapped, cfg)
+    optimizer = build_optimizer([ddp], cfg)
+    model.config.no_sync_func = ddp.no_sync
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.grad_scale_func = optimizer.scale_loss
+    return model, ddp, optimizer
+
+
 def wrap_ddp(model, cfg):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 

@@ -78,15 +78,13 @@ def prepare_data_config(cfg) -> None:
 class Trainer:
     def __init__(self, cfg):
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import finalize_model_grads
 
         from dense_model.data.tokenizers import build_tokenizer
-        from dense_model.model import build_model
         from dense_model.parallel import initialize_parallel
         from dense_model.training.batches import batch_iterator, build_datasets
         from dense_model.training.checkpointing import load_checkpoint, read_latest_iteration
         from dense_model.training.metrics import MetricsLogger
-        from dense_model.training.optim import build_optimizer, build_scheduler, schedule_steps, wrap_ddp
+        from dense_model.training.optim import build_scheduler, build_training_model, schedule_steps
 
         self.cfg = cfg
         p, t = cfg.parallel, cfg.training
@@ -108,19 +106,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
 
-        self.model = build_model(cfg)
-        wrapped = self.model
-        if self.model.config.bf16:  # bf16 weights, fp32 main params in the optimizer (GPU)
-            from megatron.core.transformer.module import Float16Module
-
-            wrapped = Float16Module(self.model.config, self.model)
-        self.ddp = wrap_ddp(wrapped, cfg)
-        self.optimizer = build_optimizer([self.ddp], cfg)
+        self.model, self.ddp, self.optimizer = build_training_model(cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        mcfg = self.model.config
-        mcfg.no_sync_func = self.ddp.no_sync
-        mcfg.finalize_model_grads_func = finalize_model_grads
-        mcfg.grad_scale_func = self.optimizer.scale_loss
         self.train_iters, _ = schedule_steps(cfg)
         self.dp_size = ps.get_data_parallel_world_size()
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
