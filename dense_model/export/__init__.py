@@ -1,0 +1,10 @@
+"""Hugging Face export of dense_model checkpoints (see hf.py; CLI: toolkits/checkpoint_conversion/export_hf.py).
+
+configuration_dense_model.py and modeling_dense_model.py are the standalone files copied into an
+exported folder for activations other than SwiGLU (``trust_remote_code``); they import only
+transformers, never dense_model.
+"""
+
+from dense_model.export.hf import ExportError, convert_state_dict, export_hf, hf_config
+
+__all__ = ["ExportError", "convert_state_dict", "export_hf", "hf_config"]

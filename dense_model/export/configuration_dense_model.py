@@ -1,0 +1,29 @@
+"""Hugging Face config of an exported dense_model checkpoint whose MLP activation is not SwiGLU.
+
+Copied next to ``config.json`` by ``toolkits/checkpoint_conversion/export_hf.py`` and loaded from
+there with ``trust_remote_code=True``, on machines without dense_model installed: it imports only
+``transformers``. It is ``LlamaConfig`` plus the activation (a name from dense_model's registry and
+its keyword arguments, e.g. ``{"order": 3}`` for PolyNorm/PolyReLU).
+"""
+
+from transformers.models.llama.configuration_llama import LlamaConfig
+
+
+class DenseModelConfig(LlamaConfig):
+    """LlamaConfig + ``activation`` / ``activation_kwargs`` for the MLP (see modeling_dense_model.py)."""
+
+    model_type = "dense_model"
+    # Tensor-parallel plan for transformers' own TP: attention only. The MLP stays whole because
+    # PolyNorm normalises over the full FFN row, which a column split would cut.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+    }
+
+    activation: str = "polynorm"
+    activation_kwargs: dict | None = None
+
+
+__all__ = ["DenseModelConfig"]

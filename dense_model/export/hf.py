@@ -1,0 +1,325 @@
+"""Export a dense_model checkpoint to a Hugging Face folder that ``AutoModelForCausalLM`` loads.
+
+    python toolkits/checkpoint_conversion/export_hf.py RUN_DIR_OR_ITER_DIR OUTPUT_DIR [--dtype bfloat16]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(OUTPUT_DIR)                          # SwiGLU: plain Llama
+    model = AutoModelForCausalLM.from_pretrained(OUTPUT_DIR, trust_remote_code=True)  # other activations
+    tokenizer = AutoTokenizer.from_pretrained(OUTPUT_DIR)
+
+The checkpoint is loaded at TP=1, PP=1 whatever layout saved it (dist_checkpointing reshards), so
+every layout exports the same bytes. The folder holds config.json, model*.safetensors (sharded
+with an index above ``max_shard_size``), generation_config.json, the tokenizer (see tokenizer.py),
+dense_model.json (the checkpoint's metadata, for provenance) and, for activations other than
+SwiGLU, configuration_dense_model.py + modeling_dense_model.py (``auto_map``; Llama with the MLP
+swapped, see that file).
+
+Weight mapping (megatron-core local spec -> Llama names), per layer N:
+
+    input_layernorm.weight                    -> model.layers.N.input_layernorm.weight
+    self_attention.linear_qkv.weight          -> self_attn.{q,k,v}_proj.weight
+        rows are [groups x (q heads of the group, k, v) x head_dim]: de-interleaved per group
+    self_attention.linear_proj.weight         -> self_attn.o_proj.weight
+    pre_mlp_layernorm.weight                  -> post_attention_layernorm.weight
+    mlp.linear_fc1.weight                     -> mlp.gate_proj + mlp.up_proj (gated: [gate; up])
+                                                 or mlp.up_proj (not gated)
+    mlp.linear_fc2.weight                     -> mlp.down_proj.weight
+    mlp.activation_func.act.{weight,bias}     -> mlp.act_fn.{weight,bias} (PolyCom scalars)
+
+plus embedding.word_embeddings -> model.embed_tokens, decoder.final_layernorm -> model.norm,
+output_layer -> lm_head. The vocabulary padding (``padded_vocab_size``) is cut back to
+``model.vocab_size``. RoPE needs no permutation: megatron's default (not interleaved) is the
+``rotate_half`` convention transformers' Llama uses. Every parameter of the checkpoint must be
+placed (an unknown one is an error), and the result is checked name by name and shape by shape
+against the transformers model built on the meta device before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+REMOTE_CODE_FILES = ("configuration_dense_model.py", "modeling_dense_model.py")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExportError(RuntimeError):
+    """The checkpoint cannot be exported as asked; the message says why."""
+
+
+def hf_config(cfg, special_ids: dict, dtype: torch.dtype):
+    """``LlamaConfig`` (SwiGLU) or ``DenseModelConfig`` (any other activation) for ``cfg``."""
+    from dense_model.config import ffn_hidden_size
+
+    m = cfg.model
+    kwargs = dict(
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=ffn_hidden_size(m),
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups or m.num_attention_heads,
+        head_dim=m.hidden_size // m.num_attention_heads,
+        hidden_act="silu",
+        max_position_embeddings=m.seq_length,
+        rms_norm_eps=m.norm_epsilon,
+        rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base)},
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=0.0,
+        tie_word_embeddings=not m.untie_embeddings,
+        initializer_range=m.init_method_std,
+        bos_token_id=special_ids.get("bos_token_id"),
+        eos_token_id=special_ids.get("eos_token_id"),
+        pad_token_id=None,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    if m.activation == "swiglu":
+        from transformers import LlamaConfig
+
+        config = LlamaConfig(**kwargs)
+        config.architectures = ["LlamaForCausalLM"]
+        return config
+    from dense_model.export.configuration_dense_model import DenseModelConfig
+
+    config = DenseModelConfig(activation=m.activation, activation_kwargs=dict(m.activation_kwargs), **kwargs)
+    config.architectures = ["DenseModelForCausalLM"]
+    config.auto_map = {
+        "AutoConfig": "configuration_dense_model.DenseModelConfig",
+        "AutoModelForCausalLM": "modeling_dense_model.DenseModelForCausalLM",
+    }
+    return config
+
+
+def convert_state_dict(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """Megatron GPTModel state (TP=1, PP=1) -> transformers Llama names. Raises on leftovers."""
+    from dense_model.activations import is_gated
+
+    m = cfg.model
+    state = {k: v for k, v in state.items() if not k.endswith("._extra_state")}
+    used: set[str] = set()
+
+    def take(*names: str) -> torch.Tensor:
+        for name in names:
+            if name in state:
+                used.add(name)
+                return state[name]
+        raise ExportError(f"the checkpoint has no parameter {' or '.join(names)}")
+
+    hidden, heads = m.hidden_size, m.num_attention_heads
+    groups = m.num_query_groups or heads
+    head_dim = hidden // heads
+    q_per_group = heads // groups
+    vocab = m.vocab_size
+    out: dict[str, torch.Tensor] = {}
+    out["model.embed_tokens.weight"] = take("embedding.word_embeddings.weight")[:vocab]
+    for i in range(m.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        # Transformer Engine's spec fuses the norms into the next linear (layer_norm_weight).
+        out[dst + "input_layernorm.weight"] = take(
+            src + "input_layernorm.weight", src + "self_attention.linear_qkv.layer_norm_weight"
+        )
+        qkv = take(src + "self_attention.linear_qkv.weight")  # [groups * (q_per_group + 2) * d, hidden]
+        qkv = qkv.reshape(groups, q_per_group + 2, head_dim, hidden)
+        out[dst + "self_attn.q_proj.weight"] = qkv[:, :q_per_group].reshape(heads * head_dim, hidden)
+        out[dst + "self_attn.k_proj.weight"] = qkv[:, q_per_group].reshape(groups * head_dim, hidden)
+        out[dst + "self_attn.v_proj.weight"] = qkv[:, q_per_group + 1].reshape(groups * head_dim, hidden)
+        out[dst + "self_attn.o_proj.weight"] = take(src + "self_attention.linear_proj.weight")
+        out[dst + "post_attention_layernorm.weight"] = take(
+            src + "pre_mlp_layernorm.weight", src + "mlp.linear_fc1.layer_norm_weight"
+        )
+        fc1 = take(src + "mlp.linear_fc1.weight")  # [(2 x) ffn, hidden]
+        if is_gated(m.activation):
+            gate, up = torch.chunk(fc1, 2, dim=0)
+            out[dst + "mlp.gate_proj.weight"] = gate
+            out[dst + "mlp.up_proj.weight"] = up
+        else:
+            out[dst + "mlp.up_proj.weight"] = fc1
+        out[dst + "mlp.down_proj.weight"] = take(src + "mlp.linear_fc2.weight")
+        act_prefix = src + "mlp.activation_func.act."
+        for name in [k for k in state if k.startswith(act_prefix)]:
+            out[dst + "mlp.act_fn." + name[len(act_prefix) :]] = take(name)
+    out["model.norm.weight"] = take("decoder.final_layernorm.weight")
+    if m.untie_embeddings:
+        out["lm_head.weight"] = take("output_layer.weight")[:vocab]
+    leftover = sorted(set(state) - used)
+    if leftover:
+        raise ExportError(
+            f"the checkpoint has parameters the export does not know where to put: {', '.join(leftover[:8])}"
+            + (" ..." if len(leftover) > 8 else "")
+        )
+    return out
+
+
+def check_against_hf_model(weights: dict[str, torch.Tensor], config) -> None:
+    """Build the transformers model on the meta device; names and shapes must match ``weights``."""
+    if config.model_type == "llama":
+        from transformers import LlamaForCausalLM as cls
+    else:
+        from dense_model.export.modeling_dense_model import DenseModelForCausalLM as cls
+
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        shapes = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+        raise ExportError(
+            f"converted weights do not fit {cls.__name__}: missing {missing[:5]}, unexpected {extra[:5]}, "
+            f"shape mismatch {[(k, got[k], expected[k]) for k in shapes[:5]]}"
+        )
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype the checkpoint stores its weights in (bf16 for GPU runs), from its metadata."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        meta = dist_checkpointing.load_tensors_metadata(str(folder))
+    except Exception:  # an unreadable metadata file: the load below reports it properly
+        return torch.float32
+    for key, value in meta.items():
+        if key.endswith("word_embeddings.weight") and getattr(value, "dtype", None) is not None:
+            return value.dtype
+    return torch.float32
+
+
+def save_safetensors(weights: dict[str, torch.Tensor], out_dir: Path, max_shard_size: str | int) -> None:
+    """model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(weights, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file(
+            {n: weights[n].contiguous() for n in names}, str(out_dir / filename), metadata={"format": "pt"}
+        )
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def export_hf(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Export ``checkpoint`` (run directory, checkpoints/ folder or iter_NNNNNNN) to ``output_dir``.
+
+    ``dtype``: "auto" (the dtype the checkpoint stores: bf16 for GPU runs, fp32 for CPU runs),
+    "float32", "bfloat16" or "float16". Starts the process groups (world size 1) if needed.
+    """
+    from megatron.core import parallel_state
+
+    from dense_model.training.checkpointing import load_model_for_inference, read_metadata, resolve_checkpoint
+
+    folder = resolve_checkpoint(checkpoint)  # CheckpointError for a missing or foreign path
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise ExportError(
+            f"output folder {output_dir} exists and is not empty; remove it or pass --overwrite"
+        )
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    target = stored_dtype(folder) if dtype == "auto" else DTYPES[dtype]
+
+    loaded = load_model_for_inference(folder, tensor_model_parallel_size=1)
+    if parallel_state.get_tensor_model_parallel_world_size() != 1 or (
+        parallel_state.get_pipeline_model_parallel_world_size() != 1
+    ):
+        raise ExportError(
+            "export loads the model at TP=1, PP=1 but this process already runs another layout; "
+            "run export_hf.py as a plain python process"
+        )
+    cfg = loaded.config
+    state = {
+        k: v.detach().to("cpu") for k, v in loaded.model.state_dict().items() if isinstance(v, torch.Tensor)
+    }
+    weights = {k: v.to(target) for k, v in convert_state_dict(state, cfg).items()}
+
+    tmp = output_dir.with_name(output_dir.name + ".tmp-export")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        special = {"bos_token_id": None, "eos_token_id": None}
+        if cfg.data.tokenizer_model:
+            from dense_model.export.tokenizer import export_tokenizer
+
+            special = export_tokenizer(
+                cfg.data.tokenizer_type, cfg.data.tokenizer_model, tmp, model_max_length=cfg.model.seq_length
+            )
+        config = hf_config(cfg, special, target)
+        check_against_hf_model(weights, config)
+        config.save_pretrained(str(tmp))
+        _generation_config(config).save_pretrained(str(tmp))
+        save_safetensors(weights, tmp, max_shard_size)
+        if config.model_type != "llama":
+            here = Path(__file__).parent
+            for name in REMOTE_CODE_FILES:
+                shutil.copy2(here / name, tmp / name)
+        (tmp / "dense_model.json").write_text(
+            json.dumps({"source": str(folder), **read_metadata(folder)}, indent=2)
+        )
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return output_dir
+
+
+def _generation_config(config):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from dense_model.training.checkpointing import CheckpointError
+
+    parser = argparse.ArgumentParser(
+        prog="export_hf.py",
+        description="Export a dense_model checkpoint to a Hugging Face folder (AutoModelForCausalLM).",
+    )
+    parser.add_argument(
+        "checkpoint", help="run directory, its checkpoints/ folder, or one iter_NNNNNNN folder"
+    )
+    parser.add_argument("output_dir", help="folder to write (must be empty or absent unless --overwrite)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="weights dtype; auto = as stored in the checkpoint (bf16 for GPU runs)",
+    )
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    args = parser.parse_args(argv)
+    try:
+        out = export_hf(args.checkpoint, args.output_dir, args.dtype, args.max_shard_size, args.overwrite)
+    except (CheckpointError, ExportError) as err:
+        print(f"export_hf: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if "megatron.core.parallel_state" in sys.modules:  # only if the load got that far
+            from dense_model.parallel import destroy_parallel
+
+            destroy_parallel()
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
