@@ -379,3 +379,34 @@ def test_unknown_task_is_a_clear_error(checkpoint, capsys, monkeypatch):
     assert code == 2
     err = capsys.readouterr().err
     assert "lm-eval does not know the task(s) no_such_task_xyz" in err
+
+
+@pytest.mark.slow
+def test_compare_evals_table(cli_run, checkpoint):
+    _, results, _ = cli_run
+    script = REPO / "scripts" / "compare_evals.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(checkpoint / "evals"), str(checkpoint / "evals"), "--stderr"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert out[0].startswith("| run | tiny_python_gen exact_match (strip) | tiny_python_mc acc_norm |")
+    assert out[0].endswith("| avg |") and len(out) == 4  # header, rule, two runs
+    acc_norm = 100 * results["results"]["tiny_python_mc"]["acc_norm,none"]
+    assert out[2].startswith(f"| polynorm (iter {ITERATION}) |") and f"| {acc_norm:.1f} ± " in out[2]
+    custom = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(checkpoint / "evals"),
+            "--labels",
+            "PolyNorm",
+            "--metric",
+            "tiny_python_mc=acc",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "tiny_python_mc acc |" in custom and "| PolyNorm |" in custom
