@@ -17,8 +17,11 @@ Measures tokens per second, wall clock, on one JSONL corpus, for:
   barrier (rate = all tokens / (last end - first start)); also one process with N SentencePiece
   threads; the faster of the two is the ceiling.
 
-Each repeat runs the three in turn (so background load hits them alike); the table reports the
-median of the repeats. The script also checks that ours and the baseline wrote identical bytes.
+Each repeat runs the three in turn (so background load hits them alike). On a machine shared with
+other work, the best of the repeats is the least disturbed measurement of each; the table also
+gives the medians, and tokens per CPU-second (user+system time of all processes involved), which
+background load disturbs much less than wall-clock time. The script also checks that ours and the
+baseline wrote identical bytes.
 
 Corpus: documents of examples/redpajama_sample (arXiv-like, books, code, Q&A, encyclopedia text),
 shuffled and repeated to --size-mb in one .jsonl file. Tokenizer: a SentencePiece BPE model
@@ -277,6 +280,7 @@ def main(argv=None) -> int:
             k: (statistics.median(v[0] for v in rows[k]), statistics.median(v[1] for v in rows[k]))
             for k in rows
         }
+        best = {k: (max(v[0] for v in rows[k]), max(v[1] for v in rows[k])) for k in rows}
         cpu_name = "unknown CPU"
         try:
             with open("/proc/cpuinfo") as f:
@@ -300,20 +304,22 @@ def main(argv=None) -> int:
             f"command: python scripts/bench_preprocess.py {' '.join(sys.argv[1:] if argv is None else argv)}"
         )
         print()
+        n = args.repeats
         print(
-            f"| | tokens/s, wall clock (median of {args.repeats}) | vs ceiling | tokens per CPU-second | vs ceiling |"
+            f"| | tokens/s, best of {n} | vs ceiling | median of {n} | vs ceiling | tokens per CPU-second, median | vs ceiling |"
         )
-        print("|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         for k in ("ours", "baseline", "ceiling"):
-            wall, per_cpu = med[k]
             print(
-                f"| {k} | {wall:,.0f} | {wall / med['ceiling'][0]:.1%} | {per_cpu:,.0f} | {per_cpu / med['ceiling'][1]:.1%} |"
+                f"| {k} | {best[k][0]:,.0f} | {best[k][0] / best['ceiling'][0]:.1%} | {med[k][0]:,.0f} "
+                f"| {med[k][0] / med['ceiling'][0]:.1%} | {med[k][1]:,.0f} | {med[k][1] / med['ceiling'][1]:.1%} |"
             )
         print()
         print(
-            f"ours / ceiling = {med['ours'][0] / med['ceiling'][0]:.1%} (wall clock), "
-            f"{med['ours'][1] / med['ceiling'][1]:.1%} (per CPU-second); "
-            f"ours / baseline = {med['ours'][0] / med['baseline'][0]:.2f}x (wall clock)"
+            f"ours / ceiling: {best['ours'][0] / best['ceiling'][0]:.1%} (best), {med['ours'][0] / med['ceiling'][0]:.1%} "
+            f"(median), {med['ours'][1] / med['ceiling'][1]:.1%} (per CPU-second); ours / baseline: "
+            f"{best['ours'][0] / best['baseline'][0]:.2f}x (best), {med['ours'][0] / med['baseline'][0]:.2f}x (median), "
+            f"{med['ours'][1] / med['baseline'][1]:.2f}x (per CPU-second)"
         )
     finally:
         if args.work_dir is None:
