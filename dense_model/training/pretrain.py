@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dense_model.config import ConfigError, load_config, save_config, validate
+from dense_model.training.checkpointing import CheckpointError
 from dense_model.training.signals import TerminationRequest
 
 # Testing hook: make the loss NaN at this step (1-based) to exercise the nan_policy.
@@ -310,7 +311,8 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(cfg)
         trainer.fit()
-    except (ConfigError, TrainingDiverged) as err:
+    except (ConfigError, TrainingDiverged, CheckpointError, FileNotFoundError) as err:
+        # Errors a user fixes (a config, a path, a diverged run): the message, without a traceback.
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     finally:
