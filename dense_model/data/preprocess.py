@@ -697,7 +697,7 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
         workers = max(1, min(cfg.workers, len(pending)))
         say(
             f"preprocess: {len(files)} files, {total_bytes / MB:,.1f} MB, {len(shards)} shards of up to "
-            f"{shard_size / MB:g} MB"
+            f"{shard_size / MB:.3g} MB"
             + (f"; resuming: {reused} shards already done, {len(pending)} to go" if reused else "")
             + (f"; {workers} workers" if pending else "")
         )
