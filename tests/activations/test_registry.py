@@ -132,3 +132,17 @@ def test_registry_refuses_duplicate_names():
 def test_coefficients_are_one_dimensional_so_no_weight_decay():
     for name in ("polyrelu", "polynorm"):
         assert all(p.dim() == 1 for p in build_activation(name).parameters())
+
+
+def test_every_activation_file_is_imported_by_the_package():
+    """A new activation is one file: the package imports every module beside the registry."""
+    import pkgutil
+    import sys
+
+    import dense_model.activations as package
+
+    files = [m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")]
+    for name in set(files) - {"registry", "kernels"}:
+        assert f"dense_model.activations.{name}" in sys.modules, name
+    defined_in = {build_activation(n).__class__.__module__.rsplit(".", 1)[1] for n in list_activations()}
+    assert defined_in <= set(files) | {"_polycom"}
