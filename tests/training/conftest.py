@@ -54,9 +54,6 @@ def tiny_overrides(run_dir, prefix, spm_model, *extra):
     ]
 
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
-
-
 @pytest.fixture
 def tiny_config(tmp_path, mmap_dataset, spm_model):
     """Write the tiny model's config as a YAML file; returns (config_path, run_dir)."""
@@ -73,65 +70,3 @@ def tiny_config(tmp_path, mmap_dataset, spm_model):
         return path, run_dir
 
     return make
-
-
-def launch(config, *overrides, nproc=1, env=None):
-    """Start `bash run_pretrain.sh CONFIG overrides` (torchrun, nproc gloo processes) -> Popen."""
-    import os
-    import subprocess
-    import sys
-
-    from dense_model.testing import free_port
-
-    full_env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "GPUS_PER_NODE": str(nproc),
-        "MASTER_PORT": str(free_port()),
-        "OMP_NUM_THREADS": "1",
-    }
-    full_env.update(env or {})
-    return subprocess.Popen(
-        ["bash", str(REPO / "run_pretrain.sh"), str(config), *overrides],
-        cwd=REPO,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def kill_job(proc):
-    """SIGKILL the launcher, torchrun and every worker (a crashed node). torchrun puts its workers
-    in sessions of their own, so the whole process tree is collected first."""
-    import psutil
-
-    root = psutil.Process(proc.pid)
-    tree = root.children(recursive=True) + [root]
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=30)
-    proc.wait()
-
-
-def finish(proc, timeout=600):
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def read_metrics(run_dir):
-    """(train losses by step, validation losses by step): the last record of each step wins."""
-    import json
-
-    train, valid = {}, {}
-    with open(run_dir / "metrics.jsonl") as f:
-        for line in f:
-            r = json.loads(line)
-            if "loss" in r:
-                train[r["step"]] = r["loss"]
-            if "val_loss" in r:
-                valid[r["step"]] = r["val_loss"]
-    return train, valid

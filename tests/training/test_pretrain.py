@@ -5,7 +5,7 @@ import signal
 import time
 
 import pytest
-from conftest import finish, kill_job, launch, read_metrics
+from pretrain_jobs import finish, kill_job, launch, read_metrics
 
 pytestmark = pytest.mark.slow
 
