@@ -27,7 +27,7 @@ from dense_model.config import ConfigError, load_config, save_config, validate
 from dense_model.training.checkpointing import CheckpointError
 from dense_model.training.signals import TerminationRequest
 
-# Testing hook: make the loss NaN at this step (1-based) to exercise the nan_policy.
+# Testing hook for the nan_policy: "loss:N" makes step N's loss NaN, "grad:N" one of its gradients.
 INJECT_NAN_ENV = "DENSE_MODEL_INJECT_NAN_AT_STEP"
 
 
@@ -155,21 +155,25 @@ class Trainer:
         )
         loss = _last_stage_value(reduce_lm_loss(losses))
         step = self.state.iteration + 1
-        if os.environ.get(INJECT_NAN_ENV) == str(step):
+        if os.environ.get(INJECT_NAN_ENV) == f"loss:{step}":
             loss = float("nan")
+        if os.environ.get(INJECT_NAN_ENV) == f"grad:{step}":
+            self.ddp.buffers[0].grad_data[0] = float("nan")
         if _any_rank(not math.isfinite(loss)):
             return self._bad_step(step, f"loss is {loss}")
+        if _any_rank(not self._local_grads_finite()):
+            return self._bad_step(step, f"a gradient is NaN or Inf (loss {loss:.4f})")
         applied, grad_norm, _ = self.optimizer.step()
         grad_norm = float(grad_norm) if grad_norm is not None else None
-        if grad_norm is not None and not math.isfinite(grad_norm):
-            # The fp32 optimizer has already applied this update: the weights are poisoned, stop.
-            raise TrainingDiverged(
-                f"step {step}: gradient norm is {grad_norm} (loss {loss:.4f}); stopping without saving. "
-                f"Resume from the last checkpoint with a lower training.lr or training.clip_grad"
-            )
         if applied:
             self.scheduler.step(1)
         return loss, grad_norm, bool(applied)
+
+    def _local_grads_finite(self) -> bool:
+        """One reduction per gradient buffer: a NaN or Inf anywhere makes its sum non-finite.
+        (With the distributed optimizer the rank that holds a bad local gradient still sees it.)"""
+        total = sum(buffer.grad_data.sum(dtype=torch.float32) for buffer in self.ddp.buffers)
+        return bool(torch.isfinite(total))
 
     def _bad_step(self, step: int, what: str):
         if self.cfg.training.nan_policy == "stop":

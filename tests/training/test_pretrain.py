@@ -1,6 +1,7 @@
 """The training loop end to end, as real processes: resume, signals, NaN policy, parallel layouts."""
 
 import json
+import math
 import signal
 import time
 
@@ -83,20 +84,28 @@ def test_save_killed_midway_keeps_previous_checkpoint(tiny_config):
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_nan_loss_policy(tiny_config, policy):
-    config, run_dir = tiny_config(f"nan_{policy}")
-    proc = launch(config, f"training.nan_policy={policy}", env={"DENSE_MODEL_INJECT_NAN_AT_STEP": "6"})
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_nan_policy(tiny_config, policy, where):
+    config, run_dir = tiny_config(f"nan_{where}_{policy}")
+    proc = launch(
+        config, f"training.nan_policy={policy}", env={"DENSE_MODEL_INJECT_NAN_AT_STEP": f"{where}:6"}
+    )
     code, out = finish(proc)
+    what = "loss is nan" if where == "loss" else "a gradient is NaN or Inf"
     if policy == "stop":
         assert code != 0
-        assert "step 6: loss is nan; stopping before the optimizer step" in out
+        assert f"step 6: {what}" in out and "stopping before the optimizer step" in out
         assert (run_dir / "checkpoints/latest_checkpointed_iteration.txt").read_text() == "4"
         assert not (run_dir / "checkpoints/iter_0000008").exists()
     else:
         assert code == 0, out
-        assert "step 6: loss is nan; skipping this step" in out
+        assert f"step 6: {what}" in out and "skipping this step" in out
         records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert records[-2].get("skipped_steps") == 1 or records[-1].get("skipped_steps") == 1
+        train = [r for r in records if "loss" in r]
+        assert train[-1]["skipped_steps"] == 1 and all(
+            map(math.isfinite, (r["loss"] for r in train if r["step"] != 6))
+        )
+        assert math.isfinite(train[-1]["loss"])  # the weights were not poisoned
 
 
 def _first_losses(run_dir, n=4):
