@@ -175,7 +175,7 @@ class LoggingConfig:
     eval_interval: int = 1000
     """Steps between validation runs."""
     eval_iters: int = 20
-    """Micro-batches... per validation run (global batches)."""
+    """Global batches per validation run (the same batches every time, so runs compare)."""
     tensorboard: bool = True
     """Write TensorBoard events in the run directory."""
     wandb_project: str | None = None
