@@ -52,7 +52,9 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         raise NotImplementedError
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``; ``skip_special_tokens`` drops control and unknown tokens first (BOS, EOS,
+        PAD, UNK), as Hugging Face tokenizers and lm-eval's ``hf`` model do for generated text."""
         raise NotImplementedError
 
     # megatron-core / Megatron-LM spellings
@@ -134,8 +136,11 @@ class SentencePieceTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts), num_threads=self.num_threads)
 
-    def decode(self, ids) -> str:
-        return self._sp.decode([int(i) for i in ids])
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if not (self._sp.IsControl(i) or self._sp.IsUnknown(i))]
+        return self._sp.decode(ids)
 
     def fingerprint(self) -> str:
         return _sha256_files([self.path])
@@ -237,8 +242,8 @@ class HuggingFaceTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._batch(list(texts), add_special_tokens=False)]
 
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def fingerprint(self) -> str:
         if os.path.isdir(self.path):

@@ -124,8 +124,10 @@ class DenseModelLM(TemplateLM):
         ids = self.tokenizer.encode(string)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
-    def tok_decode(self, ids) -> str:
-        return self.tokenizer.decode(ids)
+    def tok_decode(self, ids, skip_special_tokens: bool = True) -> str:
+        # As lm-eval's hf model: generated text leaves out special tokens (a generated <unk> would
+        # otherwise read " \u2047 " from SentencePiece and nothing from the exported HF tokenizer).
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def get_model_info(self) -> dict:
         """Goes into the results JSON's ``config`` (scripts/compare_evals.py reads it)."""
@@ -216,7 +218,7 @@ class DenseModelLM(TemplateLM):
             group_by="gen_kwargs",
             group_fn=lambda a: a[1],
         )
-        eod_text = self.tok_decode([self.eot_token_id])
+        eod_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         results = []
         bar = tqdm(total=len(requests), disable=disable_tqdm or not self._main, desc="generate_until")
         for batch in collator.get_batched(n=self.batch_size):

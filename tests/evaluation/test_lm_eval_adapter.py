@@ -122,9 +122,9 @@ def hand_generate(model, tok, context, until, max_new):
         if token == tok.eod:
             break
         out.append(token)
-        if any(s in tok.decode(out) for s in stops):
+        if any(s in tok.decode(out, skip_special_tokens=True) for s in stops):
             break
-    text = tok.decode(out)
+    text = tok.decode(out, skip_special_tokens=True)  # as lm-eval's hf model: no <unk>, <s>, </s>
     for stop in stops:
         text = text.split(stop)[0]
     return text

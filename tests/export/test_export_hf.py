@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from dense_model.activations import list_activations
+from dense_model.data.tokenizers import SentencePieceTokenizer
 from dense_model.testing import spawn_workers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -276,6 +277,17 @@ def test_tokenizer_encodes_like_sentencepiece(spm_model, tmp_path):
         got = hf(text)["input_ids"]  # the default call adds nothing: pretraining had no BOS
         assert got == expected, repr(text)
         assert hf.decode(got) == sp.decode(expected), repr(text)
+    # Generated text (lm-eval: skip_special_tokens=True) reads the same through both, also when the
+    # model emits <unk>, BOS or EOS mid-text (SentencePiece alone would render <unk> as " \u2047 ").
+    ours = SentencePieceTokenizer(spm_model)
+    specials = [i for i in range(sp.vocab_size()) if sp.is_control(i) or sp.is_unknown(i)]
+    assert sp.unk_id() in specials and sp.eos_id() in specials
+    for text in texts[-6:]:
+        ids = sp.encode(text)
+        mixed = [specials[k % len(specials)] if k % 3 == 1 else t for k, t in enumerate(ids)] + specials
+        assert ours.decode(mixed, skip_special_tokens=True) == hf.decode(mixed, skip_special_tokens=True)
+        assert ours.decode(mixed, skip_special_tokens=True) == sp.decode([t for t in mixed if t not in specials])
+    assert ours.decode([sp.unk_id()]) != "" == ours.decode([sp.unk_id()], skip_special_tokens=True)
     # a Hugging Face tokenizer folder (here: the exported one) is re-exported unchanged
     export_tokenizer("huggingface", tmp_path / "tok", tmp_path / "tok2")
     again = AutoTokenizer.from_pretrained(tmp_path / "tok2")
