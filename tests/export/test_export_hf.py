@@ -286,7 +286,9 @@ def test_tokenizer_encodes_like_sentencepiece(spm_model, tmp_path):
         ids = sp.encode(text)
         mixed = [specials[k % len(specials)] if k % 3 == 1 else t for k, t in enumerate(ids)] + specials
         assert ours.decode(mixed, skip_special_tokens=True) == hf.decode(mixed, skip_special_tokens=True)
-        assert ours.decode(mixed, skip_special_tokens=True) == sp.decode([t for t in mixed if t not in specials])
+        assert ours.decode(mixed, skip_special_tokens=True) == sp.decode(
+            [t for t in mixed if t not in specials]
+        )
     assert ours.decode([sp.unk_id()]) != "" == ours.decode([sp.unk_id()], skip_special_tokens=True)
     # a Hugging Face tokenizer folder (here: the exported one) is re-exported unchanged
     export_tokenizer("huggingface", tmp_path / "tok", tmp_path / "tok2")

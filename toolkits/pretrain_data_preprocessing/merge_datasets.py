@@ -16,15 +16,9 @@ import sys
 from pathlib import Path
 
 
-def _import_path() -> None:
-    try:
-        import dense_model  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-
 def main(argv=None) -> int:
-    _import_path()
+    # The checkout this tool belongs to, whether or not it was pip-installed.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from dense_model.data.indexed import find_dataset_prefixes, merge_datasets
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -20,14 +20,6 @@ import sys
 from pathlib import Path
 
 
-def _import_path() -> None:
-    """Let the tool run from a checkout that was not pip-installed."""
-    try:
-        import dense_model  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -90,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    _import_path()
+    # The checkout this tool belongs to, whether or not it was pip-installed.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from dense_model.data.jsonl import BadLineError
     from dense_model.data.preprocess import NoDocumentsError, PreprocessConfig, ResumeError, preprocess
 

@@ -15,15 +15,9 @@ import sys
 from pathlib import Path
 
 
-def _import_path() -> None:
-    try:
-        import dense_model  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-
 def main(argv=None) -> int:
-    _import_path()
+    # The checkout this tool belongs to, whether or not it was pip-installed.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from dense_model.data.train_tokenizer import train_sentencepiece
 
     p = argparse.ArgumentParser(
