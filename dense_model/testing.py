@@ -23,6 +23,21 @@ def python_docs_text() -> list[str]:
     return paragraphs
 
 
+def tiny_model_overrides(
+    *, activation: str = "polynorm", layers: int = 2, swiglu_ffn: int = 96, vocab: int = 512, seq: int = 64
+) -> list[str]:
+    """Config overrides for a model small enough for a 2-core CPU (hidden 64, 4 heads)."""
+    return [
+        f"model.num_layers={layers}",
+        "model.hidden_size=64",
+        "model.num_attention_heads=4",
+        f"model.swiglu_ffn_hidden_size={swiglu_ffn}",
+        f"model.vocab_size={vocab}",
+        f"model.seq_length={seq}",
+        f"model.activation={activation}",
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -43,13 +43,7 @@ import statistics
 import sys
 import time
 
-CPU_SMOKE_OVERRIDES = [
-    "model.num_layers=2",
-    "model.hidden_size=64",
-    "model.num_attention_heads=4",
-    "model.swiglu_ffn_hidden_size=96",
-    "model.vocab_size=512",
-    "model.seq_length=32",
+CPU_SMOKE_OVERRIDES = [  # after dense_model.testing.tiny_model_overrides(seq=32)
     "training.micro_batch_size=2",
     "training.bf16=false",
 ]
@@ -254,7 +248,12 @@ def run_isolated(args, runs, argv):
 def run_in_process(args, runs):
     from dense_model.config import load_config
 
-    base = list(CPU_SMOKE_OVERRIDES) if args.device == "cpu" else []
+    if args.device == "cpu":
+        from dense_model.testing import tiny_model_overrides
+
+        base = [*tiny_model_overrides(seq=32), *CPU_SMOKE_OVERRIDES]
+    else:
+        base = []
     if args.device == "cuda":
         try:
             import transformer_engine  # noqa: F401

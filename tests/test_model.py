@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dense_model.config import load_config
-from dense_model.testing import spawn_workers
+from dense_model.testing import spawn_workers, tiny_model_overrides
 
 VOCAB, SEQ, MBS, MICROBATCHES = 256, 16, 2, 2
 
@@ -13,13 +13,7 @@ def tiny_config(activation: str, tp: int = 1, pp: int = 1):
     return load_config(
         None,
         [
-            "model.num_layers=4",
-            "model.hidden_size=64",
-            "model.num_attention_heads=4",
-            "model.swiglu_ffn_hidden_size=96",
-            f"model.vocab_size={VOCAB}",
-            f"model.seq_length={SEQ}",
-            f"model.activation={activation}",
+            *tiny_model_overrides(activation=activation, layers=4, vocab=VOCAB, seq=SEQ),
             f"parallel.tensor_model_parallel_size={tp}",
             f"parallel.pipeline_model_parallel_size={pp}",
             "training.recompute_granularity=selective",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dense_model.testing import spawn_workers
+from dense_model.testing import spawn_workers, tiny_model_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = REPO / "toolkits" / "evaluation" / "run_lm_eval.sh"
@@ -31,15 +31,9 @@ def tiny_config(tokenizer):
     return load_config(
         None,
         [
-            "model.num_layers=2",
-            "model.hidden_size=64",
-            "model.num_attention_heads=4",
-            "model.swiglu_ffn_hidden_size=96",
-            f"model.vocab_size={VOCAB}",
+            *tiny_model_overrides(vocab=VOCAB, seq=SEQ),
             "model.make_vocab_size_divisible_by=96",  # padded to 576: the adapter must drop 64 logits
-            f"model.seq_length={SEQ}",
             "model.init_method_std=0.1",  # O(1) logits, so that scores differ between choices
-            "model.activation=polynorm",
             f"data.tokenizer_model={tokenizer}",
             "training.recompute_granularity=none",
         ],

@@ -19,7 +19,7 @@ import torch
 
 from dense_model.activations import list_activations
 from dense_model.data.tokenizers import SentencePieceTokenizer
-from dense_model.testing import spawn_workers
+from dense_model.testing import spawn_workers, tiny_model_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 EXPORT_CLI = REPO / "toolkits" / "checkpoint_conversion" / "export_hf.py"
@@ -39,17 +39,11 @@ def tiny_config(activation, tokenizer, extra=(), tp=1, pp=1):
     return load_config(
         None,
         [
-            "model.num_layers=2",
-            "model.hidden_size=64",
-            "model.num_attention_heads=4",
-            "model.swiglu_ffn_hidden_size=96",
-            f"model.vocab_size={VOCAB}",
+            *tiny_model_overrides(activation=activation, vocab=VOCAB, seq=SEQ),
             # 576 at TP=1 and TP=2: the export must cut the 64 padding rows
             "model.make_vocab_size_divisible_by=96",
-            f"model.seq_length={SEQ}",
             # larger than the 1B default so that logits are O(1) and a misplaced weight shows
             "model.init_method_std=0.1",
-            f"model.activation={activation}",
             f"data.tokenizer_model={tokenizer}",
             f"parallel.tensor_model_parallel_size={tp}",
             f"parallel.pipeline_model_parallel_size={pp}",

@@ -4,7 +4,7 @@ written with megatron-core's IndexedDatasetBuilder, and a tiny model config that
 import numpy as np
 import pytest
 
-from dense_model.testing import python_docs_text
+from dense_model.testing import python_docs_text, tiny_model_overrides
 
 
 @pytest.fixture(scope="session")
@@ -26,13 +26,7 @@ def tiny_overrides(run_dir, prefix, spm_model, *extra):
     """A 4-layer PolyNorm model small enough for a 2-core CPU, with every-step logging."""
     return [
         f"run_dir={run_dir}",
-        "model.num_layers=4",
-        "model.hidden_size=64",
-        "model.num_attention_heads=4",
-        "model.swiglu_ffn_hidden_size=128",
-        "model.vocab_size=512",
-        "model.seq_length=64",
-        "model.activation=polynorm",
+        *tiny_model_overrides(layers=4, swiglu_ffn=128),
         "training.micro_batch_size=2",
         "training.global_batch_size=8",
         "training.train_iters=12",

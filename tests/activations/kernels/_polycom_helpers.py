@@ -1,4 +1,4 @@
-"""Tolerance helpers shared by the PolyCom kernel tests and their TP worker processes."""
+"""Helpers shared by the PolyCom kernel tests and their TP worker processes."""
 
 from __future__ import annotations
 
@@ -21,3 +21,13 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
     torch.testing.assert_close(
         actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=lambda m: f"{what}: {m}"
     )
+
+
+def run(fn, x, weight, bias, grad, **kw):
+    """(y, dx, d weight, d bias) of fn on fresh leaves."""
+    x = x.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    bias = bias.detach().clone().requires_grad_()
+    y = fn(x, weight, bias, **kw)
+    y.backward(grad)
+    return y.detach(), x.grad, weight.grad, bias.grad

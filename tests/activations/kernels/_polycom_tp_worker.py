@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _polycom_helpers import assert_close_rel, relative_tolerance  # noqa: E402
+from _polycom_helpers import assert_close_rel, relative_tolerance, run  # noqa: E402
 
 from dense_model.activations._polycom import polycom_reference  # noqa: E402
 from dense_model.activations.kernels.polycom import PolyComKernelConfig, polycom_fused  # noqa: E402
@@ -26,15 +26,6 @@ CASES = [
     (5, 37, PolyComKernelConfig()),
     (3, 129, PolyComKernelConfig(loop_block=32, apply_block=32)),
 ]
-
-
-def run(fn, x, weight, bias, grad, **kw):
-    x = x.detach().clone().requires_grad_()
-    weight = weight.detach().clone().requires_grad_()
-    bias = bias.detach().clone().requires_grad_()
-    y = fn(x, weight, bias, **kw)
-    y.backward(grad)
-    return y.detach(), x.grad, weight.grad, bias.grad
 
 
 def gather_last_dim(t, group):

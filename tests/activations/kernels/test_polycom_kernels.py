@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from _polycom_helpers import assert_close_rel, relative_tolerance
+from _polycom_helpers import assert_close_rel, relative_tolerance, run
 
 from dense_model.activations._polycom import polycom_reference
 
@@ -23,16 +23,6 @@ CONFIGS = {
     "tiled": dict(max_fused_block=32, loop_block=32, apply_block=32),
     "split": dict(force_split=True, loop_block=64, apply_block=64),
 }
-
-
-def run(fn, x, weight, bias, grad, **kw):
-    """(y, dx, d weight, d bias) of fn on fresh leaves."""
-    x = x.detach().clone().requires_grad_()
-    weight = weight.detach().clone().requires_grad_()
-    bias = bias.detach().clone().requires_grad_()
-    y = fn(x, weight, bias, **kw)
-    y.backward(grad)
-    return y.detach(), x.grad, weight.grad, bias.grad
 
 
 def inputs(shape, order, dtype, device, seed, param_dtype=torch.float32, scale=1.0):
