@@ -21,6 +21,7 @@ are ``ShardedObject``s (restored when the layout is unchanged).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch.distributed as dist
 
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "dense_model.json"
+logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 # The distributed optimizer's state in a layout any TP/PP/DP can load (megatron-core 0.16 refuses
 # its default "fully_sharded_model_space" format: flattened_range is no longer supported).
@@ -297,10 +299,15 @@ def load_model_for_inference(
     tensor_model_parallel_size: int | None = None,
 ) -> InferenceModel:
     """Load a run directory or one iteration for evaluation/export, at TP = the launcher's world size
-    (or the given one) and PP = 1, whatever layout saved it. Starts the process groups if needed."""
+    (or the given one) and PP = 1, whatever layout saved it. Starts the process groups if needed.
+
+    A checkpoint trained with Transformer Engine layers loads into megatron-core's local layers when
+    TE is not installed (an export or evaluation machine without it): the local spec names its
+    norms as TE's fused norm+linear does (``sharded_state_dict_keys_map``), so the weights match, and
+    TE's extra state is left unread."""
     from dense_model.config import config_from_dict
     from dense_model.data.tokenizers import build_tokenizer
-    from dense_model.model import build_model
+    from dense_model.model import build_model, transformer_engine_available
     from dense_model.parallel import initialize_parallel
 
     folder = resolve_checkpoint(path)
@@ -312,6 +319,13 @@ def load_model_for_inference(
     cfg.parallel.pipeline_model_parallel_size = 1
     cfg.parallel.sequence_parallel = False
     cfg.training.recompute_granularity = "none"
+    if cfg.model.transformer_impl == "transformer_engine" and not transformer_engine_available():
+        logger.warning(
+            "%s was trained with model.transformer_impl=transformer_engine; Transformer Engine is not "
+            "available here, so it is loaded into megatron-core's local layers (same weights)",
+            folder,
+        )
+        cfg.model.transformer_impl = "local"
     initialize_parallel(tp, 1, seed=cfg.training.seed)
     model = build_model(cfg, initialize=False)
     load_checkpoint(folder, model, load_rng=False)

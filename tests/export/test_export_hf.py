@@ -119,6 +119,45 @@ def _layout_job(rank, world_size, out_dir, tokenizer, tokens_file):
     _build_save(LAYOUT_SPEC, tokenizer, Path(out_dir) / "pp2", pp=2)
 
 
+def _te_checkpoint_job(rank, world_size, out_dir, tokenizer):
+    """A checkpoint whose config says Transformer Engine, on a machine without it (this one): eval and
+    export load it into the local layers. Saved here from local layers; what lets a real TE checkpoint
+    load the same way is that megatron-core's local spec names its norms as TE's fused norm+linear
+    does, which the key check below pins."""
+    from dense_model.model import build_model, transformer_engine_available
+    from dense_model.parallel import initialize_parallel
+    from dense_model.training.checkpointing import load_model_for_inference, save_checkpoint
+
+    assert not transformer_engine_available()
+    initialize_parallel(1, 1)
+    cfg = tiny_config("polynorm", tokenizer)
+    model = build_model(cfg)
+    perturb(model)
+    keys = [v.key for v in model.sharded_state_dict().values()]  # the names inside the checkpoint
+    assert any(k.endswith("self_attention.linear_qkv.layer_norm_weight") for k in keys), keys
+    assert any(k.endswith("mlp.linear_fc1.layer_norm_weight") for k in keys), keys
+    assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in keys), keys
+    cfg.model.transformer_impl = "transformer_engine"
+    save_checkpoint(Path(out_dir) / "checkpoints", 5, model, cfg)
+    loaded = load_model_for_inference(Path(out_dir))
+    assert loaded.config.model.transformer_impl == "local"
+    tokens = torch.randint(0, VOCAB, (2, SEQ))
+    positions = torch.arange(SEQ).expand_as(tokens)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.model(tokens, positions, None), model(tokens, positions, None), rtol=0, atol=0
+        )
+
+
+def test_transformer_engine_checkpoint_loads_without_te(tmp_path, spm_model):
+    spawn_workers(_te_checkpoint_job, 1, str(tmp_path / "run"), spm_model)
+    result = export_cli([tmp_path / "run", tmp_path / "hf", "--dtype", "float32"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained with model.transformer_impl=transformer_engine" in result.stderr
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
 def _env(tmp: Path) -> dict:
     return {
         **os.environ,
