@@ -23,8 +23,10 @@ Conventions:
     supported and falls back to 8), right-padded; the causal mask keeps padding out of every real
     position. A context + continuation longer than the sequence length is cut from the left.
   * ``generate_until`` is greedy; it stops at any ``until`` string, at EOD or after
-    ``max_gen_toks`` (default 256). There is no KV cache: each new token re-runs the batch, which is
-    fine for evaluation-sized generations.
+    ``max_gen_toks`` (default 256). It runs on megatron-core's KV cache (static batching): the batch
+    is prefilled up to its shortest prompt, then advances one position per forward; rows whose
+    prompt is longer read their prompt tokens until it ends. Generated text leaves out special
+    tokens, as lm-eval's ``hf`` model does.
 """
 
 from __future__ import annotations
@@ -144,18 +146,23 @@ class DenseModelLM(TemplateLM):
     @torch.no_grad()
     def logits(self, sequences: list[list[int]]) -> torch.Tensor:
         """Full-vocabulary logits [b, s, vocab] (model dtype) of right-padded token sequences."""
+        return self._forward(_right_padded(sequences, self.eot_token_id), 0)
+
+    def _forward(self, tokens: torch.Tensor, first_position: int, cache=None) -> torch.Tensor:
+        """Logits [b, s, vocab] of ``tokens`` [b, s] at positions ``first_position``...; with a
+        megatron ``StaticInferenceContext`` (``cache``), only the last position's, [b, 1, vocab]."""
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-        length = max(len(s) for s in sequences)
-        tokens = torch.full((len(sequences), length), self.eot_token_id, dtype=torch.long)  # [b, s]
-        for row, seq in enumerate(sequences):
-            tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         tokens = tokens.to(self._device)
-        positions = torch.arange(length, device=self._device).expand(len(sequences), length)  # [b, s]
-        logits = self.model(tokens, positions, None)  # [b, s, padded_vocab / tp]
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            logits = gather_from_tensor_model_parallel_region(logits)  # [b, s, padded_vocab]
+        b, s = tokens.shape
+        positions = torch.arange(first_position, first_position + s, device=self._device).expand(b, s)
+        if cache is not None:  # megatron gathers the vocab-parallel logits itself in inference mode
+            logits = self.model(tokens, positions, None, inference_context=cache, runtime_gather_output=True)
+        else:
+            logits = self.model(tokens, positions, None)  # [b, s, padded_vocab / tp]
+            if parallel_state.get_tensor_model_parallel_world_size() > 1:
+                logits = gather_from_tensor_model_parallel_region(logits)  # [b, s, padded_vocab]
         return logits[..., : self.vocab_size]
 
     # ---------------------------------------------------------------------------------- scoring
@@ -235,30 +242,49 @@ class DenseModelLM(TemplateLM):
         bar.close()
         return collator.get_original(results)
 
+    @torch.no_grad()
     def _greedy(self, contexts: list[str], until: list[str], max_new: int) -> list[str]:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
         budget = self.max_length - max_new
         if budget <= 0:
             raise ValueError(
                 f"max_gen_toks={max_new} leaves no room for a prompt in {self.max_length} tokens"
             )
         prompts = [self.tok_encode(c, left_truncate_len=budget) or [self.prefix_token_id] for c in contexts]
-        generated: list[list[int]] = [[] for _ in contexts]
-        running = list(range(len(contexts)))
-        for _ in range(max_new):
-            if not running:
-                break
-            sequences = [prompts[i] + generated[i] for i in running]
-            logits = self.logits(sequences)  # [b, s, vocab]
-            still = []
-            for row, i in enumerate(running):
-                token = int(logits[row, len(sequences[row]) - 1].argmax())
-                if token == self.eot_token_id:
+        lengths = [len(p) for p in prompts]
+        total = max(lengths) + max_new  # <= max_length
+        tokens = _right_padded(prompts, self.eot_token_id, total)  # [b, total], generated tokens go in
+        generated: list[list[int]] = [[] for _ in prompts]
+        done = [max_new <= 0] * len(prompts)
+        cache = StaticInferenceContext(len(prompts), total)
+        position, step = 0, min(lengths)  # prefill to the shortest prompt, then one position at a time
+        while not all(done):
+            predicted = self._forward(tokens[:, position : position + step], position, cache)[:, -1].argmax(
+                -1
+            )
+            cache.sequence_len_offset += step
+            cache.enable_decode_mode()
+            position, step = position + step, 1
+            for row, token in enumerate(predicted.tolist()):
+                if done[row] or position < lengths[row]:  # finished, or still reading its prompt
                     continue
-                generated[i].append(token)
-                if not any(stop and stop in self.tok_decode(generated[i]) for stop in until):
-                    still.append(i)
-            running = still
+                if token == self.eot_token_id:
+                    done[row] = True
+                    continue
+                generated[row].append(token)
+                tokens[row, position] = token
+                text = self.tok_decode(generated[row])
+                done[row] = len(generated[row]) == max_new or any(stop and stop in text for stop in until)
         return [postprocess_generated_text(self.tok_decode(g), until, None) for g in generated]
+
+
+def _right_padded(sequences: list[list[int]], pad: int, length: int | None = None) -> torch.Tensor:
+    """[b, length] token ids: each sequence, then ``pad``."""
+    tokens = torch.full((len(sequences), length or max(len(s) for s in sequences)), pad, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return tokens
 
 
 def _batch_size(value) -> int:

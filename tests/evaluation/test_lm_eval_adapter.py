@@ -134,6 +134,7 @@ def _hand_answers(out_dir: Path) -> None:
         "loglikelihood": [hand_loglikelihood(model, tok, c, x) for c, x in requests["loglikelihood"]],
         "rolling": [hand_rolling(model, tok, t) for t in requests["rolling"]],
         "generate": [hand_generate(model, tok, c, u, n) for c, u, n in requests["generate"]],
+        "generate_long": [hand_generate(model, tok, c, u, n) for c, u, n in long_generation_requests()],
     }
     (out_dir / "hand.json").write_text(json.dumps(answers))
 
@@ -151,6 +152,16 @@ def shipped_requests() -> dict:
         "rolling": texts,
         "generate": [[prompt(d["question"]), ["\n", "Question:"], 8] for d in mc],
     }
+
+
+def long_generation_requests() -> list:
+    """Prompts from 1 to about 60 tokens (cut to 64 - max_gen_toks from the left) and generations of
+    up to 40 tokens with no stop string: batches mix rows still reading their prompt with rows
+    generating, over many KV-cache steps."""
+    text = (TASK_DIR / "tiny_python_text.jsonl").read_text().splitlines()
+    paragraph = " ".join(json.loads(line)["text"] for line in text)
+    cuts = [1, 200, 9, 57, 3, 120, 31, 14, 80, 2]
+    return [[paragraph[: cut * 3], [], 40 if i % 3 else 17] for i, cut in enumerate(cuts)]
 
 
 def _adapter_job(rank, world_size, out_dir, requests_file):
@@ -172,12 +183,11 @@ def _adapter_job(rank, world_size, out_dir, requests_file):
         "rolling": lm.loglikelihood_rolling(
             instances("loglikelihood_rolling", [(t,) for t in requests["rolling"]])
         ),
-        "generate": lm.generate_until(
-            instances(
-                "generate_until", [(c, {"until": u, "max_gen_toks": n}) for c, u, n in requests["generate"]]
-            )
-        ),
     }
+    for kind in ("generate", "generate_long"):
+        answers[kind] = lm.generate_until(
+            instances("generate_until", [(c, {"until": u, "max_gen_toks": n}) for c, u, n in requests[kind]])
+        )
     if rank == 0:
         Path(out_dir, f"adapter_tp{world_size}.json").write_text(json.dumps(answers))
 
@@ -287,6 +297,7 @@ def test_adapter_at_tp2_matches(checkpoint, hand):
     requests = shipped_requests()
     subset = {"loglikelihood": requests["loglikelihood"][:24], "rolling": requests["rolling"][:3]}
     subset["generate"] = requests["generate"][:6]
+    subset["generate_long"] = long_generation_requests()
     small = checkpoint / "requests_tp2.json"
     small.write_text(json.dumps(subset))
     spawn_workers(_adapter_job, 2, str(checkpoint), str(small))
@@ -298,6 +309,23 @@ def test_adapter_at_tp2_matches(checkpoint, hand):
     for score, ref in zip(tp2["rolling"], hand["rolling"][:3], strict=True):
         assert abs(score - ref) < 1e-4 * max(1.0, abs(ref))
     assert tp2["generate"] == hand["generate"][:6]
+    assert tp2["generate_long"] == hand["generate_long"]
+
+
+def test_kv_cache_generation_equals_recomputing(checkpoint, hand):
+    """generate_until (megatron's KV cache, batches of 3 with unequal prompts) gives the tokens that
+    re-running the whole sequence for each new token gives (hand_generate)."""
+    requests = {
+        "loglikelihood": [],
+        "rolling": [],
+        "generate": [],
+        "generate_long": long_generation_requests(),
+    }
+    (checkpoint / "requests_long.json").write_text(json.dumps(requests))
+    spawn_workers(_adapter_job, 1, str(checkpoint), str(checkpoint / "requests_long.json"))
+    ours = json.loads((checkpoint / "adapter_tp1.json").read_text())["generate_long"]
+    assert ours == hand["generate_long"]
+    assert sum(len(t) for t in ours) > 200  # long generations, not early stops
 
 
 @pytest.mark.slow
