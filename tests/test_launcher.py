@@ -1,0 +1,124 @@
+"""run_pretrain.sh and the SLURM example build the torchrun command for many nodes.
+
+Run as users run them, with the Python interpreter (PYTHON=...) replaced by a recorder that writes
+the command line and environment it was given, and SLURM's srun/scontrol replaced by stand-ins on
+PATH (srun runs its command once per node with SLURM_NODEID set, as on a 4-node allocation).
+"""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HOSTS = ["gpu-a01", "gpu-a02", "gpu-a03", "gpu-a04"]
+
+
+def _script(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def fake_tools(tmp: Path) -> dict:
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    record = tmp / "calls.jsonl"
+    _script(
+        bin_dir / "fake_python",
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        f"with open({str(record)!r}, 'a') as f:\n"
+        "    keys = ('CUDA_DEVICE_MAX_CONNECTIONS', 'OMP_NUM_THREADS', 'PYTHONUNBUFFERED')\n"
+        "    f.write(json.dumps({'argv': sys.argv[1:], 'env': {k: os.environ.get(k) for k in keys}}) + '\\n')\n",
+    )
+    _script(
+        bin_dir / "scontrol",
+        "#!/bin/sh\n# scontrol show hostnames LIST\n" + f"printf '%s\\n' {' '.join(HOSTS)}\n",
+    )
+    _script(
+        bin_dir / "srun",
+        "#!/usr/bin/env bash\n"
+        "while [[ $1 == -* ]]; do shift; done  # options\n"
+        'for id in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$id "$@" || exit $?; done\n',
+    )
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("NNODES", "NODE_RANK")
+    }
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHON=str(bin_dir / "fake_python"))
+    env.pop("MASTER_ADDR", None)
+    env.pop("MASTER_PORT", None)
+    env.pop("GPUS_PER_NODE", None)
+    return {"env": env, "record": record}
+
+
+def calls(record: Path) -> list[dict]:
+    return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+def torchrun_options(argv: list[str]) -> dict:
+    """{"--nnodes": "4", ...} and the arguments after ``-m dense_model.training.pretrain``."""
+    assert argv[:2] == ["-m", "torch.distributed.run"], argv
+    cut = argv.index("dense_model.training.pretrain")
+    head = argv[2 : cut - 1]
+    options = dict(zip(head[::2], head[1::2]))
+    return {"options": options, "args": argv[cut + 1 :]}
+
+
+def test_multi_node_command_from_environment(tmp_path):
+    tools = fake_tools(tmp_path)
+    env = {**tools["env"], "NNODES": "4", "NODE_RANK": "2", "MASTER_ADDR": "node0", "GPUS_PER_NODE": "8"}
+    proc = subprocess.run(
+        ["bash", "run_pretrain.sh", "configs/1b/polynorm.yaml", "training.lr=1e-4", "run_dir=runs/a b"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (call,) = calls(tools["record"])
+    got = torchrun_options(call["argv"])
+    assert got["options"] == {
+        "--nnodes": "4", "--node_rank": "2", "--nproc_per_node": "8",
+        "--master_addr": "node0", "--master_port": "29500",
+    }  # fmt: skip
+    assert got["args"] == ["configs/1b/polynorm.yaml", "training.lr=1e-4", "run_dir=runs/a b"]
+    assert call["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert call["env"]["PYTHONUNBUFFERED"] == "1"
+    assert int(call["env"]["OMP_NUM_THREADS"]) >= 1
+    assert "--nnodes 4 --node_rank 2" in proc.stdout  # the command is printed before it runs
+
+
+def test_slurm_variables_and_sbatch_example(tmp_path):
+    """The sbatch example on a 4-node allocation: one launcher per node, node ranks 0-3, the first
+    host as master, 8 processes each, the config and overrides passed through intact."""
+    tools = fake_tools(tmp_path)
+    env = {
+        **tools["env"],
+        "SLURM_NNODES": "4",
+        "SLURM_JOB_NODELIST": "gpu-a[01-04]",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_SUBMIT_DIR": str(REPO),
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts/slurm/pretrain_4x8.sbatch"), "configs/1b/swiglu.yaml", "data.blend=data/x y.json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    runs = [torchrun_options(c["argv"]) for c in calls(tools["record"])]
+    assert [r["options"]["--node_rank"] for r in runs] == ["0", "1", "2", "3"]
+    for r in runs:
+        assert r["options"]["--nnodes"] == "4"
+        assert r["options"]["--nproc_per_node"] == "8"
+        assert r["options"]["--master_addr"] == HOSTS[0]
+        assert r["args"] == ["configs/1b/swiglu.yaml", "data.blend=data/x y.json"]
+
+
+def test_missing_config_is_a_clear_error(tmp_path):
+    tools = fake_tools(tmp_path)
+    proc = subprocess.run(
+        ["bash", "run_pretrain.sh", "configs/1b/nope.yaml"],
+        cwd=REPO, env=tools["env"], capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "config file 'configs/1b/nope.yaml' not found" in proc.stderr
+    assert not tools["record"].exists()  # nothing was launched
