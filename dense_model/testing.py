@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 import torch.multiprocessing as mp
 
@@ -36,6 +38,22 @@ def tiny_model_overrides(
         f"model.seq_length={seq}",
         f"model.activation={activation}",
     ]
+
+
+def offline_env(folder) -> dict[str, str]:
+    """Environment for a subprocess test run: offline Hugging Face hub/datasets with their caches
+    under ``folder``, one OpenMP thread, this interpreter (PYTHON) and this checkout importable."""
+    folder = Path(folder)
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(folder / "datasets_cache"),
+        "HF_MODULES_CACHE": str(folder / "hf_modules"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
 
 
 def free_port() -> int:

@@ -44,13 +44,9 @@ def fake_tools(tmp: Path) -> dict:
         "while [[ $1 == -* ]]; do shift; done  # options\n"
         'for id in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$id "$@" || exit $?; done\n',
     )
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("NNODES", "NODE_RANK")
-    }
+    launcher_vars = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in launcher_vars}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHON=str(bin_dir / "fake_python"))
-    env.pop("MASTER_ADDR", None)
-    env.pop("MASTER_PORT", None)
-    env.pop("GPUS_PER_NODE", None)
     return {"env": env, "record": record}
 
 

@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+logger = logging.getLogger(__name__)
+
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "dense_model.json"
-logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 # The distributed optimizer's state in a layout any TP/PP/DP can load (megatron-core 0.16 refuses
 # its default "fully_sharded_model_space" format: flattened_range is no longer supported).

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dense_model.testing import spawn_workers, tiny_model_overrides
+from dense_model.testing import offline_env, spawn_workers, tiny_model_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = REPO / "toolkits" / "evaluation" / "run_lm_eval.sh"
@@ -195,23 +195,11 @@ def _adapter_job(rank, world_size, out_dir, requests_file):
 # ------------------------------------------------------------------------------ fixtures
 
 
-def _env(out: Path) -> dict:
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(out / "datasets_cache"),
-        "OMP_NUM_THREADS": "1",
-        "PYTHON": sys.executable,
-        "PYTHONPATH": str(REPO),
-    }
-
-
 def run_cli(args, out: Path):
     return subprocess.run(
         ["bash", str(RUNNER), *map(str, args)],
         cwd=REPO,  # the tasks' data_files are relative to the repository root
-        env=_env(out),
+        env=offline_env(out),
         capture_output=True,
         text=True,
         timeout=600,
@@ -333,7 +321,7 @@ def test_hf_model_on_export_scores_the_same(checkpoint, cli_run, monkeypatch):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    for key, value in _env(checkpoint).items():
+    for key, value in offline_env(checkpoint).items():
         if key.startswith("HF_"):
             monkeypatch.setenv(key, value)
     monkeypatch.chdir(REPO)
@@ -393,7 +381,7 @@ def test_clear_errors(checkpoint, tmp_path, capsys):
 def test_unknown_task_is_a_clear_error(checkpoint, capsys, monkeypatch):
     from dense_model.evaluation.run import main
 
-    for key, value in _env(checkpoint).items():
+    for key, value in offline_env(checkpoint).items():
         if key.startswith("HF_"):
             monkeypatch.setenv(key, value)  # main() only sets them when unset; monkeypatch restores
     monkeypatch.chdir(REPO)

@@ -8,7 +8,6 @@ CLI's own process; transformers runs here.
 
 import ast
 import json
-import os
 import subprocess
 import sys
 import zlib
@@ -19,7 +18,7 @@ import torch
 
 from dense_model.activations import list_activations
 from dense_model.data.tokenizers import SentencePieceTokenizer
-from dense_model.testing import spawn_workers, tiny_model_overrides
+from dense_model.testing import offline_env, spawn_workers, tiny_model_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 EXPORT_CLI = REPO / "toolkits" / "checkpoint_conversion" / "export_hf.py"
@@ -158,23 +157,12 @@ def test_transformer_engine_checkpoint_loads_without_te(tmp_path, spm_model):
     assert (tmp_path / "hf" / "config.json").is_file()
 
 
-def _env(tmp: Path) -> dict:
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_MODULES_CACHE": str(tmp / "hf_modules"),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-    }
-
-
 def export_cli(args, tmp):
     return subprocess.run(
         [sys.executable, str(EXPORT_CLI), *map(str, args)],
         capture_output=True,
         text=True,
-        env=_env(tmp),
+        env=offline_env(tmp),
         timeout=300,
     )
 
@@ -246,7 +234,9 @@ def test_polycom_weights_are_named_and_standalone(exported):
         f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
         "print(type(m).__name__, m.model.layers[0].mlp.act_fn)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(exported))
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=offline_env(exported)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DenseModelForCausalLM PolyCom(inner=norm, order=4" in result.stdout
 
