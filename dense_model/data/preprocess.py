@@ -34,7 +34,6 @@ tokenizer, key, --append-eod or --split-by-subset is refused (or restarted with 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import hashlib
 import json
@@ -72,6 +71,7 @@ from dense_model.data.jsonl import (
     subset_from_record,
 )
 from dense_model.data.tokenizers import Tokenizer, build_tokenizer
+from dense_model.procutil import die_with_parent
 
 MANIFEST_VERSION = 1
 MB = 1_000_000
@@ -428,18 +428,8 @@ def _shard_is_intact(work_dir: str, result: dict) -> bool:
 # worker processes
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGKILLed when the parent dies, so a killed run leaves no orphan writing shards."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _worker_main(wid: int, parent_pid: int, ctx_args: dict, tasks, results) -> None:
-    _die_with_parent()
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+    if not die_with_parent(parent_pid):  # the parent died before we asked
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
