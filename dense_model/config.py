@@ -12,7 +12,9 @@ to itself) whose values it overrides, so the per-activation 1B configs share one
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -67,6 +69,37 @@ class ModelConfig:
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Layer implementation: megatron-core's local modules, or Transformer Engine (GPU, if installed)."""
 
+    def validate(self) -> None:
+        from dense_model.activations import get_activation_entry
+
+        try:
+            entry = get_activation_entry(self.activation)
+        except ValueError as err:
+            raise ConfigError(f"model.activation: {err}") from None
+        try:
+            entry.cls(**self.activation_kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(
+                f"model.activation_kwargs: {self.activation} rejects {self.activation_kwargs}: {err}"
+            ) from None
+        positive(self, "model", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups")
+        positive(self, "model", "ffn_hidden_size", "swiglu_ffn_hidden_size", "vocab_size")
+        positive(self, "model", "make_vocab_size_divisible_by", "seq_length", "rotary_base")
+        positive(self, "model", "norm_epsilon", "init_method_std")
+        fraction(self, "model", "hidden_dropout", "attention_dropout")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_attention_heads="
+                f"{self.num_attention_heads}; pick a head count that divides it (e.g. "
+                f"{_divisors_near(self.hidden_size, self.num_attention_heads)})"
+            )
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_query_groups={groups}; use a group count that divides the head count"
+            )
+
 
 @dataclass
 class ParallelConfig:
@@ -82,6 +115,11 @@ class ParallelConfig:
     """Overlap the data-parallel gradient reduce with backward (GPU)."""
     overlap_param_gather: bool = False
     """Overlap the distributed optimizer's parameter all-gather with forward (GPU)."""
+
+    def validate(self) -> None:
+        positive(self, "parallel", "tensor_model_parallel_size", "pipeline_model_parallel_size")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
 
 
 @dataclass
@@ -131,6 +169,19 @@ class TrainingConfig:
     peak_flops: float | None = None
     """Peak FLOP/s per device for MFU; None = detected from the GPU name (A100/H100/H200 bf16)."""
 
+    def validate(self) -> None:
+        positive(self, "training", "micro_batch_size", "global_batch_size", "train_iters", "train_tokens")
+        positive(self, "training", "lr", "adam_eps", "recompute_num_layers", "peak_flops")
+        non_negative(self, "training", "min_lr", "weight_decay", "clip_grad")
+        non_negative(self, "training", "lr_warmup_tokens", "lr_warmup_iters")
+        fraction(self, "training", "adam_beta1", "adam_beta2")
+        if self.train_iters is None and self.train_tokens is None:
+            raise ConfigError("set training.train_iters or training.train_tokens")
+        if self.min_lr > self.lr:
+            raise ConfigError(
+                f"training.min_lr={self.min_lr} is above training.lr={self.lr}; set it at or below lr"
+            )
+
 
 @dataclass
 class DataConfig:
@@ -153,6 +204,54 @@ class DataConfig:
     demo: bool = False
     """Use the RedPajama-format sample shipped in examples/ (tokenised on first use)."""
 
+    def validate(self) -> None:
+        non_negative(self, "data", "num_workers")
+        _check_split(self.split)
+        if self.weights is not None:
+            if len(self.weights) != len(self.paths):
+                raise ConfigError(
+                    f"data.weights has {len(self.weights)} entries but data.paths has {len(self.paths)}; "
+                    "give one weight per path"
+                )
+            for i, w in enumerate(self.weights):
+                if not (math.isfinite(w) and w >= 0):
+                    raise ConfigError(f"data.weights[{i}]={w}: weights must be finite and >= 0")
+            if self.weights and sum(self.weights) <= 0:
+                raise ConfigError("data.weights sum to 0; give at least one dataset a positive weight")
+        if self.demo:
+            return  # the demo fills in its own blend and tokenizer
+        if not self.blend and not self.paths:
+            raise ConfigError(
+                "no training data: set data.blend (a blend file from preprocess_data.py) or data.paths "
+                "(mmap prefixes PREFIX_text_document), or data.demo=true"
+            )
+        if self.blend:
+            from dense_model.data.blend import load_blend
+
+            try:
+                load_blend(self.blend)
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ConfigError(f"data.blend: {err}") from None
+        for i, prefix in enumerate(self.paths):
+            for ext in (".bin", ".idx"):
+                if not os.path.isfile(prefix + ext):
+                    raise ConfigError(
+                        f"data.paths[{i}]: {prefix}{ext} does not exist; give the prefix of a dataset "
+                        "written by preprocess_data.py (PREFIX_text_document, without .bin/.idx)"
+                    )
+        if not self.tokenizer_model:
+            raise ConfigError("data.tokenizer_model is not set: give the tokenizer the data was made with")
+        from dense_model.data.tokenizers import build_tokenizer
+
+        try:
+            build_tokenizer(self.tokenizer_type, self.tokenizer_model)
+        except Exception as err:  # noqa: BLE001 - any library's failure to parse the file
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"data.tokenizer_model: cannot load {self.tokenizer_model} as a {self.tokenizer_type} "
+                f"tokenizer ({first}); give the tokenizer file or folder the data was made with"
+            ) from None
+
 
 @dataclass
 class CheckpointConfig:
@@ -167,6 +266,14 @@ class CheckpointConfig:
     fully_parallel_save: bool = True
     """Spread the save over data-parallel ranks (dist_checkpointing's fully parallel strategy)."""
 
+    def validate(self) -> None:
+        positive(self, "checkpoint", "save_interval", "keep_last")
+        if self.load is not None and not Path(self.load).exists():
+            raise ConfigError(
+                f"checkpoint.load: {self.load} does not exist; give a run directory, its checkpoints/ "
+                "folder or one iter_NNNNNNN folder"
+            )
+
 
 @dataclass
 class LoggingConfig:
@@ -180,6 +287,10 @@ class LoggingConfig:
     """Write TensorBoard events in the run directory."""
     wandb_project: str | None = None
     """Also log to Weights & Biases under this project (if wandb is installed)."""
+
+    def validate(self) -> None:
+        positive(self, "logging", "log_interval")
+        non_negative(self, "logging", "eval_interval", "eval_iters")
 
 
 @dataclass
@@ -378,57 +489,62 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Validation (before any process group starts)
+# Validation (before any process group starts): each section checks its own fields in its
+# validate(); validate() below runs them all, then the checks that span sections.
+
+
+def _check_number(section, where: str, name: str, ok, need: str) -> None:
+    value = getattr(section, name)
+    if value is None:
+        return
+    if not (math.isfinite(value) and ok(value)):
+        raise ConfigError(f"{where}.{name} must be {need}, got {value}")
+
+
+def positive(section, where: str, *names: str) -> None:
+    """Raise ConfigError unless each named field is None or a finite number > 0."""
+    for name in names:
+        _check_number(section, where, name, lambda v: v > 0, "a finite number > 0")
+
+
+def non_negative(section, where: str, *names: str) -> None:
+    for name in names:
+        _check_number(section, where, name, lambda v: v >= 0, "a finite number >= 0 (0 disables)")
+
+
+def fraction(section, where: str, *names: str) -> None:
+    """Dropouts and Adam betas: in [0, 1)."""
+    for name in names:
+        _check_number(section, where, name, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def _check_split(split: str) -> None:
+    fix = 'write it as train,valid,test parts, e.g. "969,30,1"'
+    parts = str(split).replace("/", ",").split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"data.split={split!r} is not a list of numbers; {fix}") from None
+    if len(values) > 3 or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+        raise ConfigError(f"data.split={split!r}: at most 3 finite parts >= 0 with a positive sum; {fix}")
+
+
+def sections(cfg: Config) -> list[tuple[str, Any]]:
+    """(name, section) for every config section, in declaration order."""
+    return [
+        (f.name, getattr(cfg, f.name))
+        for f in dataclasses.fields(cfg)
+        if dataclasses.is_dataclass(getattr(cfg, f.name))
+    ]
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Raise ConfigError with the field and the fix if ``cfg`` cannot run on ``world_size`` ranks."""
-    from dense_model.activations import get_activation_entry
-
+    for _, section in sections(cfg):
+        section.validate()
     m, p, t = cfg.model, cfg.parallel, cfg.training
-    try:
-        entry = get_activation_entry(m.activation)
-    except ValueError as err:
-        raise ConfigError(f"model.activation: {err}") from None
-    try:
-        entry.cls(**m.activation_kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(
-            f"model.activation_kwargs: {m.activation} rejects {m.activation_kwargs}: {err}"
-        ) from None
-
-    def positive(name, value):
-        if value is not None and value <= 0:
-            raise ConfigError(f"{name} must be positive, got {value}")
-
-    for name, value in [
-        ("model.num_layers", m.num_layers),
-        ("model.hidden_size", m.hidden_size),
-        ("model.num_attention_heads", m.num_attention_heads),
-        ("model.seq_length", m.seq_length),
-        ("model.vocab_size", m.vocab_size),
-        ("model.ffn_hidden_size", m.ffn_hidden_size),
-        ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
-        ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size),
-        ("training.micro_batch_size", t.micro_batch_size),
-        ("training.global_batch_size", t.global_batch_size),
-        ("training.train_iters", t.train_iters),
-    ]:
-        positive(name, value)
-
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(
-            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
-            f"{m.num_attention_heads}; pick a head count that divides it (e.g. "
-            f"{_divisors_near(m.hidden_size, m.num_attention_heads)})"
-        )
     groups = m.num_query_groups or m.num_attention_heads
-    if m.num_attention_heads % groups:
-        raise ConfigError(
-            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
-            f"model.num_query_groups={groups}"
-        )
     if m.num_attention_heads % tp:
         raise ConfigError(
             f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
@@ -436,7 +552,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     if groups % tp:
         raise ConfigError(
-            f"model.num_query_groups={groups} is not divisible by parallel.tensor_model_parallel_size={tp}"
+            f"model.num_query_groups={groups} is not divisible by parallel.tensor_model_parallel_size="
+            f"{tp}; use a TP size that divides the group count"
         )
     ffn = ffn_hidden_size(m)
     if ffn % tp:
@@ -450,16 +567,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_model_parallel_size="
             f"{pp}; use a PP size that divides the layer count"
         )
-    if p.sequence_parallel and tp == 1:
-        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
-    if t.train_iters is None and t.train_tokens is None:
-        raise ConfigError("set training.train_iters or training.train_tokens")
-    if t.min_lr > t.lr:
-        raise ConfigError(f"training.min_lr={t.min_lr} is above training.lr={t.lr}")
-    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.paths):
+    iters, warmup = train_and_warmup_steps(cfg)
+    if warmup >= iters:
         raise ConfigError(
-            f"data.weights has {len(cfg.data.weights)} entries but data.paths has {len(cfg.data.paths)}; "
-            "give one weight per path"
+            f"the learning-rate warm-up ({warmup} steps, training.lr_warmup_iters or "
+            f"training.lr_warmup_tokens) is not shorter than training ({iters} steps); lower the "
+            "warm-up or train longer"
         )
     if world_size is not None:
         if world_size % (tp * pp):
@@ -477,6 +590,85 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             )
 
 
+def train_and_warmup_steps(cfg: Config) -> tuple[int, int]:
+    """(training steps, warm-up steps) from steps or tokens (warm-up not clamped)."""
+    t = cfg.training
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    iters = t.train_iters if t.train_iters is not None else max(1, t.train_tokens // tokens_per_step)
+    if t.lr_warmup_iters is not None:
+        return iters, t.lr_warmup_iters
+    return iters, math.ceil((t.lr_warmup_tokens or 0) / tokens_per_step)
+
+
 def _divisors_near(n: int, k: int) -> list[int]:
     divs = [d for d in range(1, n + 1) if n % d == 0]
     return sorted(divs, key=lambda d: abs(d - k))[:3]
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: the launcher's check before torchrun starts (no process group, no GPU)
+
+
+def split_config_argument(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """``CONFIG k=v ...`` or just ``k=v ...``: a first argument with '=' that is no file is an override."""
+    if config and "=" in config and not Path(config).exists():
+        return None, [config, *overrides]
+    return config, list(overrides)
+
+
+def describe_job(cfg: Config, world_size: int) -> str:
+    """The resolved config, the world layout, the batch arithmetic and the parameter count."""
+    from dense_model.model import count_parameters
+
+    t, p = cfg.training, cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    dp = world_size // (tp * pp)
+    iters, warmup = train_and_warmup_steps(cfg)
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    params = count_parameters(cfg.model)
+    layout = (
+        f"world {world_size} = TP {tp} x PP {pp} x DP {dp} | micro-batches per step "
+        f"{t.global_batch_size // (t.micro_batch_size * dp)} of {t.micro_batch_size} per DP rank | "
+        f"{tokens_per_step:,} tokens per step | {iters:,} steps ({warmup:,} warm-up), "
+        f"{iters * tokens_per_step:,} tokens | {params['total']:,} parameters "
+        f"({params['non_embedding']:,} without embeddings)"
+    )
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False) + layout
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dense_model.config [CONFIG] [k=v ...] [--world-size N] [--dry-run] [--check-run-dir]``:
+    exit 2 with a one-line message if the config cannot run; 0 otherwise."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Check a training config before launching it.")
+    parser.add_argument("config", nargs="?", help="YAML config (default: the built-in defaults)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument("--world-size", type=int, default=None, help="processes the job will run")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved job and exit")
+    parser.add_argument(
+        "--check-run-dir", action="store_true", help="also fail if another job holds the run directory"
+    )
+    args = parser.parse_intermixed_args(argv)
+    config, overrides = split_config_argument(args.config, args.overrides)
+    try:
+        cfg = load_config(config, overrides)
+        validate(cfg, world_size=args.world_size)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.check_run_dir:
+        from dense_model.training.run_lock import RunDirBusy, check_free
+
+        try:
+            check_free(cfg.run_dir)
+        except RunDirBusy as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    if args.dry_run:
+        print(describe_job(cfg, args.world_size or 1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,14 @@ from dense_model.config import ConfigError, ffn_hidden_size, load_config, valida
 
 def tiny(*overrides):
     return load_config(
-        None, ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", *overrides]
+        None,
+        [
+            "model.num_layers=4",
+            "model.hidden_size=64",
+            "model.num_attention_heads=4",
+            "data.demo=true",
+            *overrides,
+        ],
     )
 
 
@@ -90,3 +97,136 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Every field checked before launch: `python -m dense_model.config` (what run_pretrain.sh runs
+# before torchrun) exits 2 with one line naming the field or file and the fix.
+
+
+@pytest.fixture
+def data_files(tmp_path, spm_model):
+    """A real (tiny) mmap dataset, a blend file over it and a tokenizer: a config that passes."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from dense_model.data.blend import write_blend
+
+    prefix = str(tmp_path / "tiny_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    builder.add_document(np.arange(1, 50, dtype=np.uint16), [49])
+    builder.finalize(prefix + ".idx")
+    blend = tmp_path / "blend.json"
+    write_blend(str(blend), [{"subset": "tiny", "prefix": prefix, "documents": 1, "tokens": 49}], "tokens")
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "broken.model").write_text("not a sentencepiece model")
+    return {"prefix": prefix, "blend": str(blend), "tokenizer": spm_model, "dir": tmp_path}
+
+
+def base_overrides(files):
+    return [
+        "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
+        "model.activation=polynorm", "model.vocab_size=512", "model.seq_length=64",
+        "training.train_iters=20", "training.lr_warmup_iters=2",
+        "training.micro_batch_size=2", "training.global_batch_size=8",
+        f"data.paths=[{files['prefix']}]", f"data.tokenizer_model={files['tokenizer']}",
+    ]  # fmt: skip
+
+
+BAD_VALUES = [
+    # (override, text the one-line message must hold: the field and the fix)
+    ("model.activation=polynrom", "model.activation: unknown activation 'polynrom'; known activations"),
+    ("model.hidden_dropout=1.5", "model.hidden_dropout must be in [0, 1), got 1.5"),
+    ("model.attention_dropout=-0.1", "model.attention_dropout must be in [0, 1)"),
+    ("model.num_layers=0", "model.num_layers must be a finite number > 0"),
+    ("model.hidden_size=-64", "model.hidden_size must be a finite number > 0"),
+    ("model.seq_length=0", "model.seq_length must be a finite number > 0"),
+    ("model.vocab_size=0", "model.vocab_size must be a finite number > 0"),
+    ("model.num_query_groups=3", "model.num_attention_heads=4 is not divisible by model.num_query_groups=3"),
+    ("model.norm_epsilon=0", "model.norm_epsilon must be a finite number > 0"),
+    ("model.init_method_std=.nan", "model.init_method_std must be a finite number > 0, got nan"),
+    ("model.rotary_base=0", "model.rotary_base must be a finite number > 0"),
+    ("model.ffn_hidden_size=0", "model.ffn_hidden_size must be a finite number > 0"),
+    ("parallel.tensor_model_parallel_size=0", "parallel.tensor_model_parallel_size must be a finite number > 0"),
+    ("parallel.sequence_parallel=true", "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1"),
+    ("training.lr=nan", "training.lr must be a finite number > 0, got nan"),
+    ("training.lr=.inf", "training.lr must be a finite number > 0, got inf"),
+    ("training.lr=0", "training.lr must be a finite number > 0"),
+    ("training.min_lr=-1e-5", "training.min_lr must be a finite number >= 0"),
+    ("training.min_lr=1.0", "training.min_lr=1.0 is above training.lr"),
+    ("training.adam_beta1=1.0", "training.adam_beta1 must be in [0, 1)"),
+    ("training.adam_beta2=1.5", "training.adam_beta2 must be in [0, 1), got 1.5"),
+    ("training.adam_eps=0", "training.adam_eps must be a finite number > 0"),
+    ("training.weight_decay=-0.1", "training.weight_decay must be a finite number >= 0"),
+    ("training.clip_grad=-1", "training.clip_grad must be a finite number >= 0 (0 disables), got -1"),
+    ("training.train_iters=0", "training.train_iters must be a finite number > 0"),
+    ("training.train_iters=2", "warm-up (2 steps, training.lr_warmup_iters or training.lr_warmup_tokens) is not shorter than training (2 steps)"),
+    ("training.micro_batch_size=0", "training.micro_batch_size must be a finite number > 0"),
+    ("training.global_batch_size=12", "training.global_batch_size=12 is not divisible by training.micro_batch_size x data-parallel size = 2 x 4"),
+    ("training.lr_warmup_iters=-1", "training.lr_warmup_iters must be a finite number >= 0"),
+    ("training.recompute_num_layers=0", "training.recompute_num_layers must be a finite number > 0"),
+    ("training.peak_flops=-1", "training.peak_flops must be a finite number > 0"),
+    ("data.split=a,b,c", "data.split='a,b,c' is not a list of numbers; write it as train,valid,test parts"),
+    ("data.split=1,2,3,4", "data.split='1,2,3,4': at most 3 finite parts >= 0 with a positive sum"),
+    ("data.split=0,0,0", "data.split='0,0,0': at most 3 finite parts >= 0 with a positive sum"),
+    ("data.num_workers=-1", "data.num_workers must be a finite number >= 0"),
+    ("data.weights=[1.0, 2.0]", "data.weights has 2 entries but data.paths has 1; give one weight per path"),
+    ("data.weights=[-1.0]", "data.weights[0]=-1.0: weights must be finite and >= 0"),
+    ("checkpoint.save_interval=0", "checkpoint.save_interval must be a finite number > 0"),
+    ("checkpoint.keep_last=-2", "checkpoint.keep_last must be a finite number > 0"),
+    ("logging.log_interval=-1", "logging.log_interval must be a finite number > 0, got -1"),
+    ("logging.log_interval=0", "logging.log_interval must be a finite number > 0"),
+    ("logging.eval_interval=-5", "logging.eval_interval must be a finite number >= 0"),
+    ("logging.eval_iters=-1", "logging.eval_iters must be a finite number >= 0"),
+]  # fmt: skip
+
+BAD_FILES = [
+    ("data.paths=[{dir}/missing_text_document]", "data.paths[0]: {dir}/missing_text_document.bin does not exist; give the prefix"),
+    ("data.blend={dir}/missing.json", "data.blend: "),
+    ("data.blend={dir}/broken.json", "data.blend: "),
+    ("data.tokenizer_model={dir}/missing.model", "data.tokenizer_model: cannot load {dir}/missing.model as a sentencepiece tokenizer"),
+    ("data.tokenizer_model={dir}/broken.model", "data.tokenizer_model: cannot load {dir}/broken.model as a sentencepiece tokenizer"),
+    ("data.tokenizer_model=", "data.tokenizer_model is not set"),
+    ("checkpoint.load={dir}/no_such_run", "checkpoint.load: {dir}/no_such_run does not exist; give a run directory"),
+]  # fmt: skip
+
+
+def check_cli(capsys, args, expect):
+    from dense_model.config import main
+
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("config error: ") and expect in err, err
+
+
+def test_good_config_passes(capsys, data_files):
+    from dense_model.config import main
+
+    assert main([*base_overrides(data_files), "--world-size", "1"]) == 0
+    blend = [o for o in base_overrides(data_files) if not o.startswith("data.paths")]
+    assert main([*blend, f"data.blend={data_files['blend']}"]) == 0
+
+
+@pytest.mark.parametrize("override, expect", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_bad_value_exits_2_with_one_line(capsys, data_files, override, expect):
+    check_cli(capsys, [*base_overrides(data_files), override, "--world-size", "4"], expect)
+
+
+@pytest.mark.parametrize("override, expect", BAD_FILES, ids=[b[0].split("=")[0] for b in BAD_FILES])
+def test_missing_or_broken_file_exits_2_with_one_line(capsys, data_files, override, expect):
+    d = str(data_files["dir"])
+    overrides = [o for o in base_overrides(data_files) if not o.startswith(override.split("=")[0])]
+    if override.startswith("data.blend"):
+        overrides = [o for o in overrides if not o.startswith("data.paths")]
+    check_cli(capsys, [*overrides, override.format(dir=d)], expect.format(dir=d))
+
+
+def test_every_section_validates_its_own_fields():
+    """Each section of Config has a validate() of its own (a new section must bring one)."""
+    from dense_model.config import Config, sections
+
+    assert [name for name, s in sections(Config()) if callable(getattr(s, "validate", None))] == [
+        name for name, _ in sections(Config())
+    ]

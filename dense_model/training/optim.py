@@ -7,8 +7,6 @@ warmup then cosine (or linear/constant) decay to ``min_lr``; megatron ``Distribu
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -123,15 +121,9 @@ def finish_optimizer_load(optimizer) -> None:
 
 def schedule_steps(cfg) -> tuple[int, int]:
     """(train_iters, warmup_iters) from steps or tokens."""
-    t, seq = cfg.training, cfg.model.seq_length
-    tokens_per_step = t.global_batch_size * seq
-    iters = t.train_iters if t.train_iters is not None else max(1, t.train_tokens // tokens_per_step)
-    if t.lr_warmup_iters is not None:
-        warmup = t.lr_warmup_iters
-    elif t.lr_warmup_tokens:
-        warmup = math.ceil(t.lr_warmup_tokens / tokens_per_step)
-    else:
-        warmup = 0
+    from dense_model.config import train_and_warmup_steps
+
+    iters, warmup = train_and_warmup_steps(cfg)
     return iters, min(warmup, iters)
 
 
