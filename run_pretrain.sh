@@ -5,15 +5,24 @@
 #   bash run_pretrain.sh configs/1b_polynorm.yaml          # one node, all its GPUs
 #   bash run_pretrain.sh configs/1b_polynorm.yaml training.lr=2e-4 run_dir=runs/lr2e-4
 #   NNODES=4 NODE_RANK=$i MASTER_ADDR=node0 bash run_pretrain.sh configs/1b_polynorm_32xa100.yaml
+#   bash run_pretrain.sh configs/1b_polynorm.yaml --dry-run   # print the resolved job, start nothing
 #
 # Multi-node from NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE, or SLURM's variables
 # (SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST, SLURM_GPUS_ON_NODE) under srun: see
 # scripts/slurm/pretrain_4x8.sbatch. On a machine without GPUs GPUS_PER_NODE is the number of CPU
-# processes (default 1). The command is printed before it runs.
+# processes (default 1). The config and overrides are checked before torchrun starts (a bad value
+# exits 2 with one line; so does a run directory another job holds); the command is printed
+# before it runs.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python}"
 
+DRY_RUN=0
+ARGS=()
+for arg in "$@"; do
+    if [[ "$arg" == --dry-run ]]; then DRY_RUN=1; else ARGS+=("$arg"); fi
+done
+set -- "${ARGS[@]}"
 CONFIG="${1:-}"
 if [[ -z "$CONFIG" || "$CONFIG" == *=* ]]; then
     CONFIG="$HERE/configs/demo.yaml"   # no CONFIG: the demo (any arguments are overrides)
@@ -57,6 +66,17 @@ CMD=("$PYTHON" -m torch.distributed.run
      --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE"
      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
      -m dense_model.training.pretrain "$CONFIG" "$@")
+
+# Validate once here, with no process group and no GPU (the job checks again); only node 0 checks
+# that no other job holds the run directory (the other nodes' checks could see their own job's).
+CHECK=("$PYTHON" -m dense_model.config "$CONFIG" "$@" --world-size "$(( NNODES * GPUS_PER_NODE ))")
+if (( DRY_RUN )); then
+    "${CHECK[@]}" --dry-run || exit $?
+    echo "${CMD[@]}"
+    exit 0
+fi
+[[ "$NODE_RANK" == 0 ]] && CHECK+=(--check-run-dir)
+"${CHECK[@]}" || exit $?
 echo "${CMD[@]}"
 
 # Preemption: SIGTERM/SIGUSR1 to this script goes to the training processes only, which save a

@@ -86,6 +86,9 @@ def batch_iterator(dataset, cfg, consumed_samples: int, wrap: bool = False, num_
         num_workers=workers,
         persistent_workers=workers > 0,
         collate_fn=_collate,
+        # Its own generator: creating an iterator draws a seed, which from the global generator
+        # would shift the dropout stream of a resumed run (it restores the RNG, then builds this).
+        generator=torch.Generator().manual_seed(t.seed),
     )
     return iter(loader)
 

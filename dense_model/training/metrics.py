@@ -1,5 +1,10 @@
 """Log lines, metrics.jsonl, TensorBoard (and optionally Weights & Biases), and MFU.
 
+A resumed run reads as one run: resuming from step N moves the records of earlier attempts past N
+out of metrics.jsonl into ``metrics.attempt-K.jsonl`` (K = 1, 2, ... in the order they were
+replaced; each record keeps its wall-clock time), and TensorBoard drops its events past N
+(``purge_step``), so every step appears once.
+
 MFU = achieved model FLOP/s / peak FLOP/s. Model FLOPs per token (forward; training is 3x, and
 activation recompute is not counted, the usual convention):
   attention  2*h*(h + 2*kv) [QKV] + 2*h*h [proj] + 4*s*h [scores and weighted sum, full s x s]
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -58,10 +64,34 @@ def peak_flops(cfg) -> float | None:
     return None
 
 
+def set_aside_records_after(metrics: Path, step: int) -> Path | None:
+    """Move the records with a step past ``step`` (a killed attempt's) from ``metrics`` into the
+    next free ``metrics.attempt-K.jsonl`` beside it; returns that file, or None if nothing moved."""
+    if not metrics.is_file():
+        return None
+    keep, moved = [], []
+    for line in metrics.read_text().splitlines(keepends=True):
+        try:
+            past = json.loads(line).get("step", 0) > step
+        except (ValueError, AttributeError):
+            past = True  # a line torn by the kill: set aside too, so new records start clean
+        (moved if past else keep).append(line)
+    if not moved:
+        return None
+    k = 1
+    while (aside := metrics.with_name(f"metrics.attempt-{k}.jsonl")).exists():
+        k += 1
+    aside.write_text("".join(moved))
+    tmp = metrics.with_name(metrics.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, metrics)  # readers see the old file or the new one, never a half-written one
+    return aside
+
+
 class MetricsLogger:
     """Writes on the logging rank only: console line, metrics.jsonl, TensorBoard, wandb."""
 
-    def __init__(self, cfg, enabled: bool):
+    def __init__(self, cfg, enabled: bool, resumed_from: int = 0):
         self.enabled = enabled
         self.cfg = cfg
         self.flops_per_token = flops_per_token(cfg)
@@ -72,11 +102,12 @@ class MetricsLogger:
             return
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        set_aside_records_after(run_dir / "metrics.jsonl", resumed_from)
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_from + 1)
         if cfg.logging.wandb_project:
             try:
                 import wandb

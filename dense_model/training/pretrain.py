@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dense_model.config import ConfigError, load_config, save_config, validate
+from dense_model.config import ConfigError, load_config, save_config, split_config_argument, validate
+from dense_model.procutil import die_with_parent, is_torchrun_agent
 from dense_model.training.checkpointing import CheckpointError
 from dense_model.training.signals import TerminationRequest
 
@@ -129,7 +130,7 @@ class Trainer:
         self.train_ds, self.valid_ds = build_datasets(cfg, self.train_iters, self.tokenizer)
         self.train_iter = batch_iterator(self.train_ds, cfg, self.state.consumed_samples, wrap=True)
         self._batch_iterator = batch_iterator
-        self.metrics = MetricsLogger(cfg, enabled=self.rank == 0)
+        self.metrics = MetricsLogger(cfg, enabled=self.rank == 0, resumed_from=self.state.iteration)
         self.terminate = TerminationRequest()
         n_params = sum(p.numel() for p in self.model.parameters())
         self._print(
@@ -295,15 +296,28 @@ def parse_args(argv):
     parser.add_argument("config", nargs="?", help="YAML config (default: the built-in defaults)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
-    if args.config and "=" in args.config and not Path(args.config).exists():
-        args.overrides.insert(0, args.config)
-        args.config = None
+    args.config, args.overrides = split_config_argument(args.config, args.overrides)
     return args
 
 
-def main(argv=None) -> int:
-    from dense_model.parallel import destroy_parallel
+def _die_with_launcher() -> bool:
+    """A torchrun worker is SIGKILLed when its agent dies, however it dies (torchrun starts workers
+    in sessions of their own, so nothing else reaches them). False: the agent is already gone."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # started by hand: nobody to die with
+        return True
+    agent = os.getppid()  # if the agent died already, this is whoever adopted us: not torchrun
+    return die_with_parent(agent) and is_torchrun_agent(agent)
 
+
+def main(argv=None) -> int:
+    from dense_model.compat.quiet import filter_known_warnings
+    from dense_model.parallel import destroy_parallel
+    from dense_model.training.run_lock import RunDirBusy, RunDirClaim
+
+    if not _die_with_launcher():
+        print("error: the torchrun agent that started this worker is gone; exiting", file=sys.stderr)
+        return 1
+    filter_known_warnings()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -311,6 +325,13 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    claim = None
+    if int(os.environ.get("RANK", "0")) == 0:  # before anything writes into the run directory
+        try:
+            claim = RunDirClaim.acquire(cfg.run_dir)
+        except RunDirBusy as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
     trainer = None
     try:
         trainer = Trainer(cfg)
@@ -323,6 +344,8 @@ def main(argv=None) -> int:
         if trainer is not None:
             trainer.close()
         destroy_parallel()
+        if claim is not None:
+            claim.release()
     return 0
 
 
