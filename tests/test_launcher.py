@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 HOSTS = ["gpu-a01", "gpu-a02", "gpu-a03", "gpu-a04"]
 
@@ -54,6 +56,11 @@ def calls(record: Path) -> list[dict]:
     return [json.loads(line) for line in record.read_text().splitlines()]
 
 
+def torchrun_calls(record: Path) -> list[dict]:
+    """The torchrun launches, without the config checks that precede them."""
+    return [c for c in calls(record) if c["argv"][:2] == ["-m", "torch.distributed.run"]]
+
+
 def torchrun_options(argv: list[str]) -> dict:
     """{"--nnodes": "4", ...} and the arguments after ``-m dense_model.training.pretrain``."""
     assert argv[:2] == ["-m", "torch.distributed.run"], argv
@@ -71,7 +78,15 @@ def test_multi_node_command_from_environment(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    (call,) = calls(tools["record"])
+    check, call = calls(tools["record"])
+    assert check["argv"][:2] == ["-m", "dense_model.config"]  # validated before torchrun
+    assert check["argv"][2:] == [
+        "configs/1b/polynorm.yaml",
+        "training.lr=1e-4",
+        "run_dir=runs/a b",
+        "--world-size",
+        "32",
+    ]  # fmt: skip (node 2 does not check the run directory: node 0's job may hold it already)
     got = torchrun_options(call["argv"])
     assert got["options"] == {
         "--nnodes": "4", "--node_rank": "2", "--nproc_per_node": "8",
@@ -100,7 +115,7 @@ def test_slurm_variables_and_sbatch_example(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    runs = [torchrun_options(c["argv"]) for c in calls(tools["record"])]
+    runs = [torchrun_options(c["argv"]) for c in torchrun_calls(tools["record"])]
     assert [r["options"]["--node_rank"] for r in runs] == ["0", "1", "2", "3"]
     for r in runs:
         assert r["options"]["--nnodes"] == "4"
@@ -118,3 +133,52 @@ def test_missing_config_is_a_clear_error(tmp_path):
     assert proc.returncode == 2
     assert "config file 'configs/1b/nope.yaml' not found" in proc.stderr
     assert not tools["record"].exists()  # nothing was launched
+
+
+def real_launcher_env() -> dict:
+    from dense_model.testing import free_port
+
+    launcher_vars = ("NNODES", "NODE_RANK", "MASTER_ADDR", "GPUS_PER_NODE")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in launcher_vars}
+    return {**env, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.activation=polynrom", "config error: model.activation: unknown activation 'polynrom'"),
+        ("training.train_iters=12", "config error: the learning-rate warm-up (15 steps,"),  # demo: 15
+        ("data.split=a,b,c", "config error: data.split='a,b,c' is not a list of numbers"),
+    ],
+)
+def test_config_error_is_one_line_and_starts_nothing(override, message):
+    """The real launcher on the demo config: the check runs before torchrun, which never starts."""
+    proc = subprocess.run(
+        ["bash", "run_pretrain.sh", override], cwd=REPO, env=real_launcher_env(),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""  # the torchrun command is printed only when it is about to run
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(message), line
+
+
+def test_dry_run_describes_the_job_and_starts_nothing():
+    from dense_model.config import load_config
+    from dense_model.model import count_parameters
+
+    env = {**real_launcher_env(), "GPUS_PER_NODE": "2"}
+    proc = subprocess.run(
+        ["bash", "run_pretrain.sh", "configs/demo.yaml", "--dry-run", "parallel.tensor_model_parallel_size=2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    cfg = load_config(REPO / "configs/demo.yaml", ["parallel.tensor_model_parallel_size=2"])
+    params = count_parameters(cfg.model)["total"]
+    *resolved, layout, command = proc.stdout.strip().splitlines()
+    assert "  tensor_model_parallel_size: 2" in resolved and "run_dir: runs/demo" in resolved
+    assert layout.startswith("world 2 = TP 2 x PP 1 x DP 1 | micro-batches per step 2 of 8 per DP rank")
+    assert "| 2,048 tokens per step | 150 steps (15 warm-up), 307,200 tokens |" in layout
+    assert f"| {params:,} parameters" in layout
+    assert "-m torch.distributed.run" in command and "--nproc_per_node 2" in command
+    assert not (REPO / "runs/demo/job.lock").exists()

@@ -7,7 +7,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def launch(config, *overrides, nproc=1, env=None):
-    """Start `bash run_pretrain.sh CONFIG overrides` (torchrun, nproc gloo processes) -> Popen."""
+    """Start `bash run_pretrain.sh CONFIG overrides` (torchrun, nproc gloo processes) -> Popen.
+    The launcher gets a process group of its own (as a login shell or a batch script has)."""
     import os
     import subprocess
     import sys
@@ -29,6 +30,7 @@ def launch(config, *overrides, nproc=1, env=None):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
 
 
@@ -46,6 +48,21 @@ def kill_job(proc):
             pass
     psutil.wait_procs(tree, timeout=30)
     proc.wait()
+
+
+def training_workers(proc):
+    """The job's training processes (torchrun's workers, in sessions of their own)."""
+    import psutil
+
+    workers = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            cmdline = p.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if "dense_model.training.pretrain" in cmdline and "torch.distributed.run" not in cmdline:
+            workers.append(p)
+    return workers
 
 
 def finish(proc, timeout=600):

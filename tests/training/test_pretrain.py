@@ -2,11 +2,14 @@
 
 import json
 import math
+import os
 import signal
+import sys
 import time
 
+import psutil
 import pytest
-from pretrain_jobs import finish, kill_job, launch, read_metrics
+from pretrain_jobs import REPO, finish, kill_job, launch, read_metrics, training_workers
 
 pytestmark = pytest.mark.slow
 
@@ -34,23 +37,65 @@ def test_trains_logs_and_checkpoints(tiny_config):
     assert "done: 12 steps" in out
 
 
-def test_exact_resume_after_sigkill(tiny_config):
-    config, ref_dir = tiny_config("reference")
+def test_launcher_sigkill_ends_workers_and_relaunch_resumes_exactly_with_dropout(tiny_config):
+    """SIGKILL of run_pretrain.sh's process group (torchrun's workers are outside it): the workers
+    die with their agent, the dead job's claim does not block the relaunch, the relaunch repeats the
+    uninterrupted run's losses bitwise with dropout on (every piece of RNG state restored), and
+    metrics.jsonl (as plot_runs.py reads it) holds each step once, the killed attempt set aside."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from plot_runs import read_run
+
+    dropout = ("model.hidden_dropout=0.1", "model.attention_dropout=0.1")
+    config, ref_dir = tiny_config("reference", *dropout)
     run_ok(config)
     reference, _ = read_metrics(ref_dir)
 
-    config, run_dir = tiny_config("killed")
+    config, run_dir = tiny_config("killed", *dropout)
     proc = launch(config)
-    for line in proc.stdout:  # kill the whole job right after the step-8 checkpoint is complete
-        if "saved checkpoint" in line and "iter_0000008" in line:
-            kill_job(proc)
+    for line in proc.stdout:  # the step-8 checkpoint is complete and steps 9, 10 are logged
+        if line.startswith("step      10 |"):
             break
+    workers = training_workers(proc)
+    assert workers
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"training processes left after their launcher was killed: {alive}"
     assert (run_dir / "checkpoints/latest_checkpointed_iteration.txt").read_text() == "8"
+    assert (run_dir / "job.lock").exists()  # left by the killed job
+
     out = run_ok(config)
     assert "resumed from" in out and "at step 8" in out
     resumed, _ = read_metrics(run_dir)
     for step in range(9, 13):
         assert resumed[step] == reference[step], (step, resumed[step], reference[step])  # bitwise
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
+    killed = [json.loads(x) for x in (run_dir / "metrics.attempt-1.jsonl").read_text().splitlines()]
+    assert {9, 10} <= {r["step"] for r in killed} and all(r["step"] > 8 for r in killed)
+    train, _ = read_run(run_dir)
+    assert sorted(train) == list(range(1, 13))
+    assert [train[s]["loss"] for s in range(9, 13)] == [reference[s] for s in range(9, 13)]
+    assert not (run_dir / "job.lock").exists()  # released at the end
+
+
+def test_second_job_on_a_busy_run_directory_is_refused(tiny_config):
+    config, run_dir = tiny_config("busy")
+    first = launch(config, "training.train_iters=16")
+    for line in first.stdout:
+        if line.startswith("step       1 |"):
+            break
+    holder = json.loads((run_dir / "job.lock").read_text())
+    code, out = finish(launch(config, "training.train_iters=16"))  # its own rendezvous port
+    assert code == 2, out
+    (line,) = out.strip().splitlines()  # one line, and torchrun never started
+    assert line.startswith(f"error: run directory {run_dir} is in use by job "), line
+    assert f"(host {holder['host']}, pid {holder['pid']}, since " in line and "pick another run_dir=" in line
+    code, rest = finish(first)
+    assert code == 0, rest
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 17))
+    assert not (run_dir / "job.lock").exists()
 
 
 def test_sigterm_saves_and_exits_cleanly(tiny_config):
