@@ -2,8 +2,9 @@
 
     python scripts/plot_runs.py runs/1b_swiglu runs/1b_polynorm runs/1b_polyrelu -o activations.png
 
-Each RUN_DIR's metrics.jsonl is read (a resumed run appends to it: the last record of a step
-wins); the legend is the run's model.activation from its config.yaml (or --labels). Training loss
+Each RUN_DIR's metrics.jsonl is read: a resumed run's has each step once (the trainer moves a
+killed attempt's records past the resume point to metrics.attempt-K.jsonl, which is not plotted;
+in older run directories the last record of a step wins); the legend is the run's model.activation from its config.yaml (or --labels). Training loss
 can be smoothed with an exponential moving average (--smooth 0.9); tokens are shown in K, M or B.
 """
 

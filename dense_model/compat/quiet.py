@@ -17,7 +17,7 @@ KNOWN_HARMLESS: list[tuple[str, type[Warning], str, str]] = [
         r"Transformer Engine and Apex are not installed\. Falling back to local implementations of "
         r"multi_tensor_applier",
         UserWarning,
-        r"megatron\.core\.",
+        r"megatron",  # megatron.core.* and its vendored megatron_fsdp
         "torch's multi-tensor ops are used instead",
     ),
     (
