@@ -3,9 +3,13 @@
     cfg = load_config("configs/1b_polynorm.yaml", ["model.activation=polyrelu", "training.lr=2e-4"])
     validate(cfg, world_size=32)   # before any process group exists; raises ConfigError
 
-Every field has a one-line docstring (the comment after it). Unknown keys, wrong types and
-settings that cannot work (hidden not divisible by heads, FFN width not divisible by TP, ...) are
-rejected with the field's dotted name and the fix. A YAML file may name a ``base:`` file (relative
+    python -m dense_model.config CONFIG [k=v ...] --world-size 32 [--dry-run]   # run_pretrain.sh's check
+
+Every field has a one-line docstring (the comment after it). Unknown keys and wrong types are
+rejected on loading; then each section's ``validate()`` checks its own fields (ranges, files), and
+``validate()`` the settings that span sections (hidden not divisible by heads, FFN width not
+divisible by TP, warm-up not shorter than training, ...). A new section brings its own
+``validate()``. Every message names the field's dotted name and the fix. A YAML file may name a ``base:`` file (relative
 to itself) whose values it overrides, so the per-activation 1B configs share one base.
 """
 

@@ -6,8 +6,12 @@ tokenizer, model, DDP, optimizer, schedule, resume, data), then runs ``train_ste
 ``train_iters``; logging, validation, checkpoints and signals hang off the loop.
 
 Relaunching the same command resumes from the run directory's latest checkpoint and continues
-exactly (same data order, same losses); ``checkpoint.fresh=true`` starts over. SIGTERM (a SLURM
-preemption) saves a checkpoint at the end of the current step and exits 0.
+exactly (same data order, same losses, dropout included); ``checkpoint.fresh=true`` starts over.
+SIGTERM (a SLURM preemption) saves a checkpoint at the end of the current step and exits 0.
+
+A job lives and dies as one: each worker is SIGKILLed when its torchrun agent dies
+(``procutil.die_with_parent``), and global rank 0 holds the run directory's claim
+(``run_lock.RunDirClaim``) from before anything is written there until it exits.
 """
 
 from __future__ import annotations
