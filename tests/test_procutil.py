@@ -1,0 +1,45 @@
+"""die_with_parent: a child is SIGKILLed when its parent dies, and learns if the parent died first.
+
+Real processes: a parent that starts a child and is then SIGKILLed."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+CHILD = """
+import sys, time
+from dense_model.procutil import die_with_parent
+print(die_with_parent(int(sys.argv[1])), flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+PARENT = """
+import os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(os.getpid()), "600"], stdout=sys.stdout)
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def test_child_dies_with_its_parent():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, CHILD], stdout=subprocess.PIPE, text=True, env=env
+    )
+    child = psutil.Process(int(parent.stdout.readline()))
+    assert parent.stdout.readline().strip() == "True"  # its parent is alive and is the one it named
+    parent.kill()
+    parent.wait()
+    child.wait(timeout=10)  # raises psutil.TimeoutExpired if the child outlived its parent
+
+
+def test_a_parent_that_died_first_is_reported():
+    """The parent it was told about (1 here: not its parent) is gone: the caller must exit."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    orphan = subprocess.run(
+        [sys.executable, "-c", CHILD, "1", "0"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert orphan.stdout.strip() == "False", orphan.stderr
