@@ -34,6 +34,14 @@ from dense_model.training.signals import TerminationRequest
 
 # Testing hook for the nan_policy: "loss:N" makes step N's loss NaN, "grad:N" one of its gradients.
 INJECT_NAN_ENV = "DENSE_MODEL_INJECT_NAN_AT_STEP"
+# The worker's pid, for the helper processes it spawns (see below).
+WORKER_PID_ENV = "DENSE_MODEL_TRAINING_WORKER_PID"
+
+# A helper process the worker spawns (dist_checkpointing's multiprocessing Manager) re-imports this
+# module as __mp_main__ before it starts: it dies with the worker, as the worker dies with torchrun.
+if __name__ == "__mp_main__" and WORKER_PID_ENV in os.environ:
+    if not die_with_parent(int(os.environ[WORKER_PID_ENV])):
+        os._exit(1)
 
 
 class TrainingDiverged(RuntimeError):
@@ -321,6 +329,7 @@ def main(argv=None) -> int:
     if not _die_with_launcher():
         print("error: the torchrun agent that started this worker is gone; exiting", file=sys.stderr)
         return 1
+    os.environ[WORKER_PID_ENV] = str(os.getpid())
     filter_known_warnings()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:

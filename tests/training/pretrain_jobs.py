@@ -50,19 +50,12 @@ def kill_job(proc):
     proc.wait()
 
 
-def training_workers(proc):
-    """The job's training processes (torchrun's workers, in sessions of their own)."""
+def job_processes(proc):
+    """Every process the launcher started: torchrun, its workers (in sessions of their own) and
+    the workers' helpers (data loader workers, dist_checkpointing's spawned Manager)."""
     import psutil
 
-    workers = []
-    for p in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            cmdline = p.cmdline()
-        except psutil.NoSuchProcess:
-            continue
-        if "dense_model.training.pretrain" in cmdline and "torch.distributed.run" not in cmdline:
-            workers.append(p)
-    return workers
+    return psutil.Process(proc.pid).children(recursive=True)
 
 
 def finish(proc, timeout=600):

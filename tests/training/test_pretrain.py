@@ -9,7 +9,7 @@ import time
 
 import psutil
 import pytest
-from pretrain_jobs import REPO, finish, kill_job, launch, read_metrics, training_workers
+from pretrain_jobs import REPO, finish, job_processes, kill_job, launch, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -55,12 +55,12 @@ def test_launcher_sigkill_ends_workers_and_relaunch_resumes_exactly_with_dropout
     for line in proc.stdout:  # the step-8 checkpoint is complete and steps 9, 10 are logged
         if line.startswith("step      10 |"):
             break
-    workers = training_workers(proc)
-    assert workers
+    processes = job_processes(proc)
+    assert any("dense_model.training.pretrain" in p.cmdline() for p in processes)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    _, alive = psutil.wait_procs(workers, timeout=10)
-    assert not alive, f"training processes left after their launcher was killed: {alive}"
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    assert not alive, f"processes of the job left after its launcher was killed: {alive}"
     assert (run_dir / "checkpoints/latest_checkpointed_iteration.txt").read_text() == "8"
     assert (run_dir / "job.lock").exists()  # left by the killed job
 
