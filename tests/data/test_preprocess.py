@@ -15,7 +15,6 @@ import pytest
 from dense_model.data.blend import REDPAJAMA_1T_TOKENS, load_blend
 from dense_model.data.jsonl import BadLineError
 from dense_model.data.preprocess import (
-    DELAY_ENV,
     NoDocumentsError,
     PreprocessConfig,
     ResumeError,
@@ -178,7 +177,9 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(
 
     prefix = tmp_path / "run" / "out"
     work = Path(str(prefix) + ".shards")
-    proc = _run_cli([*args, "--output-prefix", str(prefix)], {DELAY_ENV: "0.3"}, start_new_session=True)
+    proc = _run_cli(
+        [*args, "--output-prefix", str(prefix), "--debug-batch-delay", "0.3"], start_new_session=True
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if work.is_dir() and len(list(work.glob("*.done.json"))) >= 3:
