@@ -112,7 +112,8 @@ class PreprocessConfig:
     task_index: int = 0  # this task's share of the shard plan, of num_tasks (several machines)
     num_tasks: int = 1
     merge_only: bool = False  # tokenise nothing: merge once every task's shards are done
-    # Debug option: seconds to sleep after each encoded batch (slows a run down to watch or kill it).
+    # Debug option: seconds to sleep after each encoded batch and each merged output (slows a run
+    # down to watch or kill it).
     batch_delay: float = 0.0
 
 
@@ -787,7 +788,7 @@ class _MergeJob:
     nbytes: int  # token bytes to copy
 
 
-def _merge_one(job: _MergeJob, work_dir: str, plan_hash: str, keep_shards: bool) -> None:
+def _merge_one(job: _MergeJob, work_dir: str, plan_hash: str, cfg: PreprocessConfig) -> None:
     """Merge one output, publish it, record it as published, then delete its shard files."""
     merge_datasets(job.stems, job.prefix)
     record = {
@@ -802,11 +803,13 @@ def _merge_one(job: _MergeJob, work_dir: str, plan_hash: str, keep_shards: bool)
     with open(tmp, "w") as f:
         json.dump(record, f)
     publish([(tmp, marker)])
-    if not keep_shards:  # the output is safe: its shards' tokens are no longer needed on disk
+    if not cfg.keep_shards:  # the output is safe: its shards' tokens are no longer needed on disk
         for stem in job.stems:
             for ext in (".bin", ".idx"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(stem + ext)
+    if cfg.batch_delay:
+        time.sleep(cfg.batch_delay)
 
 
 def _merge_outputs(
@@ -864,7 +867,7 @@ def _merge_outputs(
 
     def run(job: _MergeJob) -> None:
         nonlocal copied
-        _merge_one(job, work_dir, plan_hash, cfg.keep_shards)
+        _merge_one(job, work_dir, plan_hash, cfg)
         copied += job.nbytes  # the GIL makes this increment safe enough for a progress line
         secs = max(time.monotonic() - t0, 1e-9)
         say(

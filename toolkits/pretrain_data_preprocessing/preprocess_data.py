@@ -96,7 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--debug-batch-delay",
         type=float,
         default=0.0,
-        help="debugging: seconds to sleep after each encoded batch (to watch or interrupt a slow run)",
+        help="debugging: seconds to sleep after each encoded batch and merged output (to watch or "
+        "interrupt a slow run)",
     )
     g.add_argument(
         "--log-interval",
