@@ -1,34 +1,44 @@
-"""Tokenise JSON lines into Megatron mmap datasets: sharded, parallel, resumable, atomic.
+"""Tokenise JSON lines, Parquet or Arrow into Megatron mmap datasets: sharded, parallel, resumable,
+atomic, on one machine or split over several.
 
     python toolkits/pretrain_data_preprocessing/preprocess_data.py --input DATA/ \\
         --output-prefix out/red --tokenizer-type sentencepiece --tokenizer-model tok.model \\
-        --append-eod --workers 8 [--split-by-subset]
+        --append-eod --workers 8 [--split-by-subset] [--task-index I --num-tasks N]
 
 How a run goes (`preprocess`):
 
 1. Plan shards: each compressed file is one shard (a zstd/gzip stream cannot be entered in the
    middle, so parallelism over compressed input comes from having several files, as RedPajama
    has); each plain file is cut into byte ranges of `--shard-size-mb` (by default total/128
-   clamped to 0.25..256 MB), a range owning the lines that start inside it. The plan depends only
-   on the inputs and the shard size, never on the worker count; and since shards are merged in
-   plan order, the output bytes do not depend on the shard size either.
+   clamped to 0.25..256 MB), a range owning the lines that start inside it; Parquet files are cut
+   at row groups and Arrow files into row ranges of about that size (`tables.py`). The plan
+   depends only on the inputs and the shard size, never on the worker or task count; and since
+   shards are merged in plan order, the output bytes do not depend on the shard size either.
 2. Work folder `OUTPUT_PREFIX.shards/` holds `manifest.json` (tokenizer fingerprint, keys, EOD,
-   subset mode), a lock, and per finished shard its datasets plus `ID.done.json` (its counts),
-   written last. A shard's ID hashes its file, byte range, file size and mtime.
+   subset mode), a lock, and per finished shard its datasets plus `ID.done.json` (its counts and
+   line count), written last. A shard's ID hashes its file, byte or row range, size and mtime.
 3. Workers (`--workers` processes; forked, or spawned if this process runs other threads) take
-   whole shards and write their datasets themselves: read lines, parse with `json.loads`, encode
-   in batches of ~1 MB of text with `encode_batch`, write tokens with numpy. Nothing but small
-   counters travels between processes. Memory per worker: one batch of text and its tokens, plus
-   4 bytes per document of the shard.
-4. Merge: per output, the shards' datasets are concatenated in plan order by streaming copies
-   (`indexed.merge_datasets`), so the bytes are identical whatever the worker count. Outputs are
-   written under temporary names, fsynced and renamed when complete. Then the blend file, then the
-   work folder is removed. Workers die with the main process (Linux PDEATHSIG), so a killed run
-   leaves no orphan writing into the work folder.
+   whole shards, largest first, and write their datasets themselves (`ShardJob`): read records,
+   encode in batches of ~1 MB of text with `encode_batch`, write tokens with numpy. Nothing but
+   small counters travels between processes. Memory per worker: one batch of text and its tokens,
+   plus 4 bytes per document of the shard.
+4. Merge: per output, the shards' datasets are concatenated in plan order (`indexed.merge_datasets`:
+   .bin in the kernel, .idx streamed), several outputs at once, largest first, so the bytes are
+   identical whatever the worker count. Outputs are written under temporary names, fsynced and
+   renamed when complete; then `published.HASH.json` records each, and its shard files are deleted.
+   Then the blend file, then the work folder is removed. Workers die with the main process (Linux
+   PDEATHSIG), so a killed run leaves no orphan writing into the work folder. Outputs cannot start
+   merging before every shard is done: a shard's records may name any subset.
+
+Several tasks (`--task-index I --num-tasks N`, e.g. a SLURM job array): every task plans the same
+shards; task I takes every N-th of them, largest first, into the shared work folder. The task that
+then finds every shard done merges; `merge.claim`, created with O_EXCL, lets only one do so (the same
+task requeued, or `--merge-only`, takes the claim over).
 
 Resume: rerunning the same command after a crash, a kill or Ctrl-C reuses every finished shard
-and redoes the others. Changed input files (size or mtime) redo only their own shards. A different
-tokenizer, key, --append-eod or --split-by-subset is refused (or restarted with `--restart`).
+and every output already published, and redoes the rest. Changed input files (size or mtime) redo
+only their own shards. A different tokenizer, key, --append-eod or --split-by-subset is refused (or
+restarted with `--restart`).
 """
 
 from __future__ import annotations
