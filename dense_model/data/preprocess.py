@@ -292,11 +292,13 @@ class ShardJob:
 
     Records (JSON lines or table rows) are judged, their texts gathered until `batch_chars`, then
     encoded with one `encode_batch` call and written to the writer of their output. `report(documents,
-    tokens, input_bytes)` receives increments after each batch. Line numbers are counted from the
+    tokens, input_bytes, characters)` receives increments after each batch. Line numbers are counted from the
     shard's first line (see `LineSource`); the main process makes them absolute.
     """
 
-    def __init__(self, spec: ShardSpec, ctx: ShardContext, report: Callable[[int, int, int], None]) -> None:
+    def __init__(
+        self, spec: ShardSpec, ctx: ShardContext, report: Callable[[int, int, int, int], None]
+    ) -> None:
         self.spec, self.ctx, self.report = spec, ctx, report
         self.bad = BadLineStats()
         self.lines = 0
@@ -318,7 +320,7 @@ class ShardJob:
                 if self.chars >= self.ctx.batch_chars:
                     self._flush()
             self._flush()
-            self.report(0, 0, self.spec.input_bytes - self.reported_bytes)
+            self.report(0, 0, self.spec.input_bytes - self.reported_bytes, 0)
             outputs = []
             for meta, w in zip(self.out_meta, self.writers.values()):
                 w.finish()
@@ -468,17 +470,18 @@ class ShardJob:
             w.add_documents(docs)
             documents += len(docs)
             tokens += w.tokens - before
+        chars = self.chars
         self.texts.clear()
         self.dests.clear()
         self.chars = 0
         consumed = self._input_bytes_read()
-        self.report(documents, tokens, consumed - self.reported_bytes)
+        self.report(documents, tokens, consumed - self.reported_bytes, chars)
         self.reported_bytes = consumed
         if self.ctx.batch_delay:
             time.sleep(self.ctx.batch_delay)
 
 
-def process_shard(spec: ShardSpec, ctx: ShardContext, report: Callable[[int, int, int], None]) -> dict:
+def process_shard(spec: ShardSpec, ctx: ShardContext, report: Callable[[int, int, int, int], None]) -> dict:
     """Tokenise one shard (see `ShardJob`); returns its result, also written to `ID.done.json`."""
     return ShardJob(spec, ctx, report).run()
 
@@ -533,7 +536,7 @@ def _worker_main(wid: int, parent_pid: int, ctx_args: dict, tasks, results) -> N
                 return
             current = spec.id
             results.put(("start", wid, spec.id))
-            result = process_shard(spec, ctx, lambda d, t, b: results.put(("progress", wid, d, t, b)))
+            result = process_shard(spec, ctx, lambda *counts: results.put(("progress", wid, *counts)))
             results.put(("done", wid, result))
     except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
         try:
@@ -546,12 +549,15 @@ def _worker_main(wid: int, parent_pid: int, ctx_args: dict, tasks, results) -> N
 
 
 class _Progress:
-    """tqdm bar (documents, tokens, MB/s) on a terminal; else a log line every `interval` seconds."""
+    """tqdm bar (documents, tokens, MB/s) on a terminal; else a log line every `interval` seconds.
+
+    The bar advances by input bytes as stored (compressed bytes for compressed files, so that it
+    reaches the total); the text tokenised is counted apart, in characters."""
 
     def __init__(self, total_bytes: int, enabled: bool | None, interval: float, log, shards: int) -> None:
         if enabled is None:
             enabled = sys.stderr.isatty()
-        self.docs = self.tokens = self.bytes = self.shards_done = 0
+        self.docs = self.tokens = self.bytes = self.chars = self.shards_done = 0
         self.shards = shards
         self.log, self.interval = log, interval
         self.start = self.last_log = time.monotonic()
@@ -567,10 +573,11 @@ class _Progress:
             width = shutil.get_terminal_size((100, 20)).columns
             self.bar = tqdm(total=self._total, unit="B", unit_scale=True, desc="tokenizing", ncols=width)
 
-    def update(self, docs: int, tokens: int, nbytes: int) -> None:
+    def update(self, docs: int, tokens: int, nbytes: int, chars: int) -> None:
         self.docs += docs
         self.tokens += tokens
         self.bytes += nbytes
+        self.chars += chars
         if self.bar is not None:
             self.bar.update(nbytes)
             self.bar.set_postfix_str(f"docs={self.docs:,} tokens={self.tokens:,}", refresh=False)
@@ -583,8 +590,9 @@ class _Progress:
             self.last_log = now
             secs = max(now - self.start, 1e-9)
             self.log(
-                f"progress: {self.shards_done}/{self.shards} shards, {self.bytes / MB:,.1f} MB, "
-                f"{self.docs:,} documents, {self.tokens:,} tokens, {self.bytes / MB / secs:.2f} MB/s"
+                f"progress: {self.shards_done}/{self.shards} shards, {self.bytes / MB:,.1f} of "
+                f"{self._total / MB:,.1f} MB of input read ({self.bytes / MB / secs:.2f} MB/s), "
+                f"{self.chars / MB:,.1f} M characters tokenised, {self.docs:,} documents, {self.tokens:,} tokens"
             )
 
     def close(self) -> None:

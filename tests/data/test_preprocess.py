@@ -390,3 +390,13 @@ def test_sigkill_during_the_merge_then_rerun_keeps_the_published_outputs(
         merged = o.prefix.replace(str(reference), str(prefix))
         assert data_helpers.file_bytes(merged) == data_helpers.file_bytes(o.prefix)
     assert not work.exists()
+
+
+def test_progress_lines_count_input_as_stored_and_characters_tokenised(tmp_path, spm_model, texts, corpora):
+    lines: list[str] = []
+    preprocess(_cfg(spm_model, corpora["zst"], tmp_path / "o", log_interval=0), log=lines.append)
+    progress = [line for line in lines if line.startswith("progress:")]
+    assert progress
+    stored = sum(p.stat().st_size for p in Path(corpora["zst"]).iterdir()) / 1e6  # compressed sizes
+    assert f"{stored:,.1f} of {stored:,.1f} MB of input read" in progress[-1]
+    assert f"{sum(map(len, texts)) / 1e6:,.1f} M characters tokenised" in progress[-1]
