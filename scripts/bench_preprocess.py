@@ -6,6 +6,8 @@ Measures tokens per second, wall clock, on one JSONL corpus, for:
 
 * ours: `dense_model.data.preprocess.preprocess` with `--workers N` (process start, sharding,
   reading, JSON parsing, encoding, writing, merging: everything from call to return);
+* ours, Parquet input: the same, on the same documents converted beforehand to one Parquet file
+  (1024-row groups); it must write the same bytes as ours on the JSONL;
 * baseline: what Megatron-LM's tools/preprocess_data.py does, with the same N workers: the main
   process reads lines and feeds a `multiprocessing.Pool(N).imap(..., chunksize=32)`; each worker
   does one `json.loads` and one encode call per document and appends EOD; token lists come back
@@ -22,6 +24,9 @@ other work, the best of the repeats is the least disturbed measurement of each; 
 gives the medians, and tokens per CPU-second (user+system time of all processes involved), which
 background load disturbs much less than wall-clock time. The script also checks that ours and the
 baseline wrote identical bytes.
+
+`--memory` instead runs the command-line tool once on the corpus and reports the peak resident
+memory (RSS, polled every 0.2 s) of its main process and of each worker.
 
 Corpus: documents of examples/redpajama_sample (arXiv-like, books, code, Q&A, encyclopedia text),
 shuffled and repeated to --size-mb in one .jsonl file. Tokenizer: a SentencePiece BPE model
