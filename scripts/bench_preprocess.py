@@ -6,6 +6,8 @@ Measures tokens per second, wall clock, on one JSONL corpus, for:
 
 * ours: `dense_model.data.preprocess.preprocess` with `--workers N` (process start, sharding,
   reading, JSON parsing, encoding, writing, merging: everything from call to return);
+* ours, Parquet input: the same, on the same documents converted beforehand to one Parquet file
+  (1024-row groups); it must write the same bytes as ours on the JSONL;
 * baseline: what Megatron-LM's tools/preprocess_data.py does, with the same N workers: the main
   process reads lines and feeds a `multiprocessing.Pool(N).imap(..., chunksize=32)`; each worker
   does one `json.loads` and one encode call per document and appends EOD; token lists come back
@@ -22,6 +24,9 @@ other work, the best of the repeats is the least disturbed measurement of each; 
 gives the medians, and tokens per CPU-second (user+system time of all processes involved), which
 background load disturbs much less than wall-clock time. The script also checks that ours and the
 baseline wrote identical bytes.
+
+`--memory` instead runs the command-line tool once on the corpus and reports the peak resident
+memory (RSS, polled every 0.2 s) of its main process and of each worker.
 
 Corpus: documents of examples/redpajama_sample (arXiv-like, books, code, Q&A, encyclopedia text),
 shuffled and repeated to --size-mb in one .jsonl file. Tokenizer: a SentencePiece BPE model
@@ -87,6 +92,17 @@ def make_corpus(path: str, size_mb: float, seed: int = 0) -> int:
 # ours
 
 
+def make_parquet(corpus: str, path: str) -> None:
+    """The JSONL corpus as one Parquet file (rows of text and meta, 1024-row groups), streamed."""
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    reader = pj.open_json(corpus, read_options=pj.ReadOptions(block_size=16 << 20))
+    with pq.ParquetWriter(path, reader.schema) as writer:
+        for batch in reader:
+            writer.write_batch(batch, row_group_size=1024)
+
+
 def run_ours(corpus: str, model: str, prefix: str, workers: int) -> tuple[float, int, float]:
     from dense_model.data.preprocess import PreprocessConfig, preprocess
 
@@ -104,6 +120,48 @@ def run_ours(corpus: str, model: str, prefix: str, workers: int) -> tuple[float,
         log=None,
     )
     return time.perf_counter() - t0, summary.tokens, cpu_seconds() - c0
+
+
+ROWS = ("ours", "ours, Parquet input", "baseline", "ceiling")
+
+
+def measure_memory(corpus: str, corpus_bytes: int, model: str, work: Path, workers: int) -> int:
+    """Run the CLI once; poll (every 0.2 s) the RSS of its main process and of each worker."""
+    import psutil
+
+    cli = REPO / "toolkits" / "pretrain_data_preprocessing" / "preprocess_data.py"
+    cmd = [sys.executable, str(cli), "--input", corpus, "--output-prefix", str(work / "mem")]
+    cmd += ["--tokenizer-type", "sentencepiece", "--tokenizer-model", model, "--append-eod"]
+    cmd += ["--workers", str(workers), "--no-progress"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    main = psutil.Process(proc.pid)
+    peaks: dict[int, int] = {}
+    last_print = time.perf_counter()
+    while proc.poll() is None:
+        try:
+            for p in [main, *main.children(recursive=True)]:
+                peaks[p.pid] = max(peaks.get(p.pid, 0), p.memory_info().rss)
+        except psutil.Error:
+            pass
+        if time.perf_counter() - last_print > 30:  # partial figures, in case the run is cut short
+            last_print = time.perf_counter()
+            print(
+                f"{last_print - t0:.0f} s: peak RSS so far (MB): "
+                + str({k: v // MB for k, v in peaks.items()}),
+                flush=True,
+            )
+        time.sleep(0.2)
+    out = proc.stdout.read()
+    assert proc.returncode == 0, out
+    worker_peaks = sorted((v for k, v in peaks.items() if k != proc.pid), reverse=True)
+    print(out)
+    print(
+        f"corpus: {corpus_bytes / MB:,.0f} MB of JSONL; {workers} workers; {time.perf_counter() - t0:.0f} s"
+    )
+    print(f"peak RSS, main process: {peaks.get(proc.pid, 0) / MB:,.0f} MB")
+    print("peak RSS, each worker: " + ", ".join(f"{v / MB:,.0f} MB" for v in worker_peaks))
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,6 +292,11 @@ def main(argv=None) -> int:
         "--vocab-size", type=int, default=8000, help="for the tokenizer trained on the sample"
     )
     parser.add_argument("--work-dir", default=None, help="default: a temporary folder, removed afterwards")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="instead: one run of the CLI on --size-mb, reporting the peak RSS of its main process and workers",
+    )
     args = parser.parse_args(argv)
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_preprocess_"))
@@ -248,15 +311,26 @@ def main(argv=None) -> int:
             ).model_file
         corpus = str(work / "corpus.jsonl")
         corpus_bytes = make_corpus(corpus, args.size_mb)
+        if args.memory:
+            return measure_memory(corpus, corpus_bytes, model, work, args.workers)
         with open(corpus, encoding="utf-8") as f:
             texts = [json.loads(line)["text"] for line in f]
         import megatron.core.datasets.indexed_dataset  # noqa: F401  (import time is not the baseline's cost)
 
-        rows = {k: [] for k in ("ours", "baseline", "ceiling")}  # (tokens/s, tokens per CPU-second)
+        parquet = str(work / "corpus.parquet")
+        make_parquet(corpus, parquet)
+        rows = {k: [] for k in ROWS}  # (tokens/s, tokens per CPU-second)
         loads = [os.getloadavg()[0]]
         for r in range(args.repeats):
             secs, tokens, cpu = run_ours(corpus, model, str(work / "ours"), args.workers)
             rows["ours"].append((tokens / secs, tokens / cpu))
+            secs_p, tokens_p, cpu_p = run_ours(parquet, model, str(work / "parquet"), args.workers)
+            rows["ours, Parquet input"].append((tokens_p / secs_p, tokens_p / cpu_p))
+            assert all(
+                Path(str(work / "ours_text_document") + ext).read_bytes()
+                == Path(str(work / "parquet_text_document") + ext).read_bytes()
+                for ext in (".bin", ".idx")
+            ), "the Parquet and JSONL paths wrote different bytes"
             secs_b, tokens_b, cpu_b = run_baseline(corpus, model, str(work / "baseline"), args.workers)
             rows["baseline"].append((tokens_b / secs_b, tokens_b / cpu_b))
             secs_c, tokens_c, cpu_c, how = run_ceiling(texts, model, args.workers)
@@ -271,6 +345,7 @@ def main(argv=None) -> int:
             loads.append(os.getloadavg()[0])
             print(
                 f"repeat {r + 1}: ours {tokens / secs:,.0f} tok/s ({secs:.2f} s, {cpu:.2f} CPU s), "
+                f"ours on Parquet {tokens_p / secs_p:,.0f} ({secs_p:.2f} s, {cpu_p:.2f} CPU s), "
                 f"baseline {tokens_b / secs_b:,.0f} ({secs_b:.2f} s, {cpu_b:.2f} CPU s), "
                 f"ceiling {tokens_c / secs_c:,.0f} ({secs_c:.2f} s, {cpu_c:.2f} CPU s, {how}); "
                 f"identical outputs; load average {loads[-1]:.2f}",
@@ -309,7 +384,7 @@ def main(argv=None) -> int:
             f"| | tokens/s, best of {n} | vs ceiling | median of {n} | vs ceiling | tokens per CPU-second, median | vs ceiling |"
         )
         print("|---|---|---|---|---|---|---|")
-        for k in ("ours", "baseline", "ceiling"):
+        for k in ROWS:
             print(
                 f"| {k} | {best[k][0]:,.0f} | {best[k][0] / best['ceiling'][0]:.1%} | {med[k][0]:,.0f} "
                 f"| {med[k][0] / med['ceiling'][0]:.1%} | {med[k][1]:,.0f} | {med[k][1] / med['ceiling'][1]:.1%} |"

@@ -10,12 +10,16 @@
 
 Built by `BlendedMegatronDatasetBuilder(GPTDataset, ...)`: shuffled samples, document/sample/
 shuffle indexes cached in `cache_dir` (rank 0 builds them first, the other ranks then load them).
-Works with or without an initialised torch.distributed group.
+Works with or without an initialised torch.distributed group. In a multi-node group the cache
+folder must be one all nodes share: `check_cache_dir_is_shared` says so in one line before building.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import uuid
 import warnings
 from collections.abc import Sequence
 
@@ -58,6 +62,42 @@ def _check_splits_have_tokens(prefixes: Sequence[str], split_matrix, split: str)
                     f"(documents {beg}..{end}). Use more data, or a split that gives {name} nothing "
                     '(e.g. "98,2,0" drops test).'
                 )
+
+
+class CacheDirNotSharedError(RuntimeError):
+    """Some nodes do not see the dataset cache folder that global rank 0 writes."""
+
+
+def check_cache_dir_is_shared(cache_dir: str) -> None:
+    """Stop, on every rank, when a node cannot see `cache_dir`: rank 0 builds the index cache there
+    and all ranks read it, so a node-local folder fails later with a bare FileNotFoundError. Rank 0
+    writes a marker file; the first rank of each node (LOCAL_RANK 0) looks for it. No-op without a
+    process group."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    rank = dist.get_rank()
+    name = [f".visible-{uuid.uuid4().hex}" if rank == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    marker = os.path.join(cache_dir, name[0])
+    if rank == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(socket.gethostname())
+    dist.barrier()
+    first_on_node = os.environ.get("LOCAL_RANK", "0") == "0"
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (socket.gethostname(), rank, not first_on_node or os.path.exists(marker)))
+    dist.barrier()
+    if rank == 0:
+        os.remove(marker)
+    blind = [f"{host} (rank {r})" for host, r, ok in seen if not ok]
+    if blind:
+        raise CacheDirNotSharedError(
+            f"data.cache_dir {cache_dir} is not visible from {', '.join(blind)}: global rank 0 builds the "
+            "dataset index cache there and every rank reads it, so it must be on a filesystem all nodes "
+            "share; set data.cache_dir to such a folder."
+        )
 
 
 def build_gpt_datasets(
@@ -106,6 +146,7 @@ def build_gpt_datasets(
         mmap_bin_files=True,
     )
     _check_splits_have_tokens(prefixes, config.split_matrix, split)
+    check_cache_dir_is_shared(cache_dir)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config)
     with warnings.catch_warnings(), _rank_zero_without_process_group():
         if tokenizer.pad == tokenizer.eod:

@@ -1,7 +1,8 @@
 """JSON-lines input: finding the files, reading plain/zstd/gzip streams by line, judging each line.
 
 Input forms (what `--input` accepts): files, folders (searched recursively) and globs (`**`
-allowed), of `.jsonl` / `.json` files, optionally compressed as `.zst`/`.zstd` or `.gz`.
+allowed), of `.jsonl` / `.json` files, optionally compressed as `.zst`/`.zstd` or `.gz`, and of
+`.parquet` / `.arrow` files (read by `dense_model.data.tables`; their bad rows are judged here too).
 
 Bad lines never stop a run unless asked to: each is skipped and counted under one reason
 
@@ -29,12 +30,17 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from dense_model.data.tables import TABLE_SUFFIXES, is_table
+
 BAD_REASONS = ("invalid_utf8", "invalid_json", "missing_key", "not_string", "empty_text")
 MAX_REPORTED_POSITIONS = 5
 
 _JSON_SUFFIXES = (".jsonl", ".json")
 _COMPRESSION_SUFFIXES = {".zst": "zst", ".zstd": "zst", ".gz": "gz"}
-SUPPORTED_SUFFIXES = tuple(j + c for j in _JSON_SUFFIXES for c in ("", *_COMPRESSION_SUFFIXES))
+SUPPORTED_SUFFIXES = (
+    *(j + c for j in _JSON_SUFFIXES for c in ("", *_COMPRESSION_SUFFIXES)),
+    *TABLE_SUFFIXES,  # Parquet / Arrow, read by dense_model.data.tables
+)
 
 
 class BadLineError(ValueError):
@@ -174,8 +180,9 @@ class LineSource:
 
     For a compressed file the shard is the whole file (start=0, end=None); offsets are then in the
     decompressed stream. For a plain file, [start, end) owns the lines whose first byte lies in it.
-    Line numbers are 1-based and exact when the shard starts at byte 0, else 0 (unknown here:
-    `absolute_line` finds them when a report needs one). `input_bytes` is how much of the input
+    Line numbers are 1-based and count from the shard's first line: exact for a shard starting at
+    byte 0; for later shards the caller adds the lines of the shards before (preprocessing counts
+    the lines of every shard, so no file is rescanned). `input_bytes` is how much of the input
     file (compressed bytes for compressed files) has been consumed so far, for MB/s.
     """
 
@@ -210,7 +217,7 @@ class LineSource:
                 # The line holding byte start-1 belongs to the previous range: skip to its end.
                 f.seek(self.start - 1)
                 pos = self.start - 1 + len(f.readline())
-            number = 1 if self.start == 0 else 0
+            number = 1
             readline = f.readline
             while pos < end:
                 line = readline()
@@ -219,8 +226,7 @@ class LineSource:
                 yield number, pos, line
                 pos += len(line)
                 self._pos = pos
-                if number:
-                    number += 1
+                number += 1
 
 
 def iter_lines(path: str, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, bytes]]:
@@ -298,10 +304,17 @@ class BadLineStats:
             blank_lines=data.get("blank_lines", 0),
         )
 
+    def shift_lines(self, lines_before: int) -> None:
+        """Make shard-relative line numbers absolute: add the lines of the file's earlier shards."""
+        self.positions = [(p, (n + lines_before) if n else n, o, r) for p, n, o, r in self.positions]
+
     def resolved_positions(self) -> list[str]:
-        """'path:line (reason)' strings; line numbers of ranges not starting at 0 are counted now."""
+        """'path:line (reason)' strings ('path row N' for Parquet/Arrow); a line unknown here is counted now."""
         out = []
         for path, line, offset, reason in self.positions:
+            if is_table(path):
+                out.append(f"{path} row {line} ({reason})")
+                continue
             if line is None:
                 line = absolute_line(path, offset)
             out.append(f"{path}:{line} ({reason})")

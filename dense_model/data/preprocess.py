@@ -1,34 +1,44 @@
-"""Tokenise JSON lines into Megatron mmap datasets: sharded, parallel, resumable, atomic.
+"""Tokenise JSON lines, Parquet or Arrow into Megatron mmap datasets: sharded, parallel, resumable,
+atomic, on one machine or split over several.
 
     python toolkits/pretrain_data_preprocessing/preprocess_data.py --input DATA/ \\
         --output-prefix out/red --tokenizer-type sentencepiece --tokenizer-model tok.model \\
-        --append-eod --workers 8 [--split-by-subset]
+        --append-eod --workers 8 [--split-by-subset] [--task-index I --num-tasks N]
 
 How a run goes (`preprocess`):
 
 1. Plan shards: each compressed file is one shard (a zstd/gzip stream cannot be entered in the
    middle, so parallelism over compressed input comes from having several files, as RedPajama
    has); each plain file is cut into byte ranges of `--shard-size-mb` (by default total/128
-   clamped to 0.25..256 MB), a range owning the lines that start inside it. The plan depends only
-   on the inputs and the shard size, never on the worker count; and since shards are merged in
-   plan order, the output bytes do not depend on the shard size either.
+   clamped to 0.25..256 MB), a range owning the lines that start inside it; Parquet files are cut
+   at row groups and Arrow files into row ranges of about that size (`tables.py`). The plan
+   depends only on the inputs and the shard size, never on the worker or task count; and since
+   shards are merged in plan order, the output bytes do not depend on the shard size either.
 2. Work folder `OUTPUT_PREFIX.shards/` holds `manifest.json` (tokenizer fingerprint, keys, EOD,
-   subset mode), a lock, and per finished shard its datasets plus `ID.done.json` (its counts),
-   written last. A shard's ID hashes its file, byte range, file size and mtime.
+   subset mode), a lock, and per finished shard its datasets plus `ID.done.json` (its counts and
+   line count), written last. A shard's ID hashes its file, byte or row range, size and mtime.
 3. Workers (`--workers` processes; forked, or spawned if this process runs other threads) take
-   whole shards and write their datasets themselves: read lines, parse with `json.loads`, encode
-   in batches of ~1 MB of text with `encode_batch`, write tokens with numpy. Nothing but small
-   counters travels between processes. Memory per worker: one batch of text and its tokens, plus
-   4 bytes per document of the shard.
-4. Merge: per output, the shards' datasets are concatenated in plan order by streaming copies
-   (`indexed.merge_datasets`), so the bytes are identical whatever the worker count. Outputs are
-   written under temporary names, fsynced and renamed when complete. Then the blend file, then the
-   work folder is removed. Workers die with the main process (Linux PDEATHSIG), so a killed run
-   leaves no orphan writing into the work folder.
+   whole shards, largest first, and write their datasets themselves (`ShardJob`): read records,
+   encode in batches of ~1 MB of text with `encode_batch`, write tokens with numpy. Nothing but
+   small counters travels between processes. Memory per worker: one batch of text and its tokens,
+   plus 4 bytes per document of the shard.
+4. Merge: per output, the shards' datasets are concatenated in plan order (`indexed.merge_datasets`:
+   .bin in the kernel, .idx streamed), several outputs at once, largest first, so the bytes are
+   identical whatever the worker count. Outputs are written under temporary names, fsynced and
+   renamed when complete; then `published.HASH.json` records each, and its shard files are deleted.
+   Then the blend file, then the work folder is removed. Workers die with the main process (Linux
+   PDEATHSIG), so a killed run leaves no orphan writing into the work folder. Outputs cannot start
+   merging before every shard is done: a shard's records may name any subset.
+
+Several tasks (`--task-index I --num-tasks N`, e.g. a SLURM job array): every task plans the same
+shards; task I takes every N-th of them, largest first, into the shared work folder. The task that
+then finds every shard done merges; `merge.claim`, created with O_EXCL, lets only one do so (the same
+task requeued, or `--merge-only`, takes the claim over).
 
 Resume: rerunning the same command after a crash, a kill or Ctrl-C reuses every finished shard
-and redoes the others. Changed input files (size or mtime) redo only their own shards. A different
-tokenizer, key, --append-eod or --split-by-subset is refused (or restarted with `--restart`).
+and every output already published, and redoes the rest. Changed input files (size or mtime) redo
+only their own shards. A different tokenizer, key, --append-eod or --split-by-subset is refused (or
+restarted with `--restart`).
 """
 
 from __future__ import annotations
@@ -46,7 +56,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,13 +81,12 @@ from dense_model.data.jsonl import (
     subset_from_path,
     subset_from_record,
 )
+from dense_model.data.tables import SUBSET_COLUMNS, hf_dataset_files, is_table, iter_table_rows, table_ranges
 from dense_model.data.tokenizers import Tokenizer, build_tokenizer
 from dense_model.procutil import die_with_parent
 
 MANIFEST_VERSION = 1
 MB = 1_000_000
-# Test hook: seconds to sleep after each encoded batch, so a test can kill a run midway.
-DELAY_ENV = "DENSE_MODEL_PREPROCESS_TEST_DELAY"
 
 
 class ResumeError(RuntimeError):
@@ -107,6 +117,14 @@ class PreprocessConfig:
     keep_shards: bool = False
     log_interval: float = 60.0
     batch_chars: int = 1 << 20  # characters of text per encode_batch call
+    hf_dataset: str | None = None  # a Hugging Face dataset name, read from the local cache
+    hf_split: str = "train"
+    task_index: int = 0  # this task's share of the shard plan, of num_tasks (several machines)
+    num_tasks: int = 1
+    merge_only: bool = False  # tokenise nothing: merge once every task's shards are done
+    # Debug option: seconds to sleep after each encoded batch and each merged output (slows a run
+    # down to watch or kill it).
+    batch_delay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +137,12 @@ class ShardSpec:
     end: int | None
     file_size: int
     mtime_ns: int
+    table_bytes: int = 0  # Parquet/Arrow: about how many bytes rows [start, end) take in the file
+
+    @property
+    def is_table(self) -> bool:
+        """Parquet/Arrow: start and end count rows, not bytes."""
+        return is_table(self.path)
 
     @property
     def id(self) -> str:
@@ -127,6 +151,8 @@ class ShardSpec:
 
     @property
     def input_bytes(self) -> int:
+        if self.is_table:
+            return self.table_bytes
         return (self.end if self.end is not None else self.file_size) - self.start
 
 
@@ -153,6 +179,7 @@ class PreprocessSummary:
     seconds: float
     tokens_this_run: int = 0  # tokens of the shards this run tokenised (reused ones excluded)
     blends: list[str] = field(default_factory=list)
+    merged: bool = True  # False: a task of a multi-task run that left the merge to another task
 
     @property
     def documents(self) -> int:
@@ -182,7 +209,7 @@ class PreprocessSummary:
             lines.append(f"  blank lines ignored: {bad.blank_lines:,}")
         if bad.positions:
             lines.append("  first bad lines: " + "; ".join(bad.resolved_positions()))
-        lines.append("  outputs:")
+        lines.append("  outputs:" if self.merged else "  outputs: merged by another task")
         for o in self.outputs:
             lines.append(
                 f"    {o.prefix}.bin/.idx  {o.documents:,} documents, {o.tokens:,} tokens, {o.dtype}"
@@ -217,6 +244,10 @@ def plan_shards(files: Sequence[tuple[str, str]], shard_size: int) -> list[Shard
     for path, root in files:
         st = os.stat(path)
         subset = subset_from_path(path, root)
+        if is_table(path):
+            for start, end, size in table_ranges(path, shard_size):
+                shards.append(ShardSpec(path, subset, start, end, st.st_size, st.st_mtime_ns, size))
+            continue
         if compression_of(path) is not None or st.st_size <= shard_size:
             shards.append(ShardSpec(path, subset, 0, None, st.st_size, st.st_mtime_ns))
             continue
@@ -242,6 +273,7 @@ class ShardContext:
     strict: bool
     dtype: str
     batch_chars: int
+    batch_delay: float = 0.0  # debug option: seconds to sleep after each batch
 
 
 def _is_bad_unicode(text: str) -> bool:
@@ -252,165 +284,215 @@ def _is_bad_unicode(text: str) -> bool:
     return False
 
 
-def process_shard(spec: ShardSpec, ctx: ShardContext, report: Callable[[int, int, int], None]) -> dict:
-    """Tokenise one shard into `work_dir/ID.N.bin/.idx` (one per output) and `ID.done.json`.
+Output = tuple[str | None, int]  # (subset or None, index of the key in --json-keys)
 
-    `report(documents, tokens, input_bytes)` receives increments after each batch.
+
+class ShardJob:
+    """Tokenises one shard into `work_dir/ID.N.bin/.idx` (one per output) and `ID.done.json`.
+
+    Records (JSON lines or table rows) are judged, their texts gathered until `batch_chars`, then
+    encoded with one `encode_batch` call and written to the writer of their output. `report(documents,
+    tokens, input_bytes, characters)` receives increments after each batch. Line numbers are counted from the
+    shard's first line (see `LineSource`); the main process makes them absolute.
     """
-    tok = ctx.tokenizer
-    eod = tok.eod
-    keys = ctx.json_keys
-    strict, split, append_eod = ctx.strict, ctx.split_by_subset, ctx.append_eod
-    path = spec.path
-    bad = BadLineStats()
-    writers: dict[tuple[str | None, int], DocumentWriter] = {}
-    out_meta: list[dict] = []
-    texts: list[str] = []
-    dests: list[tuple[tuple[str | None, int], int, int]] = []  # (output, line number, offset)
-    state = {"chars": 0, "reported_bytes": 0, "flushing": False}
-    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
-    source = LineSource(path, spec.start, spec.end)
 
-    def skip(reason: str, number: int, offset: int, detail: str = "") -> None:
-        if strict:
-            if not state["flushing"]:
-                flush()  # the pending texts come first and may hold an earlier bad line (a lone surrogate)
-            raise BadLineError(reason, path, number or None, offset, detail)
-        bad.add(reason, path, number, offset)
+    def __init__(
+        self, spec: ShardSpec, ctx: ShardContext, report: Callable[[int, int, int, int], None]
+    ) -> None:
+        self.spec, self.ctx, self.report = spec, ctx, report
+        self.bad = BadLineStats()
+        self.lines = 0
+        self.writers: dict[Output, DocumentWriter] = {}
+        self.out_meta: list[dict] = []
+        self.texts: list[str] = []
+        self.dests: list[tuple[Output, int, int]] = []  # (output, line number, offset) per text
+        self.chars = 0
+        self.reported_bytes = 0
+        self.rows_read = 0  # tables: rows of finished batches, for input_bytes
+        self.flushing = False
+        self.source: LineSource | None = None
 
-    def writer_for(dest: tuple[str | None, int]) -> DocumentWriter:
-        w = writers.get(dest)
-        if w is None:
-            stem = os.path.join(ctx.work_dir, f"{spec.id}.{len(writers)}")
-            # Shard files skip fsync (~2 ms each, 5% of a small shard): a run killed or crashed keeps them
-            # intact (renames are atomic); after a power cut `_shard_is_intact` rejects damaged ones.
-            w = writers[dest] = DocumentWriter(stem, ctx.dtype, durable=False)
-            out_meta.append({"subset": dest[0], "key": keys[dest[1]], "stem": os.path.basename(stem)})
-        return w
-
-    def flush() -> None:
-        if not texts:
-            return
-        state["flushing"] = True
+    def run(self) -> dict:
+        records = self._table_records() if self.spec.is_table else self._json_records()
         try:
-            _flush()
-        finally:
-            state["flushing"] = False
+            for number, offset, record in records:
+                self._add_record(number, offset, record)
+                if self.chars >= self.ctx.batch_chars:
+                    self._flush()
+            self._flush()
+            self.report(0, 0, self.spec.input_bytes - self.reported_bytes, 0)
+            outputs = []
+            for meta, w in zip(self.out_meta, self.writers.values()):
+                w.finish()
+                outputs.append({**meta, "documents": w.documents, "tokens": w.tokens})
+        except BaseException:
+            for w in self.writers.values():
+                w.abort()
+            raise
+        result = {
+            "id": self.spec.id,
+            "outputs": outputs,
+            "bad": self.bad.to_json(),
+            "lines": self.lines,
+            "input_bytes": self.spec.input_bytes,
+        }
+        done = os.path.join(self.ctx.work_dir, f"{self.spec.id}.done.json")
+        tmp = tmp_name(done)
+        with open(tmp, "w") as f:
+            json.dump(result, f)
+        publish([(tmp, done)], durable=False)
+        return result
 
-    def _flush() -> None:
-        try:
-            encoded = tok.encode_batch(texts)
-        except Exception:
-            # One bad text (e.g. a lone surrogate from a "\ud800" escape) fails the whole batch.
-            encoded = []
-            for text, (_, number, offset) in zip(texts, dests):
-                try:
-                    encoded.append(tok.encode(text))
-                except Exception:
-                    if not _is_bad_unicode(text):
-                        raise
-                    skip("invalid_utf8", number, offset, "text holds a lone surrogate")
-                    encoded.append(None)
-        docs_before = sum(w.documents for w in writers.values())
-        tokens_before = sum(w.tokens for w in writers.values())
-        grouped: dict[tuple[str | None, int], list[list[int]]] = {}
-        for ids, (dest, number, offset) in zip(encoded, dests):
-            if ids is None:
-                continue
-            if not ids:
-                skip("empty_text", number, offset, "encodes to no tokens")
-                continue
-            if append_eod:
-                ids.append(eod)
-            group = grouped.get(dest)
-            if group is None:
-                group = grouped[dest] = []
-            group.append(ids)
-        for dest, docs in grouped.items():
-            writer_for(dest).add_documents(docs)
-        texts.clear()
-        dests.clear()
-        state["chars"] = 0
-        consumed = source.input_bytes
-        report(
-            sum(w.documents for w in writers.values()) - docs_before,
-            sum(w.tokens for w in writers.values()) - tokens_before,
-            consumed - state["reported_bytes"],
-        )
-        state["reported_bytes"] = consumed
-        if delay:
-            time.sleep(delay)
+    # reading
 
-    lines = 0
-    loads = json.loads
-    try:
-        for number, offset, raw in source:
-            lines += 1
+    def _json_records(self) -> Iterator[tuple[int, int, dict]]:
+        """(line number, byte offset, record) per JSON object line; other lines are counted here."""
+        self.source = LineSource(self.spec.path, self.spec.start, self.spec.end)
+        loads = json.loads
+        for number, offset, raw in self.source:
+            self.lines += 1
             if len(raw) <= 2 and not raw.strip():
-                bad.blank_lines += 1
+                self.bad.blank_lines += 1
                 continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                skip("invalid_utf8", number, offset, str(err))
+                self._skip("invalid_utf8", number, offset, str(err))
                 continue
             try:
                 record = loads(line)
             except (ValueError, RecursionError) as err:
                 if not line.strip():
-                    bad.blank_lines += 1
+                    self.bad.blank_lines += 1
                     continue
-                skip("invalid_json", number, offset, str(err)[:80])
+                self._skip("invalid_json", number, offset, str(err)[:80])
                 continue
             if not isinstance(record, dict):
-                skip("missing_key", number, offset, f"a JSON {type(record).__name__}, not an object")
+                self._skip("missing_key", number, offset, f"a JSON {type(record).__name__}, not an object")
                 continue
-            subset = None
-            if split:
-                subset = subset_from_record(record) or spec.path_subset
-            for k, key in enumerate(keys):
-                text = record.get(key)
-                if text is None and key not in record:
-                    skip("missing_key", number, offset, f"no {key!r}")
-                elif not isinstance(text, str):
-                    skip("not_string", number, offset, f"{key!r} is {type(text).__name__}")
-                elif not text or text.isspace():
-                    skip("empty_text", number, offset, f"{key!r} is empty")
-                else:
-                    texts.append(text)
-                    dests.append(((subset, k), number, offset))
-                    state["chars"] += len(text)
-            if state["chars"] >= ctx.batch_chars:
-                flush()
-        flush()
-        report(0, 0, source.input_bytes - state["reported_bytes"])
-        outputs = []
-        for meta, w in zip(out_meta, writers.values()):
-            w.finish()
-            outputs.append({**meta, "documents": w.documents, "tokens": w.tokens})
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
-    result = {
-        "id": spec.id,
-        "outputs": outputs,
-        "bad": bad.to_json(),
-        "lines": lines,
-        "input_bytes": spec.input_bytes,
-    }
-    done = os.path.join(ctx.work_dir, f"{spec.id}.done.json")
-    tmp = tmp_name(done)
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    publish([(tmp, done)], durable=False)
-    return result
+            yield number, offset, record
+
+    def _table_records(self) -> Iterator[tuple[int, int, dict]]:
+        """(row number in the shard, row index in the file, row) per Parquet/Arrow row."""
+        spec = self.spec
+        columns = [*self.ctx.json_keys, *(SUBSET_COLUMNS if self.ctx.split_by_subset else ())]
+        for first, rows in iter_table_rows(spec.path, spec.start, spec.end, columns):
+            for i, row in enumerate(rows):
+                self.lines += 1
+                yield first - spec.start + i, first - 1 + i, row
+            self.rows_read += len(rows)
+
+    def _input_bytes_read(self) -> int:
+        if self.source is not None:
+            return self.source.input_bytes
+        rows = max(self.spec.end - self.spec.start, 1)
+        return self.spec.input_bytes * self.rows_read // rows
+
+    # judging and writing
+
+    def _add_record(self, number: int, offset: int, record: dict) -> None:
+        subset = (subset_from_record(record) or self.spec.path_subset) if self.ctx.split_by_subset else None
+        for k, key in enumerate(self.ctx.json_keys):
+            text = record.get(key)
+            if text is None and key not in record:
+                self._skip("missing_key", number, offset, f"no {key!r}")
+            elif not isinstance(text, str):
+                self._skip("not_string", number, offset, f"{key!r} is {type(text).__name__}")
+            elif not text or text.isspace():
+                self._skip("empty_text", number, offset, f"{key!r} is empty")
+            else:
+                self.texts.append(text)
+                self.dests.append(((subset, k), number, offset))
+                self.chars += len(text)
+
+    def _skip(self, reason: str, number: int, offset: int, detail: str = "") -> None:
+        spec = self.spec
+        if self.ctx.strict:
+            if not self.flushing:
+                self._flush()  # the pending texts come first and may hold an earlier bad line (a lone surrogate)
+            # Absolute where known here; for later byte ranges the main process counts the line.
+            line = number + spec.start if spec.is_table else (number if spec.start == 0 else None)
+            raise BadLineError(reason, spec.path, line, offset, detail)
+        self.bad.add(reason, spec.path, number, offset)
+
+    def _writer_for(self, dest: Output) -> DocumentWriter:
+        w = self.writers.get(dest)
+        if w is None:
+            stem = os.path.join(self.ctx.work_dir, f"{self.spec.id}.{len(self.writers)}")
+            # Shard files skip fsync (~2 ms each, 5% of a small shard): a run killed or crashed keeps them
+            # intact (renames are atomic); after a power cut `_shard_is_intact` rejects damaged ones.
+            w = self.writers[dest] = DocumentWriter(stem, self.ctx.dtype, durable=False)
+            self.out_meta.append(
+                {"subset": dest[0], "key": self.ctx.json_keys[dest[1]], "stem": os.path.basename(stem)}
+            )
+        return w
+
+    def _encode(self) -> list[list[int] | None]:
+        tok = self.ctx.tokenizer
+        try:
+            return tok.encode_batch(self.texts)
+        except Exception:
+            # One bad text (e.g. a lone surrogate from a "\ud800" escape) fails the whole batch.
+            encoded: list[list[int] | None] = []
+            for text, (_, number, offset) in zip(self.texts, self.dests):
+                try:
+                    encoded.append(tok.encode(text))
+                except Exception:
+                    if not _is_bad_unicode(text):
+                        raise
+                    self._skip("invalid_utf8", number, offset, "text holds a lone surrogate")
+                    encoded.append(None)
+            return encoded
+
+    def _flush(self) -> None:
+        if not self.texts:
+            return
+        self.flushing = True
+        try:
+            encoded = self._encode()
+            eod = self.ctx.tokenizer.eod
+            grouped: dict[Output, list[list[int]]] = {}
+            for ids, (dest, number, offset) in zip(encoded, self.dests):
+                if ids is None:
+                    continue
+                if not ids:
+                    self._skip("empty_text", number, offset, "encodes to no tokens")
+                    continue
+                if self.ctx.append_eod:
+                    ids.append(eod)
+                grouped.setdefault(dest, []).append(ids)
+        finally:
+            self.flushing = False
+        documents = tokens = 0
+        for dest, docs in grouped.items():
+            w = self._writer_for(dest)
+            before = w.tokens
+            w.add_documents(docs)
+            documents += len(docs)
+            tokens += w.tokens - before
+        chars = self.chars
+        self.texts.clear()
+        self.dests.clear()
+        self.chars = 0
+        consumed = self._input_bytes_read()
+        self.report(documents, tokens, consumed - self.reported_bytes, chars)
+        self.reported_bytes = consumed
+        if self.ctx.batch_delay:
+            time.sleep(self.ctx.batch_delay)
 
 
-def _shard_is_intact(work_dir: str, result: dict) -> bool:
-    """A finished shard may be reused if its files exist and agree with its recorded counts."""
+def process_shard(spec: ShardSpec, ctx: ShardContext, report: Callable[[int, int, int, int], None]) -> dict:
+    """Tokenise one shard (see `ShardJob`); returns its result, also written to `ID.done.json`."""
+    return ShardJob(spec, ctx, report).run()
+
+
+def _shard_is_intact(work_dir: str, result: dict, published: set[tuple[str | None, str]]) -> bool:
+    """A finished shard may be reused if its files exist and agree with its recorded counts (files of
+    outputs already `published` were deleted on purpose and are not needed again)."""
     try:
         for out in result["outputs"]:
+            if (out["subset"], out["key"]) in published:
+                continue
             stem = os.path.join(work_dir, out["stem"])
             header = read_index_header(stem + ".idx")
             if header.documents != out["documents"] or header.sequence_count != out["documents"]:
@@ -444,7 +526,7 @@ def _worker_main(wid: int, parent_pid: int, ctx_args: dict, tasks, results) -> N
                 return
             current = spec.id
             results.put(("start", wid, spec.id))
-            result = process_shard(spec, ctx, lambda d, t, b: results.put(("progress", wid, d, t, b)))
+            result = process_shard(spec, ctx, lambda *counts: results.put(("progress", wid, *counts)))
             results.put(("done", wid, result))
     except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
         try:
@@ -457,12 +539,15 @@ def _worker_main(wid: int, parent_pid: int, ctx_args: dict, tasks, results) -> N
 
 
 class _Progress:
-    """tqdm bar (documents, tokens, MB/s) on a terminal; else a log line every `interval` seconds."""
+    """tqdm bar (documents, tokens, MB/s) on a terminal; else a log line every `interval` seconds.
+
+    The bar advances by input bytes as stored (compressed bytes for compressed files, so that it
+    reaches the total); the text tokenised is counted apart, in characters."""
 
     def __init__(self, total_bytes: int, enabled: bool | None, interval: float, log, shards: int) -> None:
         if enabled is None:
             enabled = sys.stderr.isatty()
-        self.docs = self.tokens = self.bytes = self.shards_done = 0
+        self.docs = self.tokens = self.bytes = self.chars = self.shards_done = 0
         self.shards = shards
         self.log, self.interval = log, interval
         self.start = self.last_log = time.monotonic()
@@ -478,10 +563,11 @@ class _Progress:
             width = shutil.get_terminal_size((100, 20)).columns
             self.bar = tqdm(total=self._total, unit="B", unit_scale=True, desc="tokenizing", ncols=width)
 
-    def update(self, docs: int, tokens: int, nbytes: int) -> None:
+    def update(self, docs: int, tokens: int, nbytes: int, chars: int) -> None:
         self.docs += docs
         self.tokens += tokens
         self.bytes += nbytes
+        self.chars += chars
         if self.bar is not None:
             self.bar.update(nbytes)
             self.bar.set_postfix_str(f"docs={self.docs:,} tokens={self.tokens:,}", refresh=False)
@@ -494,8 +580,9 @@ class _Progress:
             self.last_log = now
             secs = max(now - self.start, 1e-9)
             self.log(
-                f"progress: {self.shards_done}/{self.shards} shards, {self.bytes / MB:,.1f} MB, "
-                f"{self.docs:,} documents, {self.tokens:,} tokens, {self.bytes / MB / secs:.2f} MB/s"
+                f"progress: {self.shards_done}/{self.shards} shards, {self.bytes / MB:,.1f} of "
+                f"{self._total / MB:,.1f} MB of input read ({self.bytes / MB / secs:.2f} MB/s), "
+                f"{self.chars / MB:,.1f} M characters tokenised, {self.docs:,} documents, {self.tokens:,} tokens"
             )
 
     def close(self) -> None:
@@ -569,11 +656,13 @@ def _run_pool(pending: list[ShardSpec], workers: int, ctx_args: dict, progress: 
 
 
 @contextlib.contextmanager
-def _locked(work_dir: str):
+def _locked(work_dir: str, wait: bool = False):
+    """An exclusive lock on the work folder: held for a whole single-machine run (a second run with the
+    same prefix is refused), or, with wait=True, briefly while a task of a multi-task run sets up."""
     fd = os.open(os.path.join(work_dir, "lock"), os.O_CREAT | os.O_RDWR, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
             raise ResumeError(
                 f"another preprocess run is using {work_dir} (same --output-prefix); wait for it or pick "
@@ -619,32 +708,237 @@ def _prepare_work_dir(work_dir: str, settings: dict, restart: bool, log) -> dict
     )
 
 
+# Work-folder files that are not a shard's: kept by the clean-up of unfinished shards.
+_RUN_FILES = ("lock", "manifest.json", "merge.claim")
+_PUBLISHED = "published."  # published.HASH.json: an output merged, renamed and recorded
+
+
+def _is_run_file(name: str) -> bool:
+    return name in _RUN_FILES or name.startswith(_PUBLISHED)
+
+
 def _reset_work_dir(work_dir: str) -> None:
     for name in os.listdir(work_dir):
         if name != "lock":
             os.remove(os.path.join(work_dir, name))
 
 
-def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print) -> PreprocessSummary:
-    """Run (or resume) preprocessing; see the module docstring. Returns the summary."""
+def _input_files(cfg: PreprocessConfig) -> list[tuple[str, str]]:
+    files = expand_inputs_with_roots(cfg.inputs) if cfg.inputs else []
+    if cfg.hf_dataset:
+        files += [(path, os.path.dirname(path)) for path in hf_dataset_files(cfg.hf_dataset, cfg.hf_split)]
+    if not files:
+        raise ValueError("no input: give --input files/folders/globs or --hf-dataset NAME")
+    return files
+
+
+def _plan_hash(shards: Sequence[ShardSpec]) -> str:
+    return hashlib.sha1("\n".join(s.id for s in shards).encode()).hexdigest()
+
+
+def _published_outputs(work_dir: str, plan_hash: str) -> dict[tuple[str | None, str], dict]:
+    """Outputs a crashed run already merged and published for this very shard plan, still intact."""
+    found = {}
+    for name in os.listdir(work_dir):
+        if not (name.startswith(_PUBLISHED) and name.endswith(".json")):
+            continue
+        try:
+            with open(os.path.join(work_dir, name)) as f:
+                record = json.load(f)
+            if record["plan"] == plan_hash and all(
+                os.path.getsize(record["prefix"] + ext) == record["sizes"][ext] for ext in (".bin", ".idx")
+            ):
+                found[(record["subset"], record["key"])] = record
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+def _finished_shards(work_dir: str, shards: Sequence[ShardSpec], published) -> dict[str, dict]:
+    """{shard id: result} of the shards of this plan whose done.json and files are intact."""
+    ids = {s.id for s in shards}
+    results = {}
+    for name in os.listdir(work_dir):
+        sid = name.split(".", 1)[0]
+        if name.endswith(".done.json") and sid in ids:
+            try:
+                with open(os.path.join(work_dir, name)) as f:
+                    result = json.load(f)
+            except ValueError:
+                continue
+            if _shard_is_intact(work_dir, result, set(published)):
+                results[sid] = result
+    return results
+
+
+def _claim_merge(work_dir: str, cfg: PreprocessConfig) -> bool:
+    """Whether this task merges: the first to create `merge.claim` (O_EXCL, atomic), or the same task
+    requeued after dying mid-merge, or an explicit --merge-only."""
+    path = os.path.join(work_dir, "merge.claim")
+    me = "merge-only" if cfg.merge_only else f"task {cfg.task_index}"
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        with open(path) as f:
+            owner = f.read().strip()
+        return owner == me or cfg.merge_only
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    return True
+
+
+@dataclass
+class _MergeJob:
+    subset: str | None
+    key: str
+    prefix: str
+    stems: list[str]
+    nbytes: int  # token bytes to copy
+
+
+def _merge_one(job: _MergeJob, work_dir: str, plan_hash: str, cfg: PreprocessConfig) -> None:
+    """Merge one output, publish it, record it as published, then delete its shard files."""
+    merge_datasets(job.stems, job.prefix)
+    record = {
+        "subset": job.subset,
+        "key": job.key,
+        "prefix": job.prefix,
+        "plan": plan_hash,
+        "sizes": {ext: os.path.getsize(job.prefix + ext) for ext in (".bin", ".idx")},
+    }
+    marker = os.path.join(work_dir, _PUBLISHED + hashlib.sha1(job.prefix.encode()).hexdigest()[:16] + ".json")
+    tmp = tmp_name(marker)
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    publish([(tmp, marker)])
+    if not cfg.keep_shards:  # the output is safe: its shards' tokens are no longer needed on disk
+        for stem in job.stems:
+            for ext in (".bin", ".idx"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(stem + ext)
+    if cfg.batch_delay:
+        time.sleep(cfg.batch_delay)
+
+
+def _merge_outputs(
+    cfg: PreprocessConfig,
+    shards: Sequence[ShardSpec],
+    results: dict[str, dict],
+    published: dict,
+    work_dir: str,
+    dtype: str,
+    say,
+) -> tuple[list[OutputInfo], BadLineStats, int]:
+    """Every output merged from its shards in plan order (several outputs at once, largest first);
+    outputs already published by an earlier, crashed run are kept as they are."""
+    bad = BadLineStats()
+    lines = 0
+    lines_before: dict[str, int] = {}  # lines of a file's earlier shards: makes line numbers absolute
+    per_output: dict[tuple[str | None, str], dict] = {}
+    for spec in shards:
+        result = results[spec.id]
+        stats = BadLineStats.from_json(result["bad"])
+        stats.shift_lines(lines_before.get(spec.path, 0))
+        lines_before[spec.path] = lines_before.get(spec.path, 0) + result["lines"]
+        bad.merge(stats)
+        lines += result["lines"]
+        for out in result["outputs"]:
+            entry = per_output.setdefault(
+                (out["subset"], out["key"]), {"stems": [], "documents": 0, "tokens": 0}
+            )
+            entry["stems"].append(os.path.join(work_dir, out["stem"]))
+            entry["documents"] += out["documents"]
+            entry["tokens"] += out["tokens"]
+    if not per_output:
+        raise NoDocumentsError(
+            f"no documents were written: {lines:,} lines read, {bad.total:,} skipped "
+            f"({', '.join(f'{r} {n}' for r, n in bad.counts.items() if n) or 'none bad'}). "
+            "Check --json-keys and the input files."
+        )
+    key_order = {k: i for i, k in enumerate(cfg.json_keys)}
+    itemsize = np.dtype(dtype).itemsize
+    outputs: list[OutputInfo] = []
+    jobs: list[_MergeJob] = []
+    for subset, key in sorted(per_output, key=lambda sk: (sk[0] or "", key_order[sk[1]])):
+        entry = per_output[(subset, key)]
+        prefix = output_prefix_for(cfg.output_prefix, key, subset)
+        outputs.append(OutputInfo(prefix, subset, key, entry["documents"], entry["tokens"], dtype))
+        if (subset, key) in published:
+            say(f"merge: {prefix}.bin/.idx was published by an earlier run; kept")
+        else:
+            jobs.append(_MergeJob(subset, key, prefix, entry["stems"], entry["tokens"] * itemsize))
+    jobs.sort(key=lambda j: -j.nbytes)
+    total = sum(j.nbytes for j in jobs)
+    plan_hash = _plan_hash(shards)
     t0 = time.monotonic()
-    say = log or (lambda _msg: None)
+    copied = 0
+
+    def run(job: _MergeJob) -> None:
+        nonlocal copied
+        _merge_one(job, work_dir, plan_hash, cfg)
+        copied += job.nbytes  # the GIL makes this increment safe enough for a progress line
+        secs = max(time.monotonic() - t0, 1e-9)
+        say(
+            f"merge: {job.prefix}.bin/.idx ({len(job.stems)} shards, {job.nbytes / MB:,.1f} MB) published; "
+            f"{copied / MB:,.1f} of {total / MB:,.1f} MB merged, {copied / MB / secs:,.0f} MB/s"
+        )
+
+    if jobs:
+        # Threads suffice: copy_file_range and the index passes (numpy, file writes) release the GIL.
+        with ThreadPoolExecutor(max_workers=max(1, min(cfg.workers, len(jobs)))) as pool:
+            for future in [pool.submit(run, job) for job in jobs]:
+                future.result()
+    return outputs, bad, lines
+
+
+def _write_blends(cfg: PreprocessConfig, outputs: list[OutputInfo]) -> list[str]:
+    blends = []
+    if cfg.split_by_subset:
+        for key in cfg.json_keys:
+            datasets = [
+                {"subset": o.subset, "prefix": o.prefix, "documents": o.documents, "tokens": o.tokens}
+                for o in outputs
+                if o.key == key
+            ]
+            if datasets:
+                path = blend_path_for(cfg.output_prefix, key, cfg.json_keys)
+                write_blend(path, datasets, cfg.blend_weighting)
+                blends.append(path)
+    return blends
+
+
+def _check_config(cfg: PreprocessConfig) -> None:
     if cfg.blend_weighting not in WEIGHTINGS:
         raise ValueError(f"--blend-weighting {cfg.blend_weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
     if not cfg.json_keys:
         raise ValueError("--json-keys needs at least one key")
     if cfg.workers < 1:
         raise ValueError(f"--workers {cfg.workers}: must be at least 1")
+    if cfg.num_tasks < 1 or not 0 <= cfg.task_index < cfg.num_tasks:
+        raise ValueError(
+            f"--task-index {cfg.task_index} --num-tasks {cfg.num_tasks}: need 0 <= task index < number of tasks"
+        )
+    if cfg.restart and (cfg.num_tasks > 1 or cfg.merge_only):
+        raise ValueError("--restart discards every task's shards: run it without --num-tasks/--merge-only")
+
+
+def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print) -> PreprocessSummary:
+    """Run (or resume) preprocessing, or this task's share of it; see the module docstring."""
+    t0 = time.monotonic()
+    say = log or (lambda _msg: None)
+    _check_config(cfg)
     tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
     dtype = token_dtype(tokenizer.vocab_size).__name__
-    files = expand_inputs_with_roots(cfg.inputs)
-    out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    files = _input_files(cfg)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
     work_dir = os.path.abspath(cfg.output_prefix) + ".shards"
     os.makedirs(work_dir, exist_ok=True)
     settings = _settings(cfg, tokenizer, dtype)
+    several_tasks = cfg.num_tasks > 1 or cfg.merge_only
+    task = f"task {cfg.task_index}/{cfg.num_tasks}: " if cfg.num_tasks > 1 else ""
 
-    with _locked(work_dir):
+    with contextlib.ExitStack() as lock:
+        lock.enter_context(_locked(work_dir, wait=several_tasks))
         manifest = _prepare_work_dir(work_dir, settings, cfg.restart, say)
         if manifest is None:
             _reset_work_dir(work_dir)
@@ -663,32 +957,33 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
             )
         publish([(tmp, os.path.join(work_dir, "manifest.json"))])
 
-        # Reuse finished shards still in the plan; drop everything else (old plans, partial files).
-        ids = {s.id for s in shards}
-        results: dict[str, dict] = {}
-        for name in sorted(os.listdir(work_dir)):
-            sid = name.split(".", 1)[0]
-            if name.endswith(".done.json") and sid in ids:
-                try:
-                    with open(os.path.join(work_dir, name)) as f:
-                        result = json.load(f)
-                except ValueError:
-                    continue
-                if _shard_is_intact(work_dir, result):
-                    results[sid] = result
+        plan_hash = _plan_hash(shards)
+        published = _published_outputs(work_dir, plan_hash)
+        results = _finished_shards(work_dir, shards, published)
+        # Largest shards first, so that no big shard starts last and runs alone. With several tasks,
+        # task i takes every N-th shard of this order (the plan is the same in every task).
+        order = sorted(shards, key=lambda s: -s.input_bytes)
+        if several_tasks:
+            share = {s.id for n, s in enumerate(order) if n % cfg.num_tasks == cfg.task_index}
+            share = set() if cfg.merge_only else share
+        else:
+            share = {s.id for s in shards}
+        pending = [s for s in order if s.id not in results and s.id in share]
+        # Drop what no finished shard owns (old plans, partial files), other tasks' shards excepted.
         for name in os.listdir(work_dir):
-            if name in ("lock", "manifest.json"):
-                continue
-            if name.split(".", 1)[0] not in results:
+            sid = name.split(".", 1)[0]
+            if not _is_run_file(name) and sid not in results and (sid in share or not several_tasks):
                 os.remove(os.path.join(work_dir, name))
+        if several_tasks:
+            lock.close()  # tasks work side by side; each touches only its own shards
         reused = len(results)
-        pending = [s for s in shards if s.id not in results]
         pending_bytes = sum(s.input_bytes for s in pending)
         workers = max(1, min(cfg.workers, len(pending)))
         say(
-            f"preprocess: {len(files)} files, {total_bytes / MB:,.1f} MB, {len(shards)} shards of up to "
+            f"preprocess: {task}{len(files)} files, {total_bytes / MB:,.1f} MB, {len(shards)} shards of up to "
             f"{shard_size / MB:.3g} MB"
             + (f"; resuming: {reused} shards already done, {len(pending)} to go" if reused else "")
+            + (f"; {len(pending)} shards for this task" if several_tasks else "")
             + (f"; {workers} workers" if pending else "")
         )
 
@@ -706,6 +1001,7 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
             "strict": bool(cfg.strict),
             "dtype": dtype,
             "batch_chars": int(cfg.batch_chars),
+            "batch_delay": float(cfg.batch_delay),
         }
         try:
             if workers == 1:
@@ -730,63 +1026,44 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
         finally:
             progress.close()
 
-        # Merge, in plan order, per output.
-        bad = BadLineStats()
-        lines = 0
-        per_output: dict[tuple[str | None, str], dict] = {}
-        for spec in shards:
-            result = results[spec.id]
-            bad.merge(BadLineStats.from_json(result["bad"]))
-            lines += result["lines"]
-            for out in result["outputs"]:
-                entry = per_output.setdefault(
-                    (out["subset"], out["key"]), {"stems": [], "documents": 0, "tokens": 0}
-                )
-                entry["stems"].append(os.path.join(work_dir, out["stem"]))
-                entry["documents"] += out["documents"]
-                entry["tokens"] += out["tokens"]
-        if not per_output:
-            raise NoDocumentsError(
-                f"no documents were written: {lines:,} lines read, {bad.total:,} skipped "
-                f"({', '.join(f'{r} {n}' for r, n in bad.counts.items() if n) or 'none bad'}). "
-                "Check --json-keys and the input files."
+        def summary(outputs, bad, lines, blends, merged=True) -> PreprocessSummary:
+            result = PreprocessSummary(
+                outputs=outputs,
+                bad=bad,
+                files=len(files),
+                total_bytes=total_bytes,
+                input_bytes=pending_bytes,
+                shards=len(shards),
+                shards_reused=reused,
+                lines=lines,
+                seconds=time.monotonic() - t0,
+                tokens_this_run=sum(o["tokens"] for s in pending for o in results[s.id]["outputs"]),
+                blends=blends,
+                merged=merged,
             )
-        key_order = {k: i for i, k in enumerate(cfg.json_keys)}
-        outputs: list[OutputInfo] = []
-        for subset, key in sorted(per_output, key=lambda sk: (sk[0] or "", key_order[sk[1]])):
-            entry = per_output[(subset, key)]
-            prefix = output_prefix_for(cfg.output_prefix, key, subset)
-            say(f"merging {len(entry['stems'])} shard(s) into {prefix}.bin/.idx")
-            merge_datasets(entry["stems"], prefix)
-            outputs.append(OutputInfo(prefix, subset, key, entry["documents"], entry["tokens"], dtype))
+            say(result.format())
+            return result
 
-        blends = []
-        if cfg.split_by_subset:
-            for key in cfg.json_keys:
-                datasets = [
-                    {"subset": o.subset, "prefix": o.prefix, "documents": o.documents, "tokens": o.tokens}
-                    for o in outputs
-                    if o.key == key
-                ]
-                if datasets:
-                    path = blend_path_for(cfg.output_prefix, key, cfg.json_keys)
-                    write_blend(path, datasets, cfg.blend_weighting)
-                    blends.append(path)
+        if several_tasks:
+            # Other tasks' shards finished meanwhile count too.
+            results.update(_finished_shards(work_dir, [s for s in shards if s.id not in results], published))
+            missing = sum(s.id not in results for s in shards)
+            if missing and cfg.merge_only:
+                raise RuntimeError(
+                    f"--merge-only: {missing} of {len(shards)} shards in {work_dir} are not finished; rerun "
+                    "the tasks that own them (the same command with their --task-index) first."
+                )
+            if missing:
+                say(
+                    f"{task}this task's shards are done; {missing} shards of other tasks are not: the last task merges"
+                )
+                return summary([], BadLineStats(), 0, [], merged=False)
+            if not _claim_merge(work_dir, cfg):
+                say(f"{task}every shard is done; another task claimed the merge")
+                return summary([], BadLineStats(), 0, [], merged=False)
+        outputs, bad, lines = _merge_outputs(cfg, shards, results, published, work_dir, dtype, say)
+        blends = _write_blends(cfg, outputs)
 
     if not cfg.keep_shards:
         shutil.rmtree(work_dir, ignore_errors=True)
-    summary = PreprocessSummary(
-        outputs=outputs,
-        bad=bad,
-        files=len(files),
-        total_bytes=total_bytes,
-        input_bytes=pending_bytes,
-        shards=len(shards),
-        shards_reused=reused,
-        lines=lines,
-        seconds=time.monotonic() - t0,
-        tokens_this_run=sum(o["tokens"] for s in pending for o in results[s.id]["outputs"]),
-        blends=blends,
-    )
-    say(summary.format())
-    return summary
+    return summary(outputs, bad, lines, blends)

@@ -158,3 +158,52 @@ def test_blend_file_builds_inside_a_gloo_group(tmp_path, blend_file, spm_model):
     assert ranks[0] == ranks[1]
     train, _, _ = _build(blend_file, spm_model, tmp_path / "cache_single")
     assert ranks[0]["len"] == len(train) and ranks[0]["tokens"] == train[3]["tokens"].tolist()
+
+
+_NODES = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    def run(rank, cache_dirs, store, out):
+        os.environ["LOCAL_RANK"] = "0"  # two nodes of one rank each: each rank is its node's first
+        dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+        from dense_model.data.gpt_dataset import check_cache_dir_is_shared
+        try:
+            check_cache_dir_is_shared(cache_dirs.split(",")[rank])
+            result = "ok"
+        except RuntimeError as err:
+            result = str(err)
+        with open(out + str(rank), "w") as f:
+            f.write(result)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.start_processes(run, args=tuple(sys.argv[1:]), nprocs=2, start_method="fork")
+    """
+)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "node_local"])
+def test_cache_dir_must_be_seen_by_every_node(tmp_path, shared):
+    # A node-local RUN_DIR/data_cache is the same path on each node but a different folder: here
+    # each "node" gets its own folder, as its local disk would.
+    dirs = (
+        [tmp_path / "shared" / "cache"] * 2 if shared else [tmp_path / f"node{r}" / "cache" for r in (0, 1)]
+    )
+    script = tmp_path / "nodes.py"
+    script.write_text(_NODES)
+    out = str(tmp_path / "rank")
+    cmd = [sys.executable, str(script), ",".join(map(str, dirs)), str(tmp_path / "store"), out]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [Path(out + str(r)).read_text() for r in range(2)]
+    if shared:
+        assert results == ["ok", "ok"]
+        assert not list(dirs[0].iterdir()), "the marker file is removed"
+    else:
+        for rank, message in enumerate(results):  # every rank stops, naming the folder and the blind node
+            assert message.startswith(f"data.cache_dir {dirs[rank]} is not visible from ")
+            assert "(rank 1)" in message and "(rank 0)" not in message
+            assert "filesystem all nodes share" in message and "\n" not in message

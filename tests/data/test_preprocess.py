@@ -15,7 +15,6 @@ import pytest
 from dense_model.data.blend import REDPAJAMA_1T_TOKENS, load_blend
 from dense_model.data.jsonl import BadLineError
 from dense_model.data.preprocess import (
-    DELAY_ENV,
     NoDocumentsError,
     PreprocessConfig,
     ResumeError,
@@ -178,7 +177,9 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(
 
     prefix = tmp_path / "run" / "out"
     work = Path(str(prefix) + ".shards")
-    proc = _run_cli([*args, "--output-prefix", str(prefix)], {DELAY_ENV: "0.3"}, start_new_session=True)
+    proc = _run_cli(
+        [*args, "--output-prefix", str(prefix), "--debug-batch-delay", "0.3"], start_new_session=True
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if work.is_dir() and len(list(work.glob("*.done.json"))) >= 3:
@@ -345,3 +346,57 @@ def test_huggingface_tokenizer_with_workers(tmp_path, texts, corpora, data_helpe
     docs = data_helpers.read_dataset(str(prefix) + "_text_document")
     assert summary.documents == len(texts)
     assert docs == [backend.encode(t, add_special_tokens=False).ids + [eod] for t in texts]
+
+
+@pytest.mark.slow
+def test_sigkill_during_the_merge_then_rerun_keeps_the_published_outputs(
+    tmp_path, spm_model, corpora, data_helpers
+):
+    root = str(Path(corpora[None]).parent)  # plain/, zst/, gz/: three outputs to merge
+    reference = tmp_path / "ref" / "red"
+    ref = preprocess(_cfg(spm_model, root, reference, split_by_subset=True), log=None)
+    prefix = tmp_path / "run" / "red"
+    work = Path(str(prefix) + ".shards")
+    args = ["--input", root, "--tokenizer-type", "sentencepiece", "--tokenizer-model", spm_model]
+    args += [
+        "--append-eod",
+        "--split-by-subset",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--output-prefix",
+        str(prefix),
+    ]
+    # The delay also follows each merged output: the kill lands between two outputs' merges.
+    proc = _run_cli([*args, "--debug-batch-delay", "2"], start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not list(work.glob("published.*.json")):
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.communicate()[0]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    published = [o.prefix.replace(str(reference), str(prefix)) for o in ref.outputs]
+    done = [p for p in published if Path(p + ".idx").exists()]
+    assert 1 <= len(done) < len(published), done
+    inodes = {p: (os.stat(p + ".bin").st_ino, os.stat(p + ".bin").st_mtime_ns) for p in done}
+
+    rerun = _run_cli(args)
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out
+    for p in done:
+        assert f"{p}.bin/.idx was published by an earlier run; kept" in out
+        assert (os.stat(p + ".bin").st_ino, os.stat(p + ".bin").st_mtime_ns) == inodes[p], "merged again"
+    for o in ref.outputs:
+        merged = o.prefix.replace(str(reference), str(prefix))
+        assert data_helpers.file_bytes(merged) == data_helpers.file_bytes(o.prefix)
+    assert not work.exists()
+
+
+def test_progress_lines_count_input_as_stored_and_characters_tokenised(tmp_path, spm_model, texts, corpora):
+    lines: list[str] = []
+    preprocess(_cfg(spm_model, corpora["zst"], tmp_path / "o", log_interval=0), log=lines.append)
+    progress = [line for line in lines if line.startswith("progress:")]
+    assert progress
+    stored = sum(p.stat().st_size for p in Path(corpora["zst"]).iterdir()) / 1e6  # compressed sizes
+    assert f"{stored:,.1f} of {stored:,.1f} MB of input read" in progress[-1]
+    assert f"{sum(map(len, texts)) / 1e6:,.1f} M characters tokenised" in progress[-1]

@@ -8,6 +8,11 @@ plus zstd/gzip input, resume after a crash, bad-line skipping, and per-subset da
         --tokenizer-type sentencepiece --tokenizer-model tokenizer.model \\
         --append-eod --workers 16 --split-by-subset
 
+Input may also be Parquet files, Arrow files / `save_to_disk` folders, or a Hugging Face dataset
+from the local cache (`--hf-dataset NAME --hf-split train`). On a cluster, run the same command as
+N tasks (`--task-index I --num-tasks N`, or a SLURM job array): each tokenises its share, the last
+one merges (see scripts/slurm/preprocess_array.sbatch).
+
 Rerun the same command after a crash or Ctrl-C: finished shards are kept, the rest is redone.
 The logic lives in dense_model/data/preprocess.py.
 """
@@ -28,9 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--input",
         nargs="+",
-        required=True,
-        help="files, folders (recursive) or globs of .jsonl/.json, optionally .zst/.gz compressed",
+        default=[],
+        help="files, folders (recursive) or globs of .jsonl/.json (optionally .zst/.gz compressed), "
+        ".parquet, or .arrow (a datasets save_to_disk folder or cache)",
     )
+    g.add_argument("--hf-dataset", help="a Hugging Face dataset name, read offline from the local cache")
+    g.add_argument("--hf-split", default="train", help="the split of --hf-dataset")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenise; one dataset per key")
     g.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
     g = p.add_argument_group("tokenizer")
@@ -70,6 +78,28 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--no-progress", action="store_true", help="no progress bar (it is off without a terminal)"
     )
     g.add_argument(
+        "--task-index",
+        type=int,
+        default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)),
+        help="this task's share of the work when N tasks run the same command (default: SLURM_ARRAY_TASK_ID)",
+    )
+    g.add_argument(
+        "--num-tasks",
+        type=int,
+        default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
+        help="how many tasks share the work (default: SLURM_ARRAY_TASK_COUNT); the last to finish merges",
+    )
+    g.add_argument(
+        "--merge-only", action="store_true", help="tokenise nothing; merge once every task's shards are done"
+    )
+    g.add_argument(
+        "--debug-batch-delay",
+        type=float,
+        default=0.0,
+        help="debugging: seconds to sleep after each encoded batch and merged output (to watch or "
+        "interrupt a slow run)",
+    )
+    g.add_argument(
         "--log-interval",
         type=float,
         default=60.0,
@@ -78,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be at least 1")
+    if not args.input and not args.hf_dataset:
+        p.error("give --input or --hf-dataset")
     return args
 
 
@@ -104,12 +136,18 @@ def main(argv=None) -> int:
         restart=args.restart,
         keep_shards=args.keep_shards,
         log_interval=args.log_interval,
+        hf_dataset=args.hf_dataset,
+        hf_split=args.hf_split,
+        task_index=args.task_index,
+        num_tasks=args.num_tasks,
+        merge_only=args.merge_only,
+        batch_delay=args.debug_batch_delay,
     )
     try:
         preprocess(cfg)
     except KeyboardInterrupt:
         return 130
-    except (BadLineError, NoDocumentsError, ResumeError, ValueError, FileNotFoundError) as err:
+    except (BadLineError, NoDocumentsError, ResumeError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
