@@ -47,7 +47,9 @@ def _fused_vs_reference(rank, world_size, activation, out_file):
         backward_nodes = set()
         for module in model.modules():
             if type(module).__name__ == "RegistryActivation":
-                module.register_forward_hook(lambda m, i, out: backward_nodes.add(type(out.grad_fn).__name__))
+                module.register_forward_hook(
+                    lambda m, i, out, seen=backward_nodes: seen.add(type(out.grad_fn).__name__)
+                )
         losses = forward_backward([model], iter(batches), MICROBATCHES, SEQ, MBS)
         results[fused] = {
             "loss": reduce_lm_loss(losses),
