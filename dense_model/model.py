@@ -14,9 +14,11 @@ with megatron's [gate, up] layout and checkpoint resharding across TP sizes stay
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import zlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +28,70 @@ from dense_model.config import Config, ModelConfig, ffn_hidden_size, padded_voca
 
 
 def transformer_engine_available() -> bool:
+    return installed_kernels().transformer_engine and torch.cuda.is_available()
+
+
+def _imports(module: str) -> bool:
     try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
+        __import__(module)
+    except Exception:  # ImportError, or a CUDA extension whose shared library cannot load
         return False
-    return torch.cuda.is_available()
+    return True
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which optional fused-kernel packages import on this machine (the fusions depend on them)."""
+
+    transformer_engine: bool = False
+    apex_softmax: bool = False  # apex's scaled_(upper_triang_)masked_softmax_cuda extensions
+    apex_grad_accum: bool = False  # apex's fused_weight_gradient_mlp_cuda extension
+    triton: bool = False
+
+
+@functools.cache
+def installed_kernels() -> Kernels:
+    softmax = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda", "scaled_softmax_cuda")
+    return Kernels(
+        transformer_engine=_imports("transformer_engine.pytorch"),
+        apex_softmax=all(_imports(m) for m in softmax),
+        apex_grad_accum=_imports("fused_weight_gradient_mlp_cuda"),
+        triton=_imports("triton"),
+    )
+
+
+def model_device() -> torch.device:
+    """This rank's device: its GPU (set by initialize_parallel from LOCAL_RANK) or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def fusion_flags(device: torch.device, kernels: Kernels, transformer_impl: str = "local") -> dict[str, bool]:
+    """megatron-core's fusion flags for a model on ``device``: each on only where its kernel imports.
+
+    - bias_dropout_fusion: torch's own JIT fuser, any CUDA device.
+    - masked_softmax_fusion: the local attention imports apex's softmax extensions in bf16/fp16
+      (``fusions/fused_softmax.py``); without apex that is a ModuleNotFoundError on the first forward.
+    - persist_layer_norm: only apex's FusedLayerNorm reads it, and neither spec uses it for RMSNorm
+      (the local spec's torch norm asserts it is off), so it is always off.
+    - apply_rope_fusion: megatron-core takes it from Transformer Engine (and refuses it without).
+    - gradient_accumulation_fusion: apex's fused_weight_gradient_mlp_cuda (megatron's own linear
+      layers, the output layer included, need it in both specs).
+    """
+    cuda = device.type == "cuda"
+    return {
+        "bias_dropout_fusion": cuda,
+        "masked_softmax_fusion": cuda and transformer_impl == "local" and kernels.apex_softmax,
+        "persist_layer_norm": False,
+        "apply_rope_fusion": cuda and kernels.transformer_engine,
+        "gradient_accumulation_fusion": cuda and kernels.apex_grad_accum,
+    }
+
+
+def params_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """bf16 where asked for and on a GPU, else fp32 (CPU bf16 matmuls are slow and the tests run fp32)."""
+    return torch.bfloat16 if cfg.training.bf16 and device.type == "cuda" else torch.float32
 
 
 class RegistryActivation(torch.nn.Module):
@@ -92,13 +153,22 @@ def layer_spec(cfg: ModelConfig):
     return spec
 
 
-def transformer_config(cfg: Config, perform_initialization: bool = True):
-    """megatron-core TransformerConfig for ``cfg`` (Llama style)."""
+def transformer_config(
+    cfg: Config,
+    perform_initialization: bool = True,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    kernels: Kernels | None = None,
+):
+    """megatron-core TransformerConfig for ``cfg`` (Llama style) on ``device`` (default: this rank's),
+    in ``dtype`` (default: ``params_dtype``), with the fusions the ``kernels`` installed allow."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     m, p, t = cfg.model, cfg.parallel, cfg.training
-    on_gpu = torch.cuda.is_available()
-    bf16 = t.bf16 and on_gpu
+    device = model_device() if device is None else device
+    dtype = params_dtype(cfg, device) if dtype is None else dtype
+    bf16 = dtype == torch.bfloat16
+    kernels = installed_kernels() if kernels is None else kernels
     gated = get_activation_entry(m.activation).gated
     recompute = None if t.recompute_granularity == "none" else t.recompute_granularity
     return TransformerConfig(
@@ -124,21 +194,17 @@ def transformer_config(cfg: Config, perform_initialization: bool = True):
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,
         bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
         recompute_granularity=recompute,
         recompute_method=t.recompute_method if recompute == "full" else None,
         recompute_num_layers=t.recompute_num_layers if recompute == "full" else None,
         # megatron's init also sets the TP attributes that grad-norm and the optimizer read;
         # initialize_weights() then redraws the values so they do not depend on the TP/PP layout.
-        use_cpu_initialization=not on_gpu,
+        use_cpu_initialization=device.type != "cuda",
         perform_initialization=perform_initialization,
-        # Fusions that need CUDA kernels (or apex) are off on the CPU.
-        bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
-        apply_rope_fusion=False,
-        persist_layer_norm=on_gpu,
-        gradient_accumulation_fusion=False,
+        **fusion_flags(device, kernels, m.transformer_impl),
         attention_softmax_in_fp32=True,
     )
 
@@ -149,8 +215,11 @@ def build_model(
     post_process: bool | None = None,
     initialize: bool = True,
     allocate_only: bool = False,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ):
-    """The GPTModel of this rank's pipeline stage (needs ``initialize_parallel`` first).
+    """The GPTModel of this rank's pipeline stage (needs ``initialize_parallel`` first), on ``device``
+    (default: this rank's GPU, or the CPU) in ``dtype`` (default: bf16 on GPUs when training.bf16).
 
     Weights are drawn by ``initialize_weights``: identical for every TP/PP layout. ``initialize=False``
     skips that (a checkpoint is loaded next); ``allocate_only=True`` also skips megatron's own init
@@ -164,8 +233,9 @@ def build_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     m = cfg.model
+    device = model_device() if device is None else device
     model = GPTModel(
-        config=transformer_config(cfg, perform_initialization=not allocate_only),
+        config=transformer_config(cfg, perform_initialization=not allocate_only, device=device, dtype=dtype),
         transformer_layer_spec=layer_spec(m),
         vocab_size=padded_vocab_size(m, cfg.parallel.tensor_model_parallel_size),
         max_sequence_length=m.seq_length,
@@ -178,7 +248,9 @@ def build_model(
     )
     if initialize and not allocate_only:
         initialize_weights(model, cfg)
-    return model
+    # megatron-core leaves some parameters where torch made them (norm weights, the PolyCom
+    # scalars: CPU, fp32); Megatron-LM's trainer moves the model itself, so we do it here, once.
+    return model.to(device=device, dtype=model.config.params_dtype)
 
 
 def _global_name(model, name: str) -> str:
@@ -220,11 +292,10 @@ def initialize_weights(model, cfg: Config, seed: int | None = None) -> None:
         full_shape = list(param.shape)
         if sliced:
             full_shape[dim] *= tp
-        gen = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + zlib.crc32(gname.encode()))
+        # Drawn on the CPU whatever the parameter's device: a GPU run starts from the CPU run's weights.
+        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(gname.encode()))
         s = residual_std if ("linear_proj" in name or "linear_fc2" in name) else std
-        full = torch.empty(full_shape, dtype=torch.float32, device=param.device).normal_(
-            0.0, s, generator=gen
-        )
+        full = torch.empty(full_shape, dtype=torch.float32, device="cpu").normal_(0.0, s, generator=gen)
         if sliced:
             # Megatron's layout: split into tp * stride chunks, rank r keeps chunks r, r + tp, ...
             stride = getattr(param, "partition_stride", 1)

@@ -21,6 +21,8 @@ fp16), and the result is cast back to the input dtype.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -107,6 +109,12 @@ def polycom_reference(x, weight, bias, *, inner: str, eps: float = 1e-6, tp_grou
     raise ValueError(f"unknown PolyCom inner function {inner!r}; choose one of {INNER_FUNCTIONS}")
 
 
+def fused_kernels_run_on(x: torch.Tensor) -> bool:
+    """Triton compiles its kernels for CUDA tensors; its interpreter (TRITON_INTERPRET=1, how the
+    CPU tests run them) takes CPU tensors too."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 class PolyCom(torch.nn.Module):
     """PolyCom of order r with inner function relu or norm; the base of PolyReLU and PolyNorm."""
 
@@ -149,7 +157,7 @@ class PolyCom(torch.nn.Module):
         return self._fused_fn or None
 
     def forward(self, x):  # [..., ffn / tp] -> [..., ffn / tp]
-        if self.use_fused and x.is_cuda and (fused := self._fused()) is not None:
+        if self.use_fused and fused_kernels_run_on(x) and (fused := self._fused()) is not None:
             return fused(x, self.weight, self.bias, inner=self.inner, eps=self.eps, tp_group=self.tp_group)
         return polycom_reference(
             x, self.weight, self.bias, inner=self.inner, eps=self.eps, tp_group=self.tp_group

@@ -80,7 +80,10 @@ class DenseModelLM(TemplateLM):
             raise ValueError(f"dtype={dtype!r} is not one of auto, {', '.join(DTYPES)}")
         self.batch_size = _batch_size(batch_size)
 
-        loaded = load_model_for_inference(pretrained, tensor_model_parallel_size)
+        on_gpu = torch.cuda.is_available()
+        want = (torch.bfloat16 if on_gpu else torch.float32) if dtype == "auto" else DTYPES[dtype]
+        # Built in the dtype asked for, so megatron-core's config (softmax output dtype, ...) agrees.
+        loaded = load_model_for_inference(pretrained, tensor_model_parallel_size, dtype=want)
         if loaded.tokenizer is None:
             raise ValueError(
                 f"checkpoint {loaded.folder} carries no tokenizer copy (data.tokenizer_model was unset when "
@@ -93,10 +96,6 @@ class DenseModelLM(TemplateLM):
             raise ValueError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model only {self.vocab_size}"
             )
-        on_gpu = torch.cuda.is_available()
-        want = (torch.bfloat16 if on_gpu else torch.float32) if dtype == "auto" else DTYPES[dtype]
-        if next(self.model.parameters()).dtype != want:
-            self.model.to(want)
         self.dtype = want
         self._device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         self._max_length = int(max_length or self.config.model.seq_length)

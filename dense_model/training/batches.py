@@ -65,9 +65,19 @@ class _GlobalBatchSampler(torch.utils.data.Sampler):
             first += self.global_batch
 
 
-def batch_iterator(dataset, cfg, consumed_samples: int, wrap: bool = False, num_workers: int | None = None):
-    """An iterator of micro-batch dicts (tokens, labels, loss_mask, position_ids) for this rank."""
+def batch_iterator(
+    dataset,
+    cfg,
+    consumed_samples: int,
+    wrap: bool = False,
+    num_workers: int | None = None,
+    device: torch.device | None = None,
+):
+    """An iterator of micro-batch dicts (tokens, labels, loss_mask, position_ids) for this rank,
+    on ``device`` (default: the model's, ``dense_model.model.model_device``)."""
     from megatron.core import parallel_state as ps
+
+    from dense_model.model import model_device
 
     t = cfg.training
     sampler = _GlobalBatchSampler(
@@ -80,6 +90,7 @@ def batch_iterator(dataset, cfg, consumed_samples: int, wrap: bool = False, num_
         wrap,
     )
     workers = cfg.data.num_workers if num_workers is None else num_workers
+    device = model_device() if device is None else device
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -89,8 +100,15 @@ def batch_iterator(dataset, cfg, consumed_samples: int, wrap: bool = False, num_
         # Its own generator: creating an iterator draws a seed, which from the global generator
         # would shift the dropout stream of a resumed run (it restores the RNG, then builds this).
         generator=torch.Generator().manual_seed(t.seed),
+        # Page-locked host memory lets the copy below overlap with the GPU's work.
+        pin_memory=device.type == "cuda",
     )
-    return iter(loader)
+    return (to_device(batch, device) for batch in loader)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The micro-batch on ``device`` (asynchronous copies from pinned memory on a GPU)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _collate(samples):

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dense_model import collectives
+
 logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -86,12 +88,11 @@ def read_metadata(folder: str | os.PathLike) -> dict:
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return collectives.rank()
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -172,6 +173,7 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
 
+    finish_param_gather(model)
     model_state = _unwrap(model).sharded_state_dict()
     state = {
         "model": model_state,
@@ -205,6 +207,19 @@ def save_checkpoint(
             _prune(root, keep_last)
     _barrier()
     return final
+
+
+def finish_param_gather(model) -> None:
+    """Complete the all-gather of updated parameters that overlap_param_gather defers.
+
+    With the distributed optimizer and ``overlap_param_gather``, ``optimizer.step()`` updates only
+    this rank's shard and the all-gather runs inside the next forward; a save before that forward
+    would write partly one-step-old weights. As Megatron-LM does before it saves: take the forward
+    pre-hooks off with a synchronous gather, then put them back.
+    """
+    if getattr(model, "use_forward_hook", False):
+        model.disable_forward_pre_hook(param_sync=True)
+        model.enable_forward_pre_hook()
 
 
 def _save_strategy(fully_parallel: bool):
@@ -298,6 +313,7 @@ class InferenceModel:
 def load_model_for_inference(
     path: str | os.PathLike,
     tensor_model_parallel_size: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> InferenceModel:
     """Load a run directory or one iteration for evaluation/export, at TP = the launcher's world size
     (or the given one) and PP = 1, whatever layout saved it. Starts the process groups if needed.
@@ -305,7 +321,8 @@ def load_model_for_inference(
     A checkpoint trained with Transformer Engine layers loads into megatron-core's local layers when
     TE is not installed (an export or evaluation machine without it): the local spec names its
     norms as TE's fused norm+linear does (``sharded_state_dict_keys_map``), so the weights match, and
-    TE's extra state is left unread."""
+    TE's extra state is left unread. ``dtype`` (default: the training default, bf16 on a GPU when
+    training.bf16) is the one the model is built in, so megatron-core's config agrees with it."""
     from dense_model.config import config_from_dict
     from dense_model.data.tokenizers import build_tokenizer
     from dense_model.model import build_model, transformer_engine_available
@@ -328,7 +345,7 @@ def load_model_for_inference(
         )
         cfg.model.transformer_impl = "local"
     initialize_parallel(tp, 1, seed=cfg.training.seed)
-    model = build_model(cfg, initialize=False)
+    model = build_model(cfg, initialize=False, dtype=dtype)
     load_checkpoint(folder, model, load_rng=False)
     model.eval()
     tokenizer = None

@@ -27,13 +27,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dense_model import collectives
 from dense_model.config import ConfigError, load_config, save_config, split_config_argument, validate
 from dense_model.procutil import die_with_parent, is_torchrun_agent
 from dense_model.training.checkpointing import CheckpointError
 from dense_model.training.signals import TerminationRequest
 
-# Testing hook for the nan_policy: "loss:N" makes step N's loss NaN, "grad:N" one of its gradients.
-INJECT_NAN_ENV = "DENSE_MODEL_INJECT_NAN_AT_STEP"
 # The worker's pid, for the helper processes it spawns (see below).
 WORKER_PID_ENV = "DENSE_MODEL_TRAINING_WORKER_PID"
 
@@ -42,7 +41,6 @@ WORKER_PID_ENV = "DENSE_MODEL_TRAINING_WORKER_PID"
 if __name__ == "__mp_main__" and WORKER_PID_ENV in os.environ:
     if not die_with_parent(int(os.environ[WORKER_PID_ENV])):
         os._exit(1)
-
 
 class TrainingDiverged(RuntimeError):
     """A NaN/Inf loss or gradient norm with nan_policy=stop; nothing was saved after it."""
@@ -55,24 +53,6 @@ class TrainState:
     skipped_steps: int = 0
 
 
-def _last_stage_value(value: float | None) -> float:
-    """Broadcast a number known on the last pipeline stage to every stage."""
-    from megatron.core import parallel_state as ps
-
-    t = torch.tensor([value if value is not None else 0.0], dtype=torch.float64)
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(
-            t, ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
-        )
-    return t.item()
-
-
-def _any_rank(flag: bool) -> bool:
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def prepare_data_config(cfg) -> None:
     """Fill data.blend/tokenizer_model for the demo (tokenised on first use, on rank 0 first)."""
     if not cfg.data.demo:
@@ -80,9 +60,9 @@ def prepare_data_config(cfg) -> None:
     from dense_model.data.demo import prepare_demo_dataset
 
     work_dir = Path(os.environ.get("DENSE_MODEL_CACHE", ".cache")) / "demo_data"
-    if dist.get_rank() == 0:
+    if collectives.rank() == 0:
         prepare_demo_dataset(str(work_dir))
-    dist.barrier()
+    collectives.barrier()
     demo = prepare_demo_dataset(str(work_dir))  # cached: every rank reads the same paths
     cfg.data.blend = demo["blend"]
     cfg.data.tokenizer_model = demo["tokenizer_model"]
@@ -158,23 +138,16 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float | None, bool]:
         """One optimizer step over a global batch. Returns (loss, grad_norm, applied)."""
-        from dense_model.training.step import forward_backward, reduce_lm_loss
-
-        cfg, t = self.cfg, self.cfg.training
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = forward_backward(
-            [self.ddp], self.train_iter, self.num_microbatches, cfg.model.seq_length, t.micro_batch_size
-        )
-        loss = _last_stage_value(reduce_lm_loss(losses))
+        loss = self._forward_backward()
         step = self.state.iteration + 1
-        if os.environ.get(INJECT_NAN_ENV) == f"loss:{step}":
-            loss = float("nan")
-        if os.environ.get(INJECT_NAN_ENV) == f"grad:{step}":
-            self.ddp.buffers[0].grad_data[0] = float("nan")
-        if _any_rank(not math.isfinite(loss)):
-            return self._bad_step(step, f"loss is {loss}")
-        if _any_rank(not self._local_grads_finite()):
+        # One all-reduce (one host sync) for the step's health: every rank learns whether the loss
+        # (known on the last pipeline stage) or any rank's local gradients are NaN/Inf, and the loss.
+        loss_bad, grad_bad, loss = collectives.all_reduce_max_tensor(self._step_health(loss)).tolist()
+        if loss_bad:
+            return self._bad_step(step, "the loss is NaN or Inf")
+        if grad_bad:
             return self._bad_step(step, f"a gradient is NaN or Inf (loss {loss:.4f})")
         applied, grad_norm, _ = self.optimizer.step()
         grad_norm = float(grad_norm) if grad_norm is not None else None
@@ -182,11 +155,30 @@ class Trainer:
             self.scheduler.step(1)
         return loss, grad_norm, bool(applied)
 
-    def _local_grads_finite(self) -> bool:
-        """One reduction per gradient buffer: a NaN or Inf anywhere makes its sum non-finite.
-        (With the distributed optimizer the rank that holds a bad local gradient still sees it.)"""
-        total = sum(buffer.grad_data.sum(dtype=torch.float32) for buffer in self.ddp.buffers)
-        return bool(torch.isfinite(total))
+    def _forward_backward(self) -> torch.Tensor | None:
+        """Forward and backward over the global batch: the token-mean loss (a 0-d tensor on the
+        last pipeline stage, None elsewhere); the gradients are in the DDP buffers."""
+        from dense_model.training.step import forward_backward, lm_loss
+
+        t = self.cfg.training
+        losses = forward_backward(
+            [self.ddp], self.train_iter, self.num_microbatches, self.cfg.model.seq_length, t.micro_batch_size
+        )
+        return lm_loss(losses)
+
+    def _step_health(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """[loss is NaN/Inf, a local gradient is NaN/Inf, the loss or -inf], float64, on the GPU/CPU.
+        A NaN or Inf anywhere in a gradient buffer makes its sum non-finite (with the distributed
+        optimizer the rank that holds a bad local gradient still sees it)."""
+        grad_sum = sum(buffer.grad_data.sum(dtype=torch.float32) for buffer in self.ddp.buffers)
+        grad_bad = torch.isfinite(grad_sum).logical_not().double()
+        if loss is None:  # not the last pipeline stage
+            loss_bad, value = torch.zeros_like(grad_bad), torch.full_like(grad_bad, -math.inf)
+        else:
+            loss = loss.double().to(grad_bad.device)
+            loss_bad = torch.isfinite(loss).logical_not().double()
+            value = torch.where(loss_bad > 0, torch.full_like(loss, -math.inf), loss)
+        return torch.stack([loss_bad, grad_bad, value])
 
     def _bad_step(self, step: int, what: str):
         if self.cfg.training.nan_policy == "stop":
@@ -217,7 +209,7 @@ class Trainer:
                 forward_only=True,
             )
         self.ddp.train()
-        return _last_stage_value(reduce_lm_loss(losses))
+        return collectives.broadcast_from_last_stage(reduce_lm_loss(losses))
 
     def save(self) -> None:
         from dense_model.training.checkpointing import save_checkpoint
@@ -274,7 +266,7 @@ class Trainer:
             if lg.eval_interval and step % lg.eval_interval == 0:
                 self._validate()
                 last_eval = step
-            stop = _any_rank(self.terminate.requested)
+            stop = collectives.any_rank(self.terminate.requested)
             if (save_every and step % save_every == 0) or stop:
                 self.save()
                 last_saved = step

@@ -36,15 +36,24 @@ def forward_step(data_iterator, model):
     return output, partial(loss_func, loss_mask)
 
 
-def reduce_lm_loss(losses_reduced: list[dict]) -> float | None:
-    """The global batch's token-mean loss from the schedule's per-micro-batch dicts (last PP stage)."""
+def lm_loss(losses_reduced: list[dict]) -> torch.Tensor | None:
+    """The global batch's token-mean loss (0-d tensor, not synced to the host) from the schedule's
+    per-micro-batch dicts; None on the stages that are not the last (they have no loss)."""
     from megatron.core import parallel_state
+
+    from dense_model.collectives import sum_over_group
 
     if not losses_reduced:
         return None
     stacked = torch.stack([d["lm loss"] for d in losses_reduced]).sum(dim=0)  # [sum, count]
-    torch.distributed.all_reduce(stacked, group=parallel_state.get_data_parallel_group())
-    return (stacked[0] / stacked[1].clamp(min=1)).item()
+    sum_over_group(stacked, parallel_state.get_data_parallel_group())
+    return stacked[0] / stacked[1].clamp(min=1)
+
+
+def reduce_lm_loss(losses_reduced: list[dict]) -> float | None:
+    """``lm_loss`` as a Python number (one host sync)."""
+    loss = lm_loss(losses_reduced)
+    return None if loss is None else loss.item()
 
 
 def forward_backward(

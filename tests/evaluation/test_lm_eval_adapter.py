@@ -420,3 +420,30 @@ def test_compare_evals_table(cli_run, checkpoint):
         check=True,
     ).stdout
     assert "tiny_python_mc acc |" in custom and "| PolyNorm |" in custom
+
+
+def _dtype_job(rank, world_size, out_dir):
+    """The adapter asked for bf16: megatron-core's config is built bf16 too (its attention then casts
+    the fp32 softmax back to bf16), not an fp32 config over bf16 weights."""
+    from dense_model.evaluation import DenseModelLM
+
+    lm = DenseModelLM(pretrained=str(Path(out_dir) / "run"), dtype="bfloat16")
+    config = lm.model.config
+    scores = lm._loglikelihood_tokens([(("", ""), [5, 6, 7], [8, 9])])
+    Path(out_dir, "dtype.json").write_text(
+        json.dumps(
+            {
+                "bf16": config.bf16,
+                "params_dtype": str(config.params_dtype),
+                "weights": sorted({str(p.dtype) for p in lm.model.parameters()}),
+                "score": scores[0][0],
+            }
+        )
+    )
+
+
+def test_adapter_builds_the_model_in_the_dtype_asked_for(checkpoint):
+    spawn_workers(_dtype_job, 1, str(checkpoint))
+    r = json.loads((checkpoint / "dtype.json").read_text())
+    assert r["bf16"] and r["params_dtype"] == "torch.bfloat16" and r["weights"] == ["torch.bfloat16"]
+    assert r["score"] < 0

@@ -131,12 +131,22 @@ def test_save_killed_midway_keeps_previous_checkpoint(tiny_config):
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 @pytest.mark.parametrize("where", ["loss", "grad"])
 def test_nan_policy(tiny_config, policy, where):
+    import os
+    import subprocess
+    import sys
+
     config, run_dir = tiny_config(f"nan_{where}_{policy}")
-    proc = launch(
-        config, f"training.nan_policy={policy}", env={"DENSE_MODEL_INJECT_NAN_AT_STEP": f"{where}:6"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests/training/inject_nan.py"), f"{where}:6", str(config)]
+        + [f"training.nan_policy={policy}"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
-    code, out = finish(proc)
-    what = "loss is nan" if where == "loss" else "a gradient is NaN or Inf"
+    code, out = proc.returncode, proc.stdout
+    what = "the loss is NaN or Inf" if where == "loss" else "a gradient is NaN or Inf"
     if policy == "stop":
         assert code != 0
         assert f"step 6: {what}" in out and "stopping before the optimizer step" in out
@@ -176,6 +186,45 @@ def test_two_process_layouts_match_single_process(tiny_config, layout):
     run_ok(config, *short, *overrides, nproc=2)
     for ours, ref in zip(_first_losses(run_dir), _first_losses(ref_dir)):
         assert ours == pytest.approx(ref, rel=1e-5)
+
+
+def _read_model_tensors(rank, world_size, folder, out_file):
+    """megatron-core's reader needs a process group: a one-process gloo group."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core.dist_checkpointing import load_plain_tensors
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    state = load_plain_tensors(folder)
+    model_keys = ("embedding.", "decoder.", "output_layer.")  # the GPTModel's, not the optimizer's
+    torch.save({k: v for k, v in state.items() if k.startswith(model_keys)}, out_file)
+
+
+def test_overlap_param_gather_saves_the_updated_weights(tiny_config, tmp_path):
+    """With the distributed optimizer and overlap_param_gather the last step's all-gather waits for
+    the next forward; the save (here right after the last step: no evaluation) must finish it."""
+    import torch
+
+    from dense_model.testing import spawn_workers
+
+    short = ["training.train_iters=3", "checkpoint.save_interval=1000", "logging.eval_iters=0"]
+    weights = {}
+    for overlap in ("false", "true"):
+        config, run_dir = tiny_config(f"overlap_{overlap}")
+        run_ok(
+            config,
+            *short,
+            "parallel.use_distributed_optimizer=true",
+            f"parallel.overlap_param_gather={overlap}",
+            "parallel.overlap_grad_reduce=true",
+            nproc=2,
+        )
+        out = tmp_path / f"weights_{overlap}.pt"
+        spawn_workers(_read_model_tensors, 1, str(run_dir / "checkpoints/iter_0000003"), str(out))
+        weights[overlap] = torch.load(out)
+    assert weights["true"].keys() == weights["false"].keys() and len(weights["true"]) > 10
+    differ = [k for k in weights["true"] if not torch.equal(weights["true"][k], weights["false"][k])]
+    assert not differ, f"{len(differ)} of {len(weights['true'])} tensors differ: {differ[:3]}"
 
 
 def test_checkpoint_saved_at_tp2_loads_at_tp1_with_same_validation_loss(tiny_config):
