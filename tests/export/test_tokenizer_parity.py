@@ -13,24 +13,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from dense_model.testing import python_docs_text
+from dense_model.testing import LLAMA_STYLE_SENTENCEPIECE, train_sentencepiece
 
-LLAMA_STYLE = dict(
-    model_type="bpe",
-    byte_fallback=True,
-    split_digits=True,
-    normalization_rule_name="identity",
-    allow_whitespace_only_pieces=True,
-    remove_extra_whitespaces=False,
-    add_dummy_prefix=True,
-)
 # name -> (trainer settings, what the export must ship)
 FAMILIES = {
-    "llama_bpe": (LLAMA_STYLE, "tokenizer.json"),
+    "llama_bpe": (LLAMA_STYLE_SENTENCEPIECE, "tokenizer.json"),
     "default_bpe": (dict(model_type="bpe"), "tokenizer.json"),
     "default_unigram": (dict(model_type="unigram"), "tokenizer.json"),
     # Unigram ties between equal-score splits of a whitespace run: tokenizers breaks them otherwise
-    "llama_unigram": (dict(LLAMA_STYLE, model_type="unigram"), "sentencepiece"),
+    "llama_unigram": (dict(LLAMA_STYLE_SENTENCEPIECE, model_type="unigram"), "sentencepiece"),
     # NFKC keeping whitespace: tokenizers normalises "\r\n" as one grapheme, SentencePiece per char
     "nfkc_keep_spaces": (
         dict(
@@ -82,34 +73,9 @@ def generated_corpus(seed: int = 13) -> list[str]:
 
 @pytest.fixture(scope="session")
 def trained_models(tmp_path_factory):
-    """SentencePiece models of each family, vocab 512, on Python's docs plus indented code lines."""
-    import sentencepiece as spm
-
+    """SentencePiece models of each family (dense_model.testing.train_sentencepiece)."""
     out = tmp_path_factory.mktemp("spm_families")
-    lines = python_docs_text()
-    rng = random.Random(0)
-    code = [" " * rng.choice([0, 2, 4, 8, 12]) + rng.choice(lines)[:80] for _ in range(2000)]
-    corpus = out / "corpus.txt"
-    corpus.write_text(
-        "\n".join(lines + code + ["日本語のテキスト 中文 한국어 émigré 0123456789"]), encoding="utf-8"
-    )
-    models = {}
-    for name, (settings, _) in FAMILIES.items():
-        spm.SentencePieceTrainer.train(
-            input=str(corpus),
-            model_prefix=str(out / name),
-            vocab_size=512,
-            character_coverage=1.0,
-            num_threads=1,
-            minloglevel=2,
-            bos_id=1,
-            eos_id=2,
-            unk_id=0,
-            pad_id=-1,
-            **settings,
-        )
-        models[name] = str(out / f"{name}.model")
-    return models
+    return {name: train_sentencepiece(out, name, **settings) for name, (settings, _) in FAMILIES.items()}
 
 
 @pytest.fixture(scope="module")
