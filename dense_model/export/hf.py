@@ -10,7 +10,8 @@
 The checkpoint is loaded at TP=1, PP=1 whatever layout saved it (dist_checkpointing reshards), so
 every layout exports the same bytes. The folder holds config.json, model*.safetensors (sharded
 with an index above ``max_shard_size``), generation_config.json, the tokenizer (see tokenizer.py),
-dense_model.json (the checkpoint's metadata, for provenance) and, for activations other than
+dense_model.json (the checkpoint's metadata, and
+the tokenizer file the export was made from with its sha256, for provenance) and, for activations other than
 SwiGLU, configuration_dense_model.py + modeling_dense_model.py (``auto_map``; Llama with the MLP
 swapped, see that file).
 

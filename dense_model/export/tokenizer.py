@@ -86,48 +86,43 @@ def export_tokenizer(
 
     ours = build_tokenizer(tokenizer_type, str(model_path))
     out_dir = Path(out_dir)
-    reason = None
-    if ours.tokenizer_type == "sentencepiece":
-        reason = fast_tokenizer_gap(str(model_path))
-        hf = sentencepiece_to_hf(str(model_path)) if reason is None else None
-    else:
+    if ours.tokenizer_type != "sentencepiece":
         hf = _load_hf(str(model_path), ours)
-    if hf is not None:
+        _save(hf, out_dir, model_max_length)
+        return ExportedTokenizer(_special_ids(hf), _provenance(ours, "save_pretrained"))
+
+    reason = fast_tokenizer_gap(str(model_path))
+    if reason is None:
+        hf = sentencepiece_to_hf(str(model_path))
         _save(hf, out_dir, model_max_length)
         mismatch = tokenizer_mismatch(ours, out_dir)
-        if mismatch and ours.tokenizer_type == "sentencepiece":
+        if mismatch:
             reason = f"the tokenizer.json built from it differs from SentencePiece: {mismatch}"
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
                 (out_dir / name).unlink(missing_ok=True)
-    if reason is not None:
-        hf = _exact_sentencepiece(str(model_path), out_dir, model_max_length)
-    kind = "tokenizer.json" if reason is None or ours.tokenizer_type != "sentencepiece" else "sentencepiece"
-    if ours.tokenizer_type == "sentencepiece":
-        print(
-            f"export: tokenizer {model_path} -> "
-            + (
-                "tokenizer.json (fast, checked id for id)"
-                if kind == "tokenizer.json"
-                else "tokenizer.model "
-                f"run by SentencePiece (AutoTokenizer needs trust_remote_code=True), because {reason}"
-            ),
-            flush=True,
-        )
-    provenance = {
-        "source": ours.path,
-        "type": ours.tokenizer_type,
-        # a file (the .model): its sha256, as sha256sum prints it; a folder: the resume fingerprint
-        "sha256": _sha256(ours.path) if os.path.isfile(ours.path) else ours.fingerprint(),
-        "exported_as": kind,
-    }
-    if reason is not None:
-        provenance["why_not_tokenizer_json"] = reason
-    special = {
-        "bos_token_id": hf.bos_token_id,
-        "eos_token_id": hf.eos_token_id,
-        "pad_token_id": hf.pad_token_id,
-    }
-    return ExportedTokenizer(special, provenance)
+    if reason is None:
+        print(f"export: tokenizer {model_path} -> tokenizer.json (checked id for id)", flush=True)
+        return ExportedTokenizer(_special_ids(hf), _provenance(ours, "tokenizer.json"))
+    hf = _exact_sentencepiece(str(model_path), out_dir, model_max_length)
+    print(
+        f"export: tokenizer {model_path} -> tokenizer.model run by SentencePiece "
+        f"(AutoTokenizer needs trust_remote_code=True), because {reason}",
+        flush=True,
+    )
+    return ExportedTokenizer(
+        _special_ids(hf), {**_provenance(ours, "sentencepiece"), "why_not_tokenizer_json": reason}
+    )
+
+
+def _special_ids(hf) -> dict:
+    return {"bos_token_id": hf.bos_token_id, "eos_token_id": hf.eos_token_id, "pad_token_id": hf.pad_token_id}
+
+
+def _provenance(ours, exported_as: str) -> dict:
+    """For dense_model.json: the tokenizer file the export was made from, its sha256 (of the .model
+    file, as sha256sum prints it; of a folder: the resume fingerprint) and what was shipped."""
+    sha256 = _sha256(ours.path) if os.path.isfile(ours.path) else ours.fingerprint()
+    return {"source": ours.path, "type": ours.tokenizer_type, "sha256": sha256, "exported_as": exported_as}
 
 
 def tokenizer_mismatch(ours, folder: str | os.PathLike, texts: list[str] | None = None) -> str | None:
