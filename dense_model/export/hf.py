@@ -9,11 +9,11 @@
 
 The checkpoint is loaded at TP=1, PP=1 whatever layout saved it (dist_checkpointing reshards), so
 every layout exports the same bytes. The folder holds config.json, model*.safetensors (sharded
-with an index above ``max_shard_size``), generation_config.json, the tokenizer (see tokenizer.py),
-dense_model.json (the checkpoint's metadata, and
-the tokenizer file the export was made from with its sha256, for provenance) and, for activations other than
-SwiGLU, configuration_dense_model.py + modeling_dense_model.py (``auto_map``; Llama with the MLP
-swapped, see that file).
+with an index above ``max_shard_size``), generation_config.json, the tokenizer (see tokenizer.py;
+checked against the training tokenizer before the folder gets its final name), dense_model.json
+(the checkpoint's metadata, and the tokenizer file the export was made from with its sha256) and,
+for activations other than SwiGLU, configuration_dense_model.py + modeling_dense_model.py
+(``auto_map``; Llama with the MLP swapped, see that file).
 
 Weight mapping (megatron-core local spec -> Llama names), per layer N:
 
