@@ -9,10 +9,11 @@
 
 The checkpoint is loaded at TP=1, PP=1 whatever layout saved it (dist_checkpointing reshards), so
 every layout exports the same bytes. The folder holds config.json, model*.safetensors (sharded
-with an index above ``max_shard_size``), generation_config.json, the tokenizer (see tokenizer.py),
-dense_model.json (the checkpoint's metadata, for provenance) and, for activations other than
-SwiGLU, configuration_dense_model.py + modeling_dense_model.py (``auto_map``; Llama with the MLP
-swapped, see that file).
+with an index above ``max_shard_size``), generation_config.json, the tokenizer (see tokenizer.py;
+checked against the training tokenizer before the folder gets its final name), dense_model.json
+(the checkpoint's metadata, and the tokenizer file the export was made from with its sha256) and,
+for activations other than SwiGLU, configuration_dense_model.py + modeling_dense_model.py
+(``auto_map``; Llama with the MLP swapped, see that file).
 
 Weight mapping (megatron-core local spec -> Llama names), per layer N:
 
@@ -252,13 +253,9 @@ def export_hf(
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        special = {"bos_token_id": None, "eos_token_id": None}
+        special, tokenizer_provenance = {"bos_token_id": None, "eos_token_id": None}, None
         if cfg.data.tokenizer_model:
-            from dense_model.export.tokenizer import export_tokenizer
-
-            special = export_tokenizer(
-                cfg.data.tokenizer_type, cfg.data.tokenizer_model, tmp, model_max_length=cfg.model.seq_length
-            )
+            tokenizer_provenance, special = _export_checked_tokenizer(cfg, tmp)
         config = hf_config(cfg, special, target)
         check_against_hf_model(weights, config)
         config.save_pretrained(str(tmp))
@@ -268,15 +265,38 @@ def export_hf(
             here = Path(__file__).parent
             for name in REMOTE_CODE_FILES:
                 shutil.copy2(here / name, tmp / name)
-        (tmp / "dense_model.json").write_text(
-            json.dumps({"source": str(folder), **read_metadata(folder)}, indent=2)
-        )
+        provenance = {"source": str(folder), **read_metadata(folder)}
+        if tokenizer_provenance is not None:
+            provenance["tokenizer"] = tokenizer_provenance
+        (tmp / "dense_model.json").write_text(json.dumps(provenance, indent=2))
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(tmp, output_dir)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return output_dir
+
+
+def _export_checked_tokenizer(cfg, folder: Path) -> tuple[dict, dict]:
+    """Export the training tokenizer into ``folder`` and check it there, loaded through AutoTokenizer,
+    against the tokenizer training used (the single source of truth) on the built-in probe texts.
+    Returns (provenance for dense_model.json, special ids for config.json); ExportError on a mismatch,
+    before anything is moved to the final name."""
+    from dense_model.data.tokenizers import build_tokenizer
+    from dense_model.export.tokenizer import export_tokenizer, tokenizer_mismatch
+
+    data = cfg.data
+    exported = export_tokenizer(
+        data.tokenizer_type, data.tokenizer_model, folder, model_max_length=cfg.model.seq_length
+    )
+    mismatch = tokenizer_mismatch(build_tokenizer(data.tokenizer_type, data.tokenizer_model), folder)
+    if mismatch:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ExportError(
+            f"the exported tokenizer does not reproduce {data.tokenizer_model} (data.tokenizer_model): "
+            f"{mismatch}; the export was abandoned, nothing was written to the output folder"
+        )
+    return exported.provenance, exported.special_ids
 
 
 def _generation_config(config):

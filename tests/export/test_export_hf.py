@@ -7,6 +7,7 @@ CLI's own process; transformers runs here.
 """
 
 import ast
+import hashlib
 import json
 import subprocess
 import sys
@@ -194,7 +195,7 @@ def hf_logits(folder: Path, tokens: torch.Tensor, remote: bool):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", list(SPECS))
-def test_exported_model_gives_our_logits(exported, spec):
+def test_exported_model_gives_our_logits(exported, spec, spm_model):
     tokens = torch.load(exported / "tokens.pt")
     ours = torch.load(exported / "logits_tp1.pt")[spec]
     folder = exported / "hf" / spec
@@ -208,6 +209,10 @@ def test_exported_model_gives_our_logits(exported, spec):
     else:
         assert config["model_type"] == "dense_model" and config["activation"] == SPECS[spec][0]
         assert type(model).__name__ == "DenseModelForCausalLM"
+    # dense_model.json names the tokenizer the export was made from (the checkpoint's copy) and its sha256
+    tokenizer = json.loads((folder / "dense_model.json").read_text())["tokenizer"]
+    assert tokenizer["sha256"] == hashlib.sha256(Path(spm_model).read_bytes()).hexdigest()
+    assert tokenizer["source"].endswith("tokenizer.model") and tokenizer["exported_as"] == "tokenizer.json"
     assert ours.abs().max() > 1.0  # logits far from uniform: the comparison means something
     diff = (logits - ours).abs().max().item()
     assert diff < 1e-4, f"{spec}: max |HF - ours| = {diff:.3g}"
@@ -289,10 +294,15 @@ def test_tokenizer_encodes_like_sentencepiece(spm_model, tmp_path):
 
     from dense_model.export.tokenizer import export_tokenizer
 
-    ids = export_tokenizer("sentencepiece", spm_model, tmp_path / "tok", model_max_length=SEQ)
+    exported = export_tokenizer("sentencepiece", spm_model, tmp_path / "tok", model_max_length=SEQ)
     sp = sentencepiece.SentencePieceProcessor(model_file=spm_model)
     hf = AutoTokenizer.from_pretrained(tmp_path / "tok")
-    assert ids == {"bos_token_id": sp.eos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": None}
+    assert exported.special_ids == {
+        "bos_token_id": sp.eos_id(),
+        "eos_token_id": sp.eos_id(),
+        "pad_token_id": None,
+    }
+    assert exported.provenance["exported_as"] == "tokenizer.json"
     assert (hf.bos_token_id, hf.eos_token_id, len(hf)) == (sp.eos_id(), sp.eos_id(), sp.vocab_size())
     texts = _texts()
     for text in texts:
