@@ -40,6 +40,8 @@ class ModelConfig:
     """MLP activation, a name from dense_model.activations.list_activations()."""
     activation_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the activation, e.g. {order: 3} for polynorm/polyrelu."""
+    activation_modules: list[str] = field(default_factory=list)
+    """Modules imported before model.activation is looked up: activations registered outside dense_model."""
     fused_activation: bool = True
     """Use the activation's fused Triton kernel on GPUs when it has one (the torch reference otherwise)."""
     ffn_hidden_size: int | None = None
@@ -383,9 +385,13 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Raise ConfigError with the field and the fix if ``cfg`` cannot run on ``world_size`` ranks."""
-    from dense_model.activations import get_activation_entry
+    from dense_model.activations import get_activation_entry, import_activation_modules
 
     m, p, t = cfg.model, cfg.parallel, cfg.training
+    try:
+        import_activation_modules(m.activation_modules)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     try:
         entry = get_activation_entry(m.activation)
     except ValueError as err:

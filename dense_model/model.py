@@ -14,14 +14,13 @@ with megatron's [gate, up] layout and checkpoint resharding across TP sizes stay
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import zlib
 
 import torch
 import torch.nn.functional as F
 
-from dense_model.activations import build_activation, get_activation_entry
+from dense_model.activations import build_activation, get_activation_entry, import_activation_modules
 from dense_model.config import Config, ModelConfig, ffn_hidden_size, padded_vocab_size
 
 
@@ -33,8 +32,14 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available()
 
 
+def activation_entry(m: ModelConfig):
+    """The registry entry of ``m.activation``, once the modules in ``m.activation_modules`` are imported."""
+    import_activation_modules(m.activation_modules)
+    return get_activation_entry(m.activation)
+
+
 class RegistryActivation(torch.nn.Module):
-    """The MLP's activation_func submodule: the registry activation, told its TP group.
+    """The MLP's activation_func submodule: the registry activation, built as its entry declares.
 
     megatron-core's MLP calls it on fc1's whole output (``use_te_activation_func`` is the flag that
     makes MLP build and call the spec's activation module instead of a bare function).
@@ -44,14 +49,14 @@ class RegistryActivation(torch.nn.Module):
         super().__init__()
         from megatron.core import parallel_state
 
+        entry = get_activation_entry(name)
         kwargs = dict(kwargs)
-        accepted = inspect.signature(get_activation_entry(name).cls).parameters
-        if "tp_group" in accepted:  # activations with row statistics or replicated scalars (PolyCom)
-            kwargs.setdefault(
-                "tp_group", parallel_state.get_tensor_model_parallel_group(check_initialized=False)
-            )
-        if "use_fused" in accepted:
-            kwargs.setdefault("use_fused", fused)
+        if entry.takes_tp_group:
+            kwargs["tp_group"] = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+        if entry.fused is not None:
+            # The fused kernels run on CUDA tensors only: no GPU, no import of Triton.
+            use = fused and torch.cuda.is_available()
+            kwargs["fused_kernel"] = entry.fused() if use else None
         self.act = build_activation(name, **kwargs)
 
     def forward(self, x):  # [s, b, ffn/tp] (gated: [s, b, 2*ffn/tp]) -> [s, b, ffn/tp]
@@ -99,7 +104,7 @@ def transformer_config(cfg: Config, perform_initialization: bool = True):
     m, p, t = cfg.model, cfg.parallel, cfg.training
     on_gpu = torch.cuda.is_available()
     bf16 = t.bf16 and on_gpu
-    gated = get_activation_entry(m.activation).gated
+    gated = activation_entry(m).gated
     recompute = None if t.recompute_granularity == "none" else t.recompute_granularity
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -240,7 +245,7 @@ def count_parameters(m: ModelConfig) -> dict[str, int]:
     groups = m.num_query_groups or heads
     kv = h // heads
     ffn = ffn_hidden_size(m)
-    gated = get_activation_entry(m.activation).gated
+    gated = activation_entry(m).gated
     act = build_activation(m.activation, **m.activation_kwargs)
     act_params = sum(p.numel() for p in act.parameters())
     attention = h * (heads + 2 * groups) * kv + heads * kv * h

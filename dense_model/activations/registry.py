@@ -1,19 +1,30 @@
-"""The activation registry: name -> entry (torch reference class, gated or not, optional fused kernel).
+"""The activation registry: name -> entry (torch module class and what the model hands it).
 
-Adding an activation is one decorated class in one file of this package::
+Adding an activation is one decorated class in one file::
 
     @register_activation("my_act", gated=False)
     class MyAct(nn.Module):
         def forward(self, x):  # [..., ffn]  (gated: [..., 2 * ffn] -> [..., ffn])
             ...
 
-Every module of ``dense_model.activations`` is imported when the package is, so nothing else is
-edited. Names are unique: registering a name twice raises.
+The decorator declares the whole protocol between the activation and the model
+(``dense_model.model.RegistryActivation``), which builds ``cls(**model.activation_kwargs, ...)`` with
+
+  * ``tp_group=<the tensor-parallel group or None>`` when ``takes_tp_group=True`` (activations whose
+    output depends on the whole FFN row, or whose parameters are replicated over TP ranks);
+  * ``fused_kernel=<callable or None>`` when ``fused=`` names a loader: a function, called once per
+    model build on machines with a GPU, that returns the fast path (imported then, so Triton stays
+    optional) or None where its dependency is missing. None also when ``model.fused_activation`` is off.
+
+A file in this package is imported with the package; a file elsewhere is named in the config
+(``model.activation_modules: [my_pkg.my_act]``) and imported before the name is looked up. Names
+are unique: registering a name twice raises.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -26,26 +37,24 @@ class ActivationEntry:
     name: str
     cls: type[torch.nn.Module]
     gated: bool  # the input is 2x the FFN width: [gate, up] halves, like megatron's GLU layout
-    fused: str | None  # "module:function" of an optional fused (Triton) fast path, imported lazily
+    takes_tp_group: bool  # the constructor takes tp_group=
+    fused: (
+        Callable[[], Callable | None] | None
+    )  # loader of the fast path; the constructor takes fused_kernel=
     summary: str
-
-    def load_fused(self):
-        """The fused kernel's callable, or None when the entry has none or Triton is missing."""
-        if self.fused is None:
-            return None
-        module_name, _, attr = self.fused.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            return None
-        return getattr(module, attr)
 
 
 _REGISTRY: dict[str, ActivationEntry] = {}
 
 
-def register_activation(name: str, *, gated: bool = False, fused: str | None = None):
-    """Class decorator that registers an activation under ``name``."""
+def register_activation(
+    name: str,
+    *,
+    gated: bool = False,
+    takes_tp_group: bool = False,
+    fused: Callable[[], Callable | None] | None = None,
+):
+    """Class decorator that registers an activation under ``name`` (see the module docstring)."""
 
     def decorate(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
         if name in _REGISTRY:
@@ -54,12 +63,22 @@ def register_activation(name: str, *, gated: bool = False, fused: str | None = N
                 f"{_REGISTRY[name].cls.__qualname__}; pick another name for {cls.__qualname__}"
             )
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        _REGISTRY[name] = ActivationEntry(name=name, cls=cls, gated=gated, fused=fused, summary=summary)
-        cls.activation_name = name
-        cls.gated = gated
+        _REGISTRY[name] = ActivationEntry(name, cls, gated, takes_tp_group, fused, summary)
         return cls
 
     return decorate
+
+
+def import_activation_modules(modules: Iterable[str]) -> None:
+    """Import the modules that register activations from outside this package (``model.activation_modules``)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(
+                f"model.activation_modules: cannot import {module!r} ({err}); "
+                "put its folder on PYTHONPATH or fix the module name"
+            ) from None
 
 
 def list_activations() -> list[str]:
@@ -73,7 +92,8 @@ def get_activation_entry(name: str) -> ActivationEntry:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(
-            f"unknown activation {name!r}; known activations: {', '.join(list_activations())}"
+            f"unknown activation {name!r}; known activations: {', '.join(list_activations())} "
+            "(an activation defined outside dense_model needs its module in model.activation_modules)"
         ) from None
 
 
