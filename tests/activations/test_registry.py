@@ -1,6 +1,7 @@
 """Every registered activation against an independent float64 formula, forward and gradients."""
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def test_shipped_activations_are_registered():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_forward_and_gradients_match_float64_formula(name):
-    gen = torch.Generator().manual_seed(hash(name) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))  # stable across processes
     width = 2 * 131 if is_gated(name) else 131  # ragged, not a power of two
     x = torch.randn(3, 5, width, generator=gen, dtype=torch.float32, requires_grad=True)
     act = build_activation(name)

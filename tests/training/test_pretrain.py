@@ -6,7 +6,8 @@ import signal
 import time
 
 import pytest
-from pretrain_jobs import finish, kill_job, launch, read_metrics
+
+from tests.training.pretrain_jobs import finish, kill_job, launch, read_metrics
 
 pytestmark = pytest.mark.slow
 
