@@ -1,6 +1,6 @@
 """The typed config: nested dataclasses, loaded from YAML with dotted ``key=value`` overrides.
 
-    cfg = load_config("configs/1b_polynorm.yaml", ["model.activation=polyrelu", "training.lr=2e-4"])
+    cfg = load_config("configs/1b/polynorm.yaml", ["model.activation=polyrelu", "training.lr=2e-4"])
     validate(cfg, world_size=32)   # before any process group exists; raises ConfigError
 
 Every field has a one-line docstring (the comment after it). Unknown keys, wrong types and

@@ -24,7 +24,7 @@ def _rms_normalise(v, eps=1e-6):
 
 
 def formula(name, x, w=None, b=None):
-    """Independent float64 definitions (paper.md for PolyCom), written without our code."""
+    """Independent float64 definitions (docs/paper.md for PolyCom), written without our code."""
     if name in ("swiglu", "geglu", "reglu"):
         gate, up = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
         inner = {"swiglu": _sigmoid_silu, "geglu": _erf_gelu, "reglu": lambda t: t.clamp(min=0)}[name]
