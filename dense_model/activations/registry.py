@@ -1,4 +1,4 @@
-"""The activation registry: name -> entry (torch module class and what the model hands it).
+"""The activation registry: name -> entry (the module class and what the model hands it).
 
 Adding an activation is one decorated class in one file::
 
@@ -7,18 +7,12 @@ Adding an activation is one decorated class in one file::
         def forward(self, x):  # [..., ffn]  (gated: [..., 2 * ffn] -> [..., ffn])
             ...
 
-The decorator declares the whole protocol between the activation and the model
-(``dense_model.model.RegistryActivation``), which builds ``cls(**model.activation_kwargs, ...)`` with
-
-  * ``tp_group=<the tensor-parallel group or None>`` when ``takes_tp_group=True`` (activations whose
-    output depends on the whole FFN row, or whose parameters are replicated over TP ranks);
-  * ``fused_kernel=<callable or None>`` when ``fused=`` names a loader: a function, called once per
-    model build on machines with a GPU, that returns the fast path (imported then, so Triton stays
-    optional) or None where its dependency is missing. None also when ``model.fused_activation`` is off.
-
-A file in this package is imported with the package; a file elsewhere is named in the config
-(``model.activation_modules: [my_pkg.my_act]``) and imported before the name is looked up. Names
-are unique: registering a name twice raises.
+The decorator is the whole protocol: the model (``dense_model.model.RegistryActivation``) builds
+``cls(**model.activation_kwargs)`` plus ``tp_group=`` if ``takes_tp_group`` (the output needs the
+whole FFN row, or parameters are replicated over TP ranks) and ``fused_kernel=`` if ``fused`` is
+given: a loader called at model build on GPU machines that returns the fast path, or None where its
+dependency (Triton) is missing; None too when ``model.fused_activation`` is off. Files of this
+package are imported with it; others are named in ``model.activation_modules``. Names are unique.
 """
 
 from __future__ import annotations
@@ -29,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+FusedLoader = Callable[[], Callable | None]  # returns the fast path, or None where it cannot run
+
 
 @dataclass(frozen=True)
 class ActivationEntry:
@@ -38,22 +34,13 @@ class ActivationEntry:
     cls: type[torch.nn.Module]
     gated: bool  # the input is 2x the FFN width: [gate, up] halves, like megatron's GLU layout
     takes_tp_group: bool  # the constructor takes tp_group=
-    fused: (
-        Callable[[], Callable | None] | None
-    )  # loader of the fast path; the constructor takes fused_kernel=
-    summary: str
+    fused: FusedLoader | None  # the constructor takes fused_kernel=
 
 
 _REGISTRY: dict[str, ActivationEntry] = {}
 
 
-def register_activation(
-    name: str,
-    *,
-    gated: bool = False,
-    takes_tp_group: bool = False,
-    fused: Callable[[], Callable | None] | None = None,
-):
+def register_activation(name: str, *, gated=False, takes_tp_group=False, fused: FusedLoader | None = None):
     """Class decorator that registers an activation under ``name`` (see the module docstring)."""
 
     def decorate(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
@@ -62,8 +49,7 @@ def register_activation(
                 f"activation {name!r} is already registered by {_REGISTRY[name].cls.__module__}."
                 f"{_REGISTRY[name].cls.__qualname__}; pick another name for {cls.__qualname__}"
             )
-        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        _REGISTRY[name] = ActivationEntry(name, cls, gated, takes_tp_group, fused, summary)
+        _REGISTRY[name] = ActivationEntry(name, cls, gated, takes_tp_group, fused)
         return cls
 
     return decorate
