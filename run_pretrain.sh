@@ -2,10 +2,10 @@
 # Launch pretraining on one or many nodes.
 #
 #   bash run_pretrain.sh                                   # the demo: small PolyNorm model, CPU, minutes
-#   bash run_pretrain.sh configs/1b_polynorm.yaml          # one node, all its GPUs
-#   bash run_pretrain.sh configs/1b_polynorm.yaml training.lr=2e-4 run_dir=runs/lr2e-4
-#   NNODES=4 NODE_RANK=$i MASTER_ADDR=node0 bash run_pretrain.sh configs/1b_polynorm_32xa100.yaml
-#   bash run_pretrain.sh configs/1b_polynorm.yaml --dry-run   # print the resolved job, start nothing
+#   bash run_pretrain.sh configs/1b/polynorm.yaml          # one node, all its GPUs
+#   bash run_pretrain.sh configs/1b/polynorm.yaml training.lr=2e-4 run_dir=runs/lr2e-4
+#   NNODES=4 NODE_RANK=$i MASTER_ADDR=node0 bash run_pretrain.sh configs/1b/polynorm.yaml   # 4 x 8 GPUs
+#   bash run_pretrain.sh configs/1b/polynorm.yaml --dry-run   # print the resolved job, start nothing
 #
 # Multi-node from NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE, or SLURM's variables
 # (SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST, SLURM_GPUS_ON_NODE) under srun: see

@@ -1,6 +1,6 @@
 """The typed config: nested dataclasses, loaded from YAML with dotted ``key=value`` overrides.
 
-    cfg = load_config("configs/1b_polynorm.yaml", ["model.activation=polyrelu", "training.lr=2e-4"])
+    cfg = load_config("configs/1b/polynorm.yaml", ["model.activation=polyrelu", "training.lr=2e-4"])
     validate(cfg, world_size=32)   # before any process group exists; raises ConfigError
 
     python -m dense_model.config CONFIG [k=v ...] --world-size 32 [--dry-run]   # run_pretrain.sh's check
@@ -46,6 +46,8 @@ class ModelConfig:
     """MLP activation, a name from dense_model.activations.list_activations()."""
     activation_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the activation, e.g. {order: 3} for polynorm/polyrelu."""
+    activation_modules: list[str] = field(default_factory=list)
+    """Modules imported before model.activation is looked up: activations registered outside dense_model."""
     fused_activation: bool = True
     """Use the activation's fused Triton kernel on GPUs when it has one (the torch reference otherwise)."""
     ffn_hidden_size: int | None = None
@@ -74,8 +76,12 @@ class ModelConfig:
     """Layer implementation: megatron-core's local modules, or Transformer Engine (GPU, if installed)."""
 
     def validate(self) -> None:
-        from dense_model.activations import get_activation_entry
+        from dense_model.activations import get_activation_entry, import_activation_modules
 
+        try:
+            import_activation_modules(self.activation_modules)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         try:
             entry = get_activation_entry(self.activation)
         except ValueError as err:

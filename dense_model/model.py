@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import math
+import os
 import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from dense_model.activations import build_activation, get_activation_entry
+from dense_model.activations import build_activation, get_activation_entry, import_activation_modules
 from dense_model.config import Config, ModelConfig, ffn_hidden_size, padded_vocab_size
 
 
@@ -94,8 +94,14 @@ def params_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.training.bf16 and device.type == "cuda" else torch.float32
 
 
+def activation_entry(m: ModelConfig):
+    """The registry entry of ``m.activation``, once the modules in ``m.activation_modules`` are imported."""
+    import_activation_modules(m.activation_modules)
+    return get_activation_entry(m.activation)
+
+
 class RegistryActivation(torch.nn.Module):
-    """The MLP's activation_func submodule: the registry activation, told its TP group.
+    """The MLP's activation_func submodule: the registry activation, built as its entry declares.
 
     megatron-core's MLP calls it on fc1's whole output (``use_te_activation_func`` is the flag that
     makes MLP build and call the spec's activation module instead of a bare function).
@@ -105,14 +111,15 @@ class RegistryActivation(torch.nn.Module):
         super().__init__()
         from megatron.core import parallel_state
 
+        entry = get_activation_entry(name)
         kwargs = dict(kwargs)
-        accepted = inspect.signature(get_activation_entry(name).cls).parameters
-        if "tp_group" in accepted:  # activations with row statistics or replicated scalars (PolyCom)
-            kwargs.setdefault(
-                "tp_group", parallel_state.get_tensor_model_parallel_group(check_initialized=False)
-            )
-        if "use_fused" in accepted:
-            kwargs.setdefault("use_fused", fused)
+        if entry.takes_tp_group:
+            kwargs["tp_group"] = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+        if entry.fused is not None:
+            # The fused kernels run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, as the
+            # tests run them): elsewhere Triton is not even imported.
+            use = fused and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+            kwargs["fused_kernel"] = entry.fused() if use else None
         self.act = build_activation(name, **kwargs)
 
     def forward(self, x):  # [s, b, ffn/tp] (gated: [s, b, 2*ffn/tp]) -> [s, b, ffn/tp]
@@ -169,7 +176,7 @@ def transformer_config(
     dtype = params_dtype(cfg, device) if dtype is None else dtype
     bf16 = dtype == torch.bfloat16
     kernels = installed_kernels() if kernels is None else kernels
-    gated = get_activation_entry(m.activation).gated
+    gated = activation_entry(m).gated
     recompute = None if t.recompute_granularity == "none" else t.recompute_granularity
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -311,7 +318,7 @@ def count_parameters(m: ModelConfig) -> dict[str, int]:
     groups = m.num_query_groups or heads
     kv = h // heads
     ffn = ffn_hidden_size(m)
-    gated = get_activation_entry(m.activation).gated
+    gated = activation_entry(m).gated
     act = build_activation(m.activation, **m.activation_kwargs)
     act_params = sum(p.numel() for p in act.parameters())
     attention = h * (heads + 2 * groups) * kv + heads * kv * h

@@ -1,7 +1,10 @@
-"""Shared pytest fixtures: small real tokenizers trained in the test session (no hub downloads)."""
+"""Shared pytest fixtures: small real tokenizers trained in the test session (no hub downloads), and
+a small real mmap dataset (CPython's docs, tokenised by the session's SentencePiece model) written
+with megatron-core's IndexedDatasetBuilder."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from dense_model.testing import python_docs_text
@@ -30,3 +33,19 @@ def spm_model(tmp_path_factory) -> str:
         pad_id=-1,
     )
     return str(out / "tok.model")
+
+
+@pytest.fixture(scope="session")
+def mmap_dataset(tmp_path_factory, spm_model):
+    """Prefix of an mmap dataset of CPython's docs (3000 paragraphs), for training runs."""
+    import sentencepiece as spm
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    sp = spm.SentencePieceProcessor(model_file=spm_model)
+    prefix = str(tmp_path_factory.mktemp("mmap") / "docs_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for paragraph in python_docs_text()[:3000]:
+        ids = sp.encode(paragraph) + [sp.eos_id()]
+        builder.add_document(np.array(ids, dtype=np.uint16), [len(ids)])
+    builder.finalize(prefix + ".idx")
+    return prefix

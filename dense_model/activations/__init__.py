@@ -6,7 +6,7 @@
 
 ``build_activation(name, **kw)`` returns an ``nn.Module``; ``is_gated(name)`` says whether its input
 is 2x the FFN width. Every module in this package is imported here, so a new activation is one
-decorated class in one new file.
+decorated class in one new file (elsewhere: one file named in ``model.activation_modules``).
 """
 
 import importlib
@@ -16,6 +16,7 @@ from dense_model.activations.registry import (
     ActivationEntry,
     build_activation,
     get_activation_entry,
+    import_activation_modules,
     is_gated,
     list_activations,
     register_activation,
@@ -29,6 +30,7 @@ __all__ = [
     "ActivationEntry",
     "build_activation",
     "get_activation_entry",
+    "import_activation_modules",
     "is_gated",
     "list_activations",
     "register_activation",

@@ -3,7 +3,7 @@
     PolyCom(x) = a0 + sum_{i=1..r} a_i * rho(x)^i      with rho = relu        (PolyReLU)
     PolyCom(x) = a0 + sum_{i=1..r} a_i * N(x^i)        with N(v) = v / sqrt(mean(v^2) + eps)  (PolyNorm)
 
-(ICLR 2025, arXiv 2411.03884; ../shared/docs/paper.md). The scalars a_1..a_r start at 1/r and a0 at
+(ICLR 2025, arXiv 2411.03884; docs/paper.md). The scalars a_1..a_r start at 1/r and a0 at
 0; they are 1-D parameters, so the optimizer gives them no weight decay.
 
 Tensor parallelism. fc1 is column-parallel, so each TP rank holds a slice of the FFN dimension.
@@ -63,7 +63,19 @@ class _SumGradOverGroup(torch.autograd.Function):
 
 
 def tp_world_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+    """Ranks in the TP group; 1 without a group or outside torch.distributed."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def load_fused_kernel():
+    """The fused Triton kernel (kernels/polycom.py), or None where Triton is missing."""
+    try:  # imported on demand: Triton is optional, and the exported model never calls this
+        from dense_model.activations.kernels.polycom import polycom_fused
+    except ImportError:
+        return None
+    return polycom_fused
 
 
 def replicated_coefficients(weight, bias, group, dtype=torch.float32):
@@ -126,7 +138,7 @@ class PolyCom(torch.nn.Module):
         inner: str | None = None,
         eps: float = 1e-6,
         tp_group=None,
-        use_fused: bool = True,
+        fused_kernel=None,
     ):
         super().__init__()
         inner = inner or self.default_inner
@@ -138,8 +150,7 @@ class PolyCom(torch.nn.Module):
         self.tp_group = tp_group
         self.weight = torch.nn.Parameter(torch.full((order,), 1.0 / order))  # a_1..a_r
         self.bias = torch.nn.Parameter(torch.zeros(1))  # a_0
-        self.use_fused = use_fused
-        self._fused_fn = None
+        self.fused_kernel = fused_kernel  # load_fused_kernel()'s callable, or None: the reference
 
     def reset_parameters(self):
         with torch.no_grad():
@@ -149,16 +160,11 @@ class PolyCom(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"order={self.order}, inner={self.inner}, eps={self.eps}, tp={tp_world_size(self.tp_group)}"
 
-    def _fused(self):
-        if self._fused_fn is None:
-            from dense_model.activations.registry import get_activation_entry
-
-            self._fused_fn = get_activation_entry(self.activation_name).load_fused() or False
-        return self._fused_fn or None
-
     def forward(self, x):  # [..., ffn / tp] -> [..., ffn / tp]
-        if self.use_fused and fused_kernels_run_on(x) and (fused := self._fused()) is not None:
-            return fused(x, self.weight, self.bias, inner=self.inner, eps=self.eps, tp_group=self.tp_group)
+        if self.fused_kernel is not None and fused_kernels_run_on(x):
+            return self.fused_kernel(
+                x, self.weight, self.bias, inner=self.inner, eps=self.eps, tp_group=self.tp_group
+            )
         return polycom_reference(
             x, self.weight, self.bias, inner=self.inner, eps=self.eps, tp_group=self.tp_group
         )

@@ -1,22 +1,29 @@
-"""The activation registry: name -> entry (torch reference class, gated or not, optional fused kernel).
+"""The activation registry: name -> entry (the module class and what the model hands it).
 
-Adding an activation is one decorated class in one file of this package::
+Adding an activation is one decorated class in one file::
 
     @register_activation("my_act", gated=False)
     class MyAct(nn.Module):
         def forward(self, x):  # [..., ffn]  (gated: [..., 2 * ffn] -> [..., ffn])
             ...
 
-Every module of ``dense_model.activations`` is imported when the package is, so nothing else is
-edited. Names are unique: registering a name twice raises.
+The decorator is the whole protocol: the model (``dense_model.model.RegistryActivation``) builds
+``cls(**model.activation_kwargs)`` plus ``tp_group=`` if ``takes_tp_group`` (the output needs the
+whole FFN row, or parameters are replicated over TP ranks) and ``fused_kernel=`` if ``fused`` is
+given: a loader called at model build on GPU machines that returns the fast path, or None where its
+dependency (Triton) is missing; None too when ``model.fused_activation`` is off. Files of this
+package are imported with it; others are named in ``model.activation_modules``. Names are unique.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+
+FusedLoader = Callable[[], Callable | None]  # returns the fast path, or None where it cannot run
 
 
 @dataclass(frozen=True)
@@ -26,26 +33,15 @@ class ActivationEntry:
     name: str
     cls: type[torch.nn.Module]
     gated: bool  # the input is 2x the FFN width: [gate, up] halves, like megatron's GLU layout
-    fused: str | None  # "module:function" of an optional fused (Triton) fast path, imported lazily
-    summary: str
-
-    def load_fused(self):
-        """The fused kernel's callable, or None when the entry has none or Triton is missing."""
-        if self.fused is None:
-            return None
-        module_name, _, attr = self.fused.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            return None
-        return getattr(module, attr)
+    takes_tp_group: bool  # the constructor takes tp_group=
+    fused: FusedLoader | None  # the constructor takes fused_kernel=
 
 
 _REGISTRY: dict[str, ActivationEntry] = {}
 
 
-def register_activation(name: str, *, gated: bool = False, fused: str | None = None):
-    """Class decorator that registers an activation under ``name``."""
+def register_activation(name: str, *, gated=False, takes_tp_group=False, fused: FusedLoader | None = None):
+    """Class decorator that registers an activation under ``name`` (see the module docstring)."""
 
     def decorate(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
         if name in _REGISTRY:
@@ -53,13 +49,22 @@ def register_activation(name: str, *, gated: bool = False, fused: str | None = N
                 f"activation {name!r} is already registered by {_REGISTRY[name].cls.__module__}."
                 f"{_REGISTRY[name].cls.__qualname__}; pick another name for {cls.__qualname__}"
             )
-        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        _REGISTRY[name] = ActivationEntry(name=name, cls=cls, gated=gated, fused=fused, summary=summary)
-        cls.activation_name = name
-        cls.gated = gated
+        _REGISTRY[name] = ActivationEntry(name, cls, gated, takes_tp_group, fused)
         return cls
 
     return decorate
+
+
+def import_activation_modules(modules: Iterable[str]) -> None:
+    """Import the modules that register activations from outside this package (``model.activation_modules``)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(
+                f"model.activation_modules: cannot import {module!r} ({err}); "
+                "put its folder on PYTHONPATH or fix the module name"
+            ) from None
 
 
 def list_activations() -> list[str]:
@@ -73,7 +78,8 @@ def get_activation_entry(name: str) -> ActivationEntry:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(
-            f"unknown activation {name!r}; known activations: {', '.join(list_activations())}"
+            f"unknown activation {name!r}; known activations: {', '.join(list_activations())} "
+            "(an activation defined outside dense_model needs its module in model.activation_modules)"
         ) from None
 
 

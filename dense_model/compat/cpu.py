@@ -2,7 +2,7 @@
 
 megatron-core has no CPU mode: about 140 places call ``torch.cuda.current_device()``, ``.cuda()``,
 pass ``device="cuda"``, use the CUDA RNG state or assert that a gradient is a
-``torch.cuda.FloatTensor`` (see ../shared/docs/megatron-core-notes.md). This module is the one place
+``torch.cuda.FloatTensor`` (see docs/megatron-core.md). This module is the one place
 that bends those calls to the CPU, so the rest of dense_model is written as for a GPU:
 
   (a) a ``TorchFunctionMode`` maps CUDA device arguments of factory calls, ``.cuda()`` and ``.to()``

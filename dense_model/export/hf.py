@@ -12,8 +12,10 @@ every layout exports the same bytes. The folder holds config.json, model*.safete
 with an index above ``max_shard_size``), generation_config.json, the tokenizer (see tokenizer.py;
 checked against the training tokenizer before the folder gets its final name), dense_model.json
 (the checkpoint's metadata, and the tokenizer file the export was made from with its sha256) and,
-for activations other than SwiGLU, configuration_dense_model.py + modeling_dense_model.py
-(``auto_map``; Llama with the MLP swapped, see that file).
+for activations other than SwiGLU, the ``trust_remote_code`` files (``auto_map``; Llama with the MLP
+swapped, see modeling_dense_model.py): configuration_dense_model.py, modeling_dense_model.py and the
+activation's own source from the registry (``remote_code_files``), so the exported model runs the
+same math.
 
 Weight mapping (megatron-core local spec -> Llama names), per layer N:
 
@@ -37,6 +39,8 @@ against the transformers model built on the meta device before anything is writt
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
 import os
 import shutil
@@ -46,6 +50,7 @@ from pathlib import Path
 import torch
 
 REMOTE_CODE_FILES = ("configuration_dense_model.py", "modeling_dense_model.py")
+ACTIVATIONS_PACKAGE = "dense_model.activations"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -157,12 +162,80 @@ def convert_state_dict(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.T
     return out
 
 
-def check_against_hf_model(weights: dict[str, torch.Tensor], config) -> None:
-    """Build the transformers model on the meta device; names and shapes must match ``weights``."""
+def remote_code_files(activation: str) -> dict[str, str]:
+    """File name -> source of the ``trust_remote_code`` files of a model whose MLP runs ``activation``.
+
+    The modeling and configuration files of this folder; the module that registers the activation
+    (in dense_model or named in ``model.activation_modules``) and, transitively, the
+    dense_model.activations modules it imports at module level (the registry, _polycom.py), each
+    copied with those imports made relative so that transformers copies and loads them together;
+    and activation_dense_model.py, which imports the activation's module (registering it) and the
+    registry functions modeling_dense_model.py uses. Imports inside functions are left as they are
+    (``load_fused_kernel``'s Triton import: training only).
+    """
+    from dense_model.activations import get_activation_entry
+
+    here = Path(__file__).parent
+    files = {name: (here / name).read_text() for name in REMOTE_CODE_FILES}
+    cls = get_activation_entry(activation).cls
+    todo, shipped = [cls.__module__], {}
+    while todo:
+        module_name = todo.pop()
+        if module_name in shipped:
+            continue
+        shipped[module_name] = module_name.rpartition(".")[2]
+        source = Path(importlib.import_module(module_name).__file__).read_text()
+        lines = source.splitlines(keepends=True)
+        for node in ast.parse(source).body:
+            if not (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and node.module.split(".")[0] == "dense_model"
+            ):
+                continue
+            dep = node.module
+            if dep == ACTIVATIONS_PACKAGE:  # the package re-exports the registry's functions
+                dep = f"{ACTIVATIONS_PACKAGE}.registry"
+                missing = [a.name for a in node.names if not hasattr(importlib.import_module(dep), a.name)]
+                if missing:
+                    raise ExportError(
+                        f"{module_name}: the export ships only the registry of {ACTIVATIONS_PACKAGE}, not {missing}"
+                    )
+            if not dep.startswith(ACTIVATIONS_PACKAGE + ".") or dep.count(".") != 2:
+                raise ExportError(
+                    f"{module_name} line {node.lineno}: the export copies only modules of {ACTIVATIONS_PACKAGE} "
+                    f"next to the model, not {dep}; import it inside the function that needs it"
+                )
+            line = lines[node.lineno - 1]
+            lines[node.lineno - 1] = line.replace(
+                f"from {node.module} import", f"from .{dep.rpartition('.')[2]} import", 1
+            )
+            todo.append(dep)
+        name = shipped[module_name] + ".py"
+        if name in files:
+            raise ExportError(
+                f"{module_name} would overwrite {name} in the exported folder; rename the module"
+            )
+        files[name] = "".join(lines)
+    files["activation_dense_model.py"] = (
+        f'"""The MLP activation {activation!r}: dense_model\'s registry and the module that registers it,\n'
+        'copied next to this file by the export."""\n\n'
+        f"from .{shipped[cls.__module__]} import {cls.__name__}  # noqa: F401  (registers {activation!r})\n"
+        "from .registry import build_activation, is_gated  # noqa: F401\n"
+    )
+    return files
+
+
+def check_against_hf_model(weights: dict[str, torch.Tensor], config, folder: Path) -> None:
+    """Build the transformers model on the meta device; names and shapes must match ``weights``.
+
+    A non-Llama model is built from the remote code already written to ``folder``, as a user loads it."""
     if config.model_type == "llama":
         from transformers import LlamaForCausalLM as cls
     else:
-        from dense_model.export.modeling_dense_model import DenseModelForCausalLM as cls
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        cls = get_class_from_dynamic_module("modeling_dense_model.DenseModelForCausalLM", str(folder))
 
     with torch.device("meta"):
         model = cls(config)
@@ -257,14 +330,13 @@ def export_hf(
         if cfg.data.tokenizer_model:
             tokenizer_provenance, special = _export_checked_tokenizer(cfg, tmp)
         config = hf_config(cfg, special, target)
-        check_against_hf_model(weights, config)
+        if config.model_type != "llama":
+            for name, source in remote_code_files(cfg.model.activation).items():
+                (tmp / name).write_text(source)
+        check_against_hf_model(weights, config, tmp)
         config.save_pretrained(str(tmp))
         _generation_config(config).save_pretrained(str(tmp))
         save_safetensors(weights, tmp, max_shard_size)
-        if config.model_type != "llama":
-            here = Path(__file__).parent
-            for name in REMOTE_CODE_FILES:
-                shutil.copy2(here / name, tmp / name)
         provenance = {"source": str(folder), **read_metadata(folder)}
         if tokenizer_provenance is not None:
             provenance["tokenizer"] = tokenizer_provenance

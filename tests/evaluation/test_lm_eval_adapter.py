@@ -7,7 +7,6 @@ leak into pytest); lm-eval's ``hf`` model runs here.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +40,7 @@ def tiny_config(tokenizer):
 
 
 def _make_job(rank, world_size, out_dir, tokenizer):
-    """A PolyNorm model, saved, exported, and scored by hand. Fresh random weights each run, with
+    """A PolyNorm model, saved, exported, and scored by hand. Random weights from a fixed seed, with
     the norms and PolyCom scalars moved off their init. The output rows of SentencePiece's
     byte-fallback pieces are zeroed: their logit is then 0 while the max over the other pieces is
     well above, so greedy generations are valid text (a run of byte tokens that is not UTF-8
@@ -53,7 +52,7 @@ def _make_job(rank, world_size, out_dir, tokenizer):
     from dense_model.parallel import initialize_parallel
     from dense_model.training.checkpointing import save_checkpoint
 
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = 1234  # fixed: a failure reproduces with the same weights
     initialize_parallel(1, 1, seed=seed)
     cfg = tiny_config(tokenizer)
     cfg.training.seed = seed

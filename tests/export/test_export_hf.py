@@ -243,7 +243,7 @@ def test_polycom_weights_are_named_and_standalone(exported):
         [sys.executable, "-c", code], capture_output=True, text=True, env=offline_env(exported)
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "DenseModelForCausalLM PolyCom(inner=norm, order=4" in result.stdout
+    assert "DenseModelForCausalLM PolyNorm(order=4, inner=norm" in result.stdout
 
 
 @pytest.mark.slow

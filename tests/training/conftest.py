@@ -1,25 +1,8 @@
-"""A small real mmap dataset (CPython's docs, tokenised by the session's SentencePiece model)
-written with megatron-core's IndexedDatasetBuilder, and a tiny model config that trains on it."""
+"""A tiny model config that trains on the session's mmap dataset (tests/conftest.py)."""
 
-import numpy as np
 import pytest
 
-from dense_model.testing import python_docs_text, tiny_model_overrides
-
-
-@pytest.fixture(scope="session")
-def mmap_dataset(tmp_path_factory, spm_model):
-    import sentencepiece as spm
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    sp = spm.SentencePieceProcessor(model_file=spm_model)
-    prefix = str(tmp_path_factory.mktemp("mmap") / "docs_text_document")
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for paragraph in python_docs_text()[:3000]:
-        ids = sp.encode(paragraph) + [sp.eos_id()]
-        builder.add_document(np.array(ids, dtype=np.uint16), [len(ids)])
-    builder.finalize(prefix + ".idx")
-    return prefix
+from dense_model.testing import tiny_model_overrides
 
 
 def tiny_overrides(run_dir, prefix, spm_model, *extra):

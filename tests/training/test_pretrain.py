@@ -9,7 +9,8 @@ import time
 
 import psutil
 import pytest
-from pretrain_jobs import REPO, finish, job_processes, kill_job, launch, read_metrics
+
+from tests.training.pretrain_jobs import REPO, finish, job_processes, kill_job, launch, read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -1,8 +1,8 @@
 """Fused PolyCom (PolyNorm / PolyReLU) forward and backward: launchers and the autograd Function.
 
-The registry's fast path on GPUs (``polynorm`` and ``polyrelu`` name ``polycom_fused`` as their
-fused kernel); the torch reference in ``_polycom.py`` stays the fallback and the test oracle, and
-this function has exactly its semantics, tensor parallelism included.
+The fast path on GPUs of ``polynorm`` and ``polyrelu`` (their registry loader is
+``_polycom.load_fused_kernel``); the torch reference in ``_polycom.py`` stays the fallback and the
+test oracle, and this function has exactly its semantics, tensor parallelism included.
 
 What it stores for backward: the input x (already alive: it is fc1's output) and, for PolyNorm,
 the per-row inverse RMS in fp32 ([rows, r], 12 bytes per token at r = 3), never the powers.
@@ -20,7 +20,7 @@ rank ends with the full, bitwise identical parameter gradient without another co
 PolyReLU is elementwise; only its [r + 1] parameter gradient is all-reduced.
 
 Runs on CPU tensors too under ``TRITON_INTERPRET=1`` (how the tests check it); without Triton,
-importing this module raises ImportError and the registry falls back to the reference.
+importing this module raises ImportError and the model falls back to the reference.
 """
 
 from __future__ import annotations
@@ -29,11 +29,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import triton  # ImportError here is the registry's signal to fall back to the torch reference
+import triton  # ImportError here is load_fused_kernel's signal to fall back to the torch reference
 
+from dense_model.activations._polycom import INNER_FUNCTIONS, tp_world_size
 from dense_model.activations.kernels import polycom_triton as K
-
-INNER_FUNCTIONS = ("relu", "norm")
 
 
 @dataclass(frozen=True)
@@ -59,12 +58,6 @@ def _pad(order: int) -> int:
     return max(2, triton.next_power_of_2(order + 1))
 
 
-def _tp_size(group) -> int:
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
-
-
 def _row_tile(n_cols: int, cfg: PolyComKernelConfig) -> tuple[int, bool, int]:
     """(BLOCK, SINGLE_TILE, num_warps) for the one-program-per-row kernels."""
     full = triton.next_power_of_2(max(n_cols, 1))
@@ -85,7 +78,7 @@ def polynorm_forward(x2, weight, bias, eps, tp_group, cfg):
     """(y2, inv): y2 like x2, inv [rows, r] fp32."""
     rows, n_cols = x2.shape
     order = weight.numel()
-    tp = _tp_size(tp_group)
+    tp = tp_world_size(tp_group)
     y2 = torch.empty_like(x2)
     inv = torch.empty(rows, order, device=x2.device, dtype=torch.float32)
     if tp == 1 and not cfg.force_split:
@@ -119,7 +112,7 @@ def polynorm_backward(g2, x2, inv, weight, bias, tp_group, cfg):
     """(dx2, d_weight fp32 [r], d_bias fp32 [1]); the parameter grads are the TP-group totals."""
     rows, n_cols = x2.shape
     order = weight.numel()
-    tp = _tp_size(tp_group)
+    tp = tp_world_size(tp_group)
     dx2 = torch.empty_like(x2)
     mom = torch.zeros(rows, order + 1, device=x2.device, dtype=torch.float32)  # m_k = sum g x^k
     inv_width = 1.0 / max(n_cols * tp, 1)
@@ -177,7 +170,7 @@ def polyrelu_backward(g2, x2, weight, bias, tp_group, cfg):
             ORDER=order, PAD=_pad(order), BLOCK=block, num_warps=_num_warps(block),
         )  # fmt: skip
     grads = part.sum(dim=(0, 1))  # [r + 1]: d bias, d w_1..d w_r
-    if _tp_size(tp_group) > 1:
+    if tp_world_size(tp_group) > 1:
         dist.all_reduce(grads, op=dist.ReduceOp.SUM, group=tp_group)
     return dx2, grads[1:], grads[:1]
 

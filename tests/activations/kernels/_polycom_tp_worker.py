@@ -1,4 +1,5 @@
-"""One rank of the TP=2 fused PolyCom check (launched by test_polycom_kernels_tp.py; not a test).
+"""One rank of the TP=2 fused PolyCom check (``python -m tests.activations.kernels._polycom_tp_worker``,
+launched by test_polycom_kernels_tp.py; not a test).
 
 Each rank holds its half of the FFN dimension and runs ``polycom_fused`` with the world group as
 the TP group; it compares output, dx (all-gathered), d weight and d bias with the TP=1 fused
@@ -9,17 +10,12 @@ Env: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (gloo); TRITON_INTERPRET=1 witho
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _polycom_helpers import assert_close_rel, relative_tolerance, run  # noqa: E402
-
-from dense_model.activations._polycom import polycom_reference  # noqa: E402
-from dense_model.activations.kernels.polycom import PolyComKernelConfig, polycom_fused  # noqa: E402
+from dense_model.activations._polycom import polycom_reference
+from dense_model.activations.kernels.polycom import PolyComKernelConfig, polycom_fused
+from tests.activations.kernels._polycom_helpers import assert_close_rel, relative_tolerance, run
 
 # (rows, local columns, config): a row in registers, and small tiles so the split kernels loop.
 CASES = [

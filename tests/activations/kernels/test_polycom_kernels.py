@@ -12,9 +12,9 @@ import sys
 
 import pytest
 import torch
-from _polycom_helpers import assert_close_rel, relative_tolerance, run
 
 from dense_model.activations._polycom import polycom_reference
+from tests.activations.kernels._polycom_helpers import assert_close_rel, relative_tolerance, run
 
 # Tile configurations: the default (a row in registers), per-row kernels walking 32-column tiles
 # (two passes over the row), and the TP code path (stats kernel -> apply kernel) at TP=1.
@@ -134,7 +134,7 @@ def test_registry_wires_the_fused_function(polycom_kernels):
     from dense_model.activations import get_activation_entry
 
     for name in ("polynorm", "polyrelu"):
-        assert get_activation_entry(name).load_fused() is polycom_kernels.polycom_fused
+        assert get_activation_entry(name).fused() is polycom_kernels.polycom_fused
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
@@ -156,7 +156,7 @@ class _NoTriton:
 
 sys.meta_path.insert(0, _NoTriton())
 from dense_model.activations import build_activation, get_activation_entry
-assert get_activation_entry("polynorm").load_fused() is None
+assert get_activation_entry("polynorm").fused() is None
 import torch
 act = build_activation("polynorm")
 assert act(torch.randn(2, 10)).shape == (2, 10)

@@ -3,26 +3,22 @@
 Under TP the FFN dimension is split; PolyNorm's per-row sums of squares (forward) and the per-row
 moments of the gradient (backward) are all-reduced between a statistics kernel and an apply kernel,
 and the scalars' gradients are the TP-group totals on every rank. The ranks run
-``_polycom_tp_worker.py`` with the Triton interpreter on the CPU.
+``_polycom_tp_worker.py`` (as a module of the tests package) with the Triton interpreter on the CPU.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-WORKER = Path(__file__).with_name("_polycom_tp_worker.py")
+from dense_model.testing import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+REPO = Path(__file__).resolve().parents[3]
+WORKER = "tests.activations.kernels._polycom_tp_worker"
 
 
 @pytest.mark.slow
@@ -32,9 +28,10 @@ def test_tp2_fused_matches_tp1_and_reference():
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
     env["TRITON_INTERPRET"] = "1"  # CPU tensors over gloo, on any machine
     env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # tests.*
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER)],
+            [sys.executable, "-m", WORKER],
             env=dict(env, RANK=str(rank)),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -1,0 +1,1 @@
+"""The test suite, a package: shared helpers import as ``tests.<folder>.<module>``."""
