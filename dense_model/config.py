@@ -571,10 +571,10 @@ def _validate_moe(cfg: Config, world_size: int | None) -> None:
         )
     if moe.aux_loss_coeff < 0 or (moe.z_loss_coeff or 0) < 0:
         raise ConfigError("model.moe.aux_loss_coeff and z_loss_coeff must be >= 0")
-    if ep > 1 and tp > 1 and not p.sequence_parallel:
+    if tp > 1 and not p.sequence_parallel:
         raise ConfigError(
-            "expert parallelism with tensor parallelism needs parallel.sequence_parallel=true "
-            "(megatron-core's MoE layer routes sequence-parallel shards)"
+            "model.moe with parallel.tensor_model_parallel_size > 1 needs parallel.sequence_parallel=true "
+            "(megatron-core's MoE layer refuses to train with TP but without sequence parallelism)"
         )
     if etp != tp and ep == 1:
         # megatron's DDP reduces expert gradients over the expert data-parallel group only when

@@ -219,7 +219,8 @@ class MoEMonitor:
                 out[key] = per_layer.mean().item()
         clear_aux_losses_tracker()
 
-        counts = self.counts.clone()
+        # NCCL reduces device tensors only (gloo takes both)
+        counts = self.counts.to("cuda" if torch.cuda.is_available() else "cpu", copy=True)
         groups = [ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()]
         if self.cfg.parallel.sequence_parallel:  # each TP rank routed its own sequence shard
             groups.append(ps.get_tensor_model_parallel_group())
@@ -230,7 +231,7 @@ class MoEMonitor:
         load = counts / counts.mean(dim=1, keepdim=True).clamp(min=1e-12)  # [layers, experts]
         share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1e-12)
         entropy = -(share * share.clamp(min=1e-30).log()).sum(dim=1) / math.log(max(counts.shape[1], 2))
-        out["expert_load_min"] = load.min().item()
+        out["expert_load_min"] = load.min().item()  # [layers, experts] -> worst expert anywhere
         out["expert_load_max"] = load.max().item()
         out["expert_load_entropy"] = entropy.mean().item()
         return out

@@ -14,7 +14,7 @@ from dense_model.testing import spawn_workers, tiny_model_overrides
 VOCAB, SEQ, MBS, MICROBATCHES, EXPERTS = 256, 16, 2, 2, 4
 
 
-def moe_config(activation="polynorm", tp=1, ep=1, etp=None, sp=False):
+def moe_config(activation="polynorm", tp=1, ep=1, etp=None):
     return load_config(
         None,
         [
@@ -26,7 +26,6 @@ def moe_config(activation="polynorm", tp=1, ep=1, etp=None, sp=False):
             f"parallel.tensor_model_parallel_size={tp}",
             f"parallel.expert_model_parallel_size={ep}",
             f"parallel.expert_tensor_parallel_size={etp or tp}",
-            f"parallel.sequence_parallel={str(sp).lower()}",
             "training.recompute_granularity=none",
         ],
     )
@@ -69,6 +68,9 @@ def _run(rank, world_size, layout, out_file):
     torch.manual_seed(11)
     model_parallel_cuda_manual_seed(11, force_reset_rng=True)
     model = build_model(cfg)
+    # Dropout is 0, so eval mode computes the same; it skips MoELayer's training-only refusal of
+    # TP > 1 without sequence parallelism, which the CPU cannot run (torch norms lack it).
+    model.eval()
     batches = fixed_batches()
     with torch.no_grad():
         logits = model(batches[0]["tokens"], batches[0]["position_ids"], None)  # [b, s, v/tp]
@@ -136,10 +138,10 @@ def test_expert_tp2_matches_one_process(layouts):
 @pytest.mark.slow
 def test_expert_tp_group_differs_from_dense_tp(layouts):
     """TP=2 with expert-TP=1, EP=2: the experts' PolyNorm must reduce over its expert-TP group
-    (size 1), not over the dense TP pair that holds different experts."""
+    (size 1), not over the dense TP pair, whose two ranks hold different experts."""
     ref = layouts("ref", 1)[0]
-    # Sequence parallel: each rank routes half the tokens, so every expert sees each token once.
-    _check_same(layouts("tp2_ep2", 2, tp=2, etp=1, ep=2, sp=True), ref)
+    # Without sequence parallelism both TP ranks route the same tokens: each expert gets them twice.
+    _check_same(layouts("tp2_ep2", 2, tp=2, etp=1, ep=2), ref, grad_scale=2.0)
 
 
 def test_spec_puts_registry_activation_in_every_expert():
@@ -183,3 +185,32 @@ def test_bad_moe_layouts_are_rejected(overrides, world_size, message):
     )
     with pytest.raises(ConfigError, match=message):
         validate(cfg, world_size=world_size)
+
+
+@pytest.mark.parametrize("activation, expert_width", [("polynorm", 1536), ("swiglu", 1024)])
+def test_paper_moe_configs_validate_on_64_gpus(activation, expert_width):
+    from pathlib import Path
+
+    from dense_model.config import expert_ffn_hidden_size
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "moe" / f"{activation}.yaml")
+    validate(cfg, world_size=64)
+    assert (cfg.model.num_layers, cfg.model.hidden_size) == (16, 2048)
+    assert (cfg.model.moe.num_experts, cfg.model.moe.router_topk) == (64, 8)
+    assert expert_ffn_hidden_size(cfg.model) == expert_width  # parameter-matched experts
+
+
+def test_mfu_counts_active_parameters_only():
+    """Model FLOPs grow with top-k, not with the number of experts (only the router's E x h)."""
+    from dense_model.training.metrics import flops_per_token
+
+    def flops(*overrides):
+        return flops_per_token(load_config(None, [*tiny_model_overrides(layers=2), *overrides]))
+
+    base = flops("model.moe.num_experts=4", "model.moe.router_topk=2", "model.moe.ffn_hidden_size=32")
+    more_experts = flops("model.moe.num_experts=8", "model.moe.router_topk=2", "model.moe.ffn_hidden_size=32")
+    top4 = flops("model.moe.num_experts=8", "model.moe.router_topk=4", "model.moe.ffn_hidden_size=32")
+    router = 3 * 2 * 2 * 64 * 4  # training (3x) * 2 FLOPs * layers * hidden * 4 more experts
+    assert more_experts - base == router
+    expert = 3 * 2 * 2 * 64 * 32 * 2  # training * layers * 2 FLOPs * (fc1 + fc2) of one 32-wide expert
+    assert top4 - more_experts == 2 * expert
