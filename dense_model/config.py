@@ -33,6 +33,32 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MoEConfig:
+    """Mixture of experts in every layer's MLP (megatron-core's MoELayer); num_experts unset = dense."""
+
+    num_experts: int | None = None
+    """Routed experts per layer; None or 0 = a dense MLP."""
+    router_topk: int = 2
+    """Experts each token is sent to."""
+    ffn_hidden_size: int | None = None
+    """Expert FFN width; None = parameter-matched from swiglu_ffn_hidden_size (non-gated: 1.5x)."""
+    swiglu_ffn_hidden_size: int = 1024
+    """SwiGLU expert width the expert FFN is matched to when ffn_hidden_size is None (OLMoE: 1024)."""
+    aux_loss_coeff: float = 0.01
+    """Load-balancing (switch) auxiliary loss coefficient; 0 disables it."""
+    z_loss_coeff: float | None = None
+    """Router z-loss coefficient (OLMoE: 0.001); None disables it."""
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """How tokens reach experts on other expert-parallel ranks."""
+    capacity_factor: float | None = None
+    """Expert capacity as a multiple of the even share (tokens over it are dropped); None = dropless."""
+    shared_expert_ffn_hidden_size: int | None = None
+    """Width of an always-on shared expert (same activation); None = no shared expert."""
+    grouped_gemm: bool = True
+    """Transformer Engine grouped-GEMM experts when TE is installed (GPU); local experts otherwise."""
+
+
+@dataclass
 class ModelConfig:
     num_layers: int = 24
     """Transformer layers."""
@@ -74,6 +100,8 @@ class ModelConfig:
     """Separate input embedding and output layer weights (Llama style)."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Layer implementation: megatron-core's local modules, or Transformer Engine (GPU, if installed)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture of experts (off unless moe.num_experts is set)."""
 
     def validate(self) -> None:
         from dense_model.activations import get_activation_entry, import_activation_modules
@@ -125,6 +153,10 @@ class ParallelConfig:
     """Overlap the data-parallel gradient reduce with backward (GPU)."""
     overlap_param_gather: bool = False
     """Overlap the distributed optimizer's parameter all-gather with forward (GPU)."""
+    expert_model_parallel_size: int = 1
+    """EP: ranks the MoE experts are spread over (model.moe.num_experts must divide evenly)."""
+    expert_tensor_parallel_size: int | None = None
+    """Expert TP: ranks each expert's FFN width is split over; None = tensor_model_parallel_size."""
 
     def validate(self) -> None:
         positive(self, "parallel", "tensor_model_parallel_size", "pipeline_model_parallel_size")
@@ -338,6 +370,24 @@ def ffn_hidden_size(model: ModelConfig) -> int:
     if is_gated(model.activation):
         return model.swiglu_ffn_hidden_size
     return model.swiglu_ffn_hidden_size * 3 // 2
+
+
+def moe_enabled(model: ModelConfig) -> bool:
+    return bool(model.moe.num_experts)
+
+
+def expert_ffn_hidden_size(model: ModelConfig) -> int:
+    """Each routed expert's FFN width: explicit, or parameter-matched as for the dense FFN."""
+    from dense_model.activations import is_gated
+
+    moe = model.moe
+    if moe.ffn_hidden_size is not None:
+        return moe.ffn_hidden_size
+    return moe.swiglu_ffn_hidden_size if is_gated(model.activation) else moe.swiglu_ffn_hidden_size * 3 // 2
+
+
+def expert_tensor_parallel_size(parallel: ParallelConfig) -> int:
+    return parallel.expert_tensor_parallel_size or parallel.tensor_model_parallel_size
 
 
 def padded_vocab_size(model: ModelConfig, tp: int) -> int:
@@ -584,6 +634,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"training.lr_warmup_tokens) is not shorter than training ({iters} steps); lower the "
             "warm-up or train longer"
         )
+    _validate_moe(cfg, world_size)
     if world_size is not None:
         if world_size % (tp * pp):
             raise ConfigError(
@@ -608,6 +659,69 @@ def train_and_warmup_steps(cfg: Config) -> tuple[int, int]:
     if t.lr_warmup_iters is not None:
         return iters, t.lr_warmup_iters
     return iters, math.ceil((t.lr_warmup_tokens or 0) / tokens_per_step)
+
+
+def _validate_moe(cfg: Config, world_size: int | None) -> None:
+    """The MoE section and the expert-parallel layout (model.moe, parallel.expert_*)."""
+    m, p = cfg.model, cfg.parallel
+    moe = m.moe
+    ep, etp = p.expert_model_parallel_size, expert_tensor_parallel_size(p)
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if ep < 1 or etp < 1:
+        raise ConfigError("parallel.expert_model_parallel_size and expert_tensor_parallel_size must be >= 1")
+    if not moe_enabled(m):
+        if ep > 1 or etp != tp:
+            raise ConfigError(
+                "parallel.expert_model_parallel_size / expert_tensor_parallel_size are set but the "
+                "model is dense; set model.moe.num_experts or leave them at their defaults"
+            )
+        return
+    e = moe.num_experts
+    if e < 0:
+        raise ConfigError(f"model.moe.num_experts must be positive (or 0/null for dense), got {e}")
+    if not 1 <= moe.router_topk <= e:
+        raise ConfigError(f"model.moe.router_topk={moe.router_topk} must be between 1 and num_experts={e}")
+    if e % ep:
+        raise ConfigError(
+            f"model.moe.num_experts={e} is not divisible by parallel.expert_model_parallel_size={ep}; "
+            "use an EP size that divides the expert count"
+        )
+    width = expert_ffn_hidden_size(m)
+    if width <= 0 or width % etp:
+        raise ConfigError(
+            f"expert FFN width {width} (model.moe.ffn_hidden_size or swiglu_ffn_hidden_size) is not a "
+            f"positive multiple of the expert tensor-parallel size {etp}"
+        )
+    shared = moe.shared_expert_ffn_hidden_size
+    if shared is not None and (shared <= 0 or shared % tp):
+        raise ConfigError(
+            f"model.moe.shared_expert_ffn_hidden_size={shared} must be a positive multiple of "
+            f"parallel.tensor_model_parallel_size={tp}"
+        )
+    if moe.capacity_factor is not None and moe.capacity_factor <= 0:
+        raise ConfigError(
+            f"model.moe.capacity_factor={moe.capacity_factor} must be positive, or null for dropless"
+        )
+    if moe.aux_loss_coeff < 0 or (moe.z_loss_coeff or 0) < 0:
+        raise ConfigError("model.moe.aux_loss_coeff and z_loss_coeff must be >= 0")
+    if tp > 1 and not p.sequence_parallel:
+        raise ConfigError(
+            "model.moe with parallel.tensor_model_parallel_size > 1 needs parallel.sequence_parallel=true "
+            "(megatron-core's MoE layer refuses to train with TP but without sequence parallelism)"
+        )
+    if etp != tp and ep == 1:
+        # megatron's DDP reduces expert gradients over the expert data-parallel group only when
+        # EP > 1; with EP = 1 it would average different expert-TP shards over the dense DP group.
+        raise ConfigError(
+            f"parallel.expert_tensor_parallel_size={etp} differs from tensor_model_parallel_size={tp} "
+            "but expert_model_parallel_size=1; use EP > 1 or leave expert_tensor_parallel_size unset"
+        )
+    if world_size is not None and world_size % (etp * ep * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by expert_tensor_parallel_size x "
+            f"expert_model_parallel_size x pipeline_model_parallel_size = {etp} x {ep} x {pp}; "
+            "launch a multiple of that many processes or change parallel.expert_*"
+        )
 
 
 def _divisors_near(n: int, k: int) -> list[int]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dense_model.activations import build_activation, get_activation_entry, import_activation_modules
-from dense_model.config import Config, ModelConfig, ffn_hidden_size, padded_vocab_size
+from dense_model.config import Config, ModelConfig, ffn_hidden_size, moe_enabled, padded_vocab_size
 
 
 def transformer_engine_available() -> bool:
@@ -107,14 +107,16 @@ class RegistryActivation(torch.nn.Module):
     makes MLP build and call the spec's activation module instead of a bare function).
     """
 
-    def __init__(self, config, name: str, kwargs: dict, fused: bool):
+    def __init__(self, config, name: str, kwargs: dict, fused: bool, tp_group=None):
         super().__init__()
         from megatron.core import parallel_state
 
         entry = get_activation_entry(name)
         kwargs = dict(kwargs)
         if entry.takes_tp_group:
-            kwargs["tp_group"] = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+            if tp_group is None:  # MoE experts pass their expert-TP group (dense_model.moe)
+                tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+            kwargs["tp_group"] = tp_group
         if entry.fused is not None:
             # The fused kernels run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, as the
             # tests run them): elsewhere Triton is not even imported.
@@ -151,12 +153,17 @@ def layer_spec(cfg: ModelConfig):
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec = copy.deepcopy(spec)
-    mlp = spec.submodules.mlp
-    mlp.submodules.activation_func = ModuleSpec(
+    activation = ModuleSpec(
         module=RegistryActivation,
         params={"name": cfg.activation, "kwargs": dict(cfg.activation_kwargs), "fused": cfg.fused_activation},
     )
+    if moe_enabled(cfg):
+        from dense_model.moe import moe_layer_spec
+
+        return moe_layer_spec(cfg, activation)
+    spec = copy.deepcopy(spec)
+    mlp = spec.submodules.mlp
+    mlp.submodules.activation_func = activation
     return spec
 
 
@@ -178,7 +185,14 @@ def transformer_config(
     kernels = installed_kernels() if kernels is None else kernels
     gated = activation_entry(m).gated
     recompute = None if t.recompute_granularity == "none" else t.recompute_granularity
+    if moe_enabled(m):
+        from dense_model.moe import moe_transformer_config_kwargs
+
+        moe_kwargs = moe_transformer_config_kwargs(cfg)
+    else:
+        moe_kwargs = {}
     return TransformerConfig(
+        **moe_kwargs,
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
@@ -282,8 +296,8 @@ def initialize_weights(model, cfg: Config, seed: int | None = None) -> None:
     seed = cfg.training.seed if seed is None else seed
     std = cfg.model.init_method_std
     residual_std = std / math.sqrt(2.0 * cfg.model.num_layers)
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    tp = ps.get_tensor_model_parallel_world_size()
+    dense_tp_rank = ps.get_tensor_model_parallel_rank()
+    dense_tp = ps.get_tensor_model_parallel_world_size()
     for name, param in model.named_parameters():
         if ".activation_func." in name:
             continue
@@ -294,6 +308,11 @@ def initialize_weights(model, cfg: Config, seed: int | None = None) -> None:
             param.zero_()
             continue
         gname = _global_name(model, name)
+        tp_rank, tp = dense_tp_rank, dense_tp
+        if ".local_experts." in gname:  # routed MoE experts: global expert index, expert-TP slice
+            from dense_model.moe import expert_param_layout
+
+            gname, tp_rank, tp = expert_param_layout(model, gname)
         sliced = getattr(param, "tensor_model_parallel", False) and tp > 1
         dim = getattr(param, "partition_dim", 0)
         full_shape = list(param.shape)

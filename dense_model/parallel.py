@@ -21,6 +21,8 @@ def initialize_parallel(
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: int = 30,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int | None = None,
 ) -> None:
     """Start torch.distributed (if needed), megatron's parallel groups and the model-parallel RNG."""
     from megatron.core import parallel_state
@@ -44,6 +46,9 @@ def initialize_parallel(
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
+            # MoE: experts over EP ranks, each expert's FFN over expert-TP ranks (None = TP)
+            expert_model_parallel_size=expert_model_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size,
             distributed_timeout_minutes=timeout_minutes,
         )
     torch.manual_seed(seed)

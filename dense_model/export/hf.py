@@ -307,6 +307,11 @@ def export_hf(
     if dtype != "auto" and dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     target = stored_dtype(folder) if dtype == "auto" else DTYPES[dtype]
+    if read_metadata(folder)["config"]["model"].get("moe", {}).get("num_experts"):
+        raise ExportError(
+            f"{folder} is a mixture-of-experts checkpoint; the Hugging Face export covers dense models "
+            "only so far (evaluate MoE checkpoints with the lm-eval model dense_model instead)"
+        )
 
     loaded = load_model_for_inference(folder, tensor_model_parallel_size=1)
     if parallel_state.get_tensor_model_parallel_world_size() != 1 or (

@@ -336,6 +336,8 @@ def load_model_for_inference(
     cfg.parallel.tensor_model_parallel_size = tp
     cfg.parallel.pipeline_model_parallel_size = 1
     cfg.parallel.sequence_parallel = False
+    cfg.parallel.expert_model_parallel_size = 1  # MoE: all experts on every rank, split like TP
+    cfg.parallel.expert_tensor_parallel_size = None
     cfg.training.recompute_granularity = "none"
     if cfg.model.transformer_impl == "transformer_engine" and not transformer_engine_available():
         logger.warning(

@@ -47,6 +47,10 @@ def flops_per_token(cfg, training: bool = True) -> float:
     ffn = ffn_hidden_size(m)
     attention = 2 * h * (h + 2 * kv) + 2 * h * h + 4 * s * h
     mlp = 2 * h * ffn * (2 if is_gated(m.activation) else 1) + 2 * ffn * h
+    if m.moe.num_experts:  # MoE: active parameters only (router, top-k experts, shared expert)
+        from dense_model.moe import moe_mlp_flops_per_token
+
+        mlp = moe_mlp_flops_per_token(m)
     logits = 2 * h * padded_vocab_size(m, 1)
     forward = layers * (attention + mlp) + logits
     return 3.0 * forward if training else float(forward)
@@ -119,8 +123,19 @@ class MetricsLogger:
                 )
 
     def log_train(
-        self, step, tokens, loss, lr, grad_norm, step_time, tokens_in_interval, world_size, skipped=0
+        self,
+        step,
+        tokens,
+        loss,
+        lr,
+        grad_norm,
+        step_time,
+        tokens_in_interval,
+        world_size,
+        skipped=0,
+        extra=None,
     ):
+        """``extra``: more scalars for the record and the line (the MoE router metrics)."""
         if not self.enabled:
             return
         tokens_per_sec = tokens_in_interval / max(step_time, 1e-9)
@@ -143,6 +158,9 @@ class MetricsLogger:
         if skipped:
             record["skipped_steps"] = skipped
             line += f" | skipped {skipped}"
+        for key, value in (extra or {}).items():
+            record[key] = value
+            line += f" | {key} {value:.4g}"
         self._write(record, line, prefix="train")
 
     def log_valid(self, step, tokens, loss):

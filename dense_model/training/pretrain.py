@@ -17,6 +17,7 @@ A job lives and dies as one: each worker is SIGKILLed when its torchrun agent di
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -28,7 +29,14 @@ import torch
 import torch.distributed as dist
 
 from dense_model import collectives
-from dense_model.config import ConfigError, load_config, save_config, split_config_argument, validate
+from dense_model.config import (
+    ConfigError,
+    load_config,
+    moe_enabled,
+    save_config,
+    split_config_argument,
+    validate,
+)
 from dense_model.procutil import die_with_parent, is_torchrun_agent
 from dense_model.training.checkpointing import CheckpointError
 from dense_model.training.signals import TerminationRequest
@@ -41,6 +49,7 @@ WORKER_PID_ENV = "DENSE_MODEL_TRAINING_WORKER_PID"
 if __name__ == "__mp_main__" and WORKER_PID_ENV in os.environ:
     if not die_with_parent(int(os.environ[WORKER_PID_ENV])):
         os._exit(1)
+
 
 class TrainingDiverged(RuntimeError):
     """A NaN/Inf loss or gradient norm with nan_policy=stop; nothing was saved after it."""
@@ -82,7 +91,13 @@ class Trainer:
 
         self.cfg = cfg
         p, t = cfg.parallel, cfg.training
-        initialize_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=t.seed)
+        initialize_parallel(
+            p.tensor_model_parallel_size,
+            p.pipeline_model_parallel_size,
+            seed=t.seed,
+            expert_model_parallel_size=p.expert_model_parallel_size,
+            expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        )
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         prepare_data_config(cfg)
@@ -123,6 +138,11 @@ class Trainer:
         self.train_iter = batch_iterator(self.train_ds, cfg, self.state.consumed_samples, wrap=True)
         self._batch_iterator = batch_iterator
         self.metrics = MetricsLogger(cfg, enabled=self.rank == 0, resumed_from=self.state.iteration)
+        self.moe_monitor = None
+        if moe_enabled(cfg.model):
+            from dense_model.moe import MoEMonitor
+
+            self.moe_monitor = MoEMonitor(self.model, cfg)
         self.terminate = TerminationRequest()
         n_params = sum(p.numel() for p in self.model.parameters())
         self._print(
@@ -199,7 +219,8 @@ class Trainer:
         t = self.cfg.training
         self.ddp.eval()
         valid_iter = self._batch_iterator(self.valid_ds, self.cfg, 0, wrap=True, num_workers=0)
-        with torch.no_grad():
+        paused = self.moe_monitor.paused() if self.moe_monitor else contextlib.nullcontext()
+        with torch.no_grad(), paused:
             losses = forward_backward(
                 [self.ddp],
                 valid_iter,
@@ -236,7 +257,7 @@ class Trainer:
     def fit(self) -> TrainState:
         cfg, t, lg = self.cfg, self.cfg.training, self.cfg.logging
         save_every = cfg.checkpoint.save_interval
-        interval_losses, interval_tokens, interval_time = [], 0, 0.0
+        interval_losses, interval_tokens, interval_time, interval_steps = [], 0, 0.0, 0
         last_saved = self.state.iteration if self.state.iteration else None
         last_eval = None
         while self.state.iteration < self.train_iters:
@@ -244,6 +265,7 @@ class Trainer:
             loss, grad_norm, _ = self.train_step()
             interval_time += time.perf_counter() - started  # step time only: no eval or save
             self.state.iteration += 1
+            interval_steps += 1
             self.state.consumed_samples += t.global_batch_size
             interval_tokens += t.global_batch_size * cfg.model.seq_length
             if math.isfinite(loss):
@@ -251,6 +273,11 @@ class Trainer:
             step = self.state.iteration
             if step % lg.log_interval == 0 or step == self.train_iters:
                 mean_loss = sum(interval_losses) / len(interval_losses) if interval_losses else float("nan")
+                router = (  # collective: every rank
+                    self.moe_monitor.metrics(interval_steps, self.num_microbatches)
+                    if self.moe_monitor
+                    else None
+                )
                 self.metrics.log_train(
                     step,
                     self.tokens(),
@@ -261,8 +288,9 @@ class Trainer:
                     interval_tokens,
                     self.world_size,
                     skipped=self.state.skipped_steps,
+                    extra=router,
                 )
-                interval_losses, interval_tokens, interval_time = [], 0, 0.0
+                interval_losses, interval_tokens, interval_time, interval_steps = [], 0, 0.0, 0
             if lg.eval_interval and step % lg.eval_interval == 0:
                 self._validate()
                 last_eval = step
