@@ -23,6 +23,7 @@ EVAL_DIR = "lm_eval"
 
 
 def _python() -> str:
+    """The interpreter run_pretrain.sh and run_lm_eval.sh use (their PYTHON), this one by default."""
     return os.environ.get("PYTHON", sys.executable)
 
 
@@ -82,8 +83,14 @@ def run_one(study: Study, run: StudyRun, pick_port: bool = True) -> int:
     with open(run.run_dir / "study.log", "a") as log:
         if not is_trained(study, run):
             status = subprocess.call(train_command(study, run), stdout=log, stderr=subprocess.STDOUT, env=env)
-            if status != 0 or not is_trained(study, run):
-                return status or 1
+            if status == 0 and not is_trained(study, run):
+                print(
+                    f"{run.name}: training exited 0 before the last step (a signal?); rerun to resume",
+                    file=log,
+                )
+                return 1
+            if status != 0:
+                return status
         if env.get("SLURM_NODEID", "0") == "0" and not is_evaluated(study, run):
             return subprocess.call(eval_command(study, run), stdout=log, stderr=subprocess.STDOUT, env=env)
     return 0
@@ -135,7 +142,7 @@ def slurm_script(study: Study) -> str:
         # Two array tasks may share a node: give each its own rendezvous port.
         'export MASTER_PORT="${MASTER_PORT:-$((29500 + SLURM_ARRAY_TASK_ID % 1000))}"',
         f'export GPUS_PER_NODE="${{SLURM_GPUS_ON_NODE:-{gpus}}}"',
-        f"srun --kill-on-bad-exit=1 {shlex.quote(_python())} toolkits/studies/run_study.py {study_args} "
+        f"srun --kill-on-bad-exit=1 {shlex.quote(sys.executable)} toolkits/studies/run_study.py {study_args} "
         '--task "$SLURM_ARRAY_TASK_ID" &',
         "SRUN=$!",
         "trap 'kill -TERM \"$SRUN\"' TERM",
@@ -169,7 +176,7 @@ def submit_slurm(study: Study) -> str | None:
     report = " ".join(
         shlex.quote(a)
         for a in [
-            _python(),
+            sys.executable,
             str(REPO / "toolkits/studies/run_study.py"),
             str(study.path.resolve()),
             "--study-dir",

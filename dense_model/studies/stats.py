@@ -52,7 +52,7 @@ def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) 
     if n < 2:
         return PairedDifference(n, mean, std, float("nan"), float("nan"), float("nan"))
     sem = std / math.sqrt(n)
-    half = student_t.ppf((1 + confidence) / 2, n - 1) * sem
+    half = float(student_t.ppf((1 + confidence) / 2, n - 1)) * sem
     if sem == 0:
         p = 1.0 if mean == 0 else 0.0
     else:

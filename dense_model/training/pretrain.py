@@ -82,6 +82,7 @@ class Trainer:
 
         from dense_model.data.tokenizers import build_tokenizer
         from dense_model.parallel import initialize_parallel
+        from dense_model.training.activation_stats import ActivationStats
         from dense_model.training.batches import batch_iterator, build_datasets
         from dense_model.training.checkpointing import load_checkpoint, read_latest_iteration
         from dense_model.training.metrics import MetricsLogger
@@ -130,6 +131,7 @@ class Trainer:
         self.train_iter = batch_iterator(self.train_ds, cfg, self.state.consumed_samples, wrap=True)
         self._batch_iterator = batch_iterator
         self.metrics = MetricsLogger(cfg, enabled=self.rank == 0)
+        self.activation_stats = ActivationStats(self.model)
         self.terminate = TerminationRequest()
         n_params = sum(p.numel() for p in self.model.parameters())
         self._print(
@@ -257,6 +259,7 @@ class Trainer:
                     self.world_size,
                     skipped=self.state.skipped_steps,
                 )
+                self.metrics.log_activation_stats(step, self.tokens(), self.activation_stats.read())
                 interval_losses, interval_tokens, interval_time = [], 0, 0.0
             if lg.eval_interval and step % lg.eval_interval == 0:
                 self._validate()
