@@ -198,6 +198,8 @@ class TrainingConfig:
     """bf16 mixed precision (on GPUs; the CPU always runs fp32)."""
     seed: int = 1234
     """Random seed (weights, data order, dropout)."""
+    data_seed: int | None = None
+    """Seed of the data order alone; None = training.seed (studies vary init and data separately)."""
     recompute_granularity: Literal["none", "selective", "full"] = "selective"
     """Activation recompute: megatron's selective (attention core) or full layers."""
     recompute_method: Literal["uniform", "block"] = "uniform"

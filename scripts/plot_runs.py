@@ -6,6 +6,8 @@ Each RUN_DIR's metrics.jsonl is read: a resumed run's has each step once (the tr
 killed attempt's records past the resume point to metrics.attempt-K.jsonl, which is not plotted;
 in older run directories the last record of a step wins); the legend is the run's model.activation from its config.yaml (or --labels). Training loss
 can be smoothed with an exponential moving average (--smooth 0.9); tokens are shown in K, M or B.
+Runs with a learnable activation (PolyNorm, PolyReLU) also get OUTPUT_coefficients.png: the
+coefficients a0..ar of every layer against tokens (the activation_stats records of metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -60,6 +62,54 @@ def ema(values: list[float], alpha: float) -> list[float]:
     return out
 
 
+def read_coefficients(run_dir: Path) -> dict[str, dict[int, tuple[int, float]]]:
+    """'layerL/aK' -> {step: (tokens, value)} from the run's activation_stats records."""
+    out: dict[str, dict[int, tuple[int, float]]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for key, value in record.get("activation_stats", {}).items():
+            if key.split("/")[-1][:1] == "a" and key.split("/")[-1][1:].isdigit():
+                out.setdefault(key, {})[record["step"]] = (record["tokens"], value)
+    return out
+
+
+def plot_coefficients(run_dirs: list[Path], labels: list[str], output: Path) -> Path | None:
+    """One panel per layer, one line per (run, coefficient); None when no run has coefficients."""
+    import matplotlib.pyplot as plt
+
+    runs = [(label, read_coefficients(run)) for run, label in zip(run_dirs, labels)]
+    layers = sorted({int(key.split("/")[0][len("layer") :]) for _, coefs in runs for key in coefs})
+    if not layers:
+        return None
+    cols = min(4, len(layers))
+    rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, layer in zip(axes.flat, layers):
+        for label, coefs in runs:
+            for key in sorted(k for k in coefs if k.startswith(f"layer{layer}/")):
+                steps = sorted(coefs[key])
+                ax.plot(
+                    [coefs[key][s][0] for s in steps],
+                    [coefs[key][s][1] for s in steps],
+                    label=f"{label} {key.split('/')[1]}",
+                )
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("tokens")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(layers) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("activation coefficients a0..ar")
+    fig.tight_layout()
+    path = output.with_name(output.stem + "_coefficients.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (with metrics.jsonl)")
@@ -111,6 +161,10 @@ def main(argv=None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.output, dpi=120)
     print(f"wrote {args.output}")
+    labels = args.labels or [label_for(run) for run in args.runs]
+    coefficients = plot_coefficients(args.runs, labels, args.output)
+    if coefficients:
+        print(f"wrote {coefficients}")
     return 0
 
 

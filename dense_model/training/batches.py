@@ -34,7 +34,7 @@ def build_datasets(cfg, train_iters: int, tokenizer):
         weights,
         tokenizer=tokenizer,
         seq_length=cfg.model.seq_length,
-        seed=t.seed,
+        seed=t.seed if t.data_seed is None else t.data_seed,
         split=d.split,
         num_samples=(train_iters * global_batch, eval_samples * n_evals, 0),
         cache_dir=cache_dir,

@@ -172,6 +172,19 @@ class MetricsLogger:
             record, f"step {step:>7d} | validation loss {loss:.4f} | perplexity {ppl:.3f}", prefix="valid"
         )
 
+    def log_activation_stats(self, step, tokens, values: dict[str, float]):
+        """One metrics.jsonl record {step, tokens, activation_stats: {layerL/name: value}} (see
+        activation_stats.py) and TensorBoard scalars activation/layerL/name; no console line."""
+        if not self.enabled or not values:
+            return
+        record = {"step": step, "tokens": tokens, "activation_stats": values, "time": time.time()}
+        self._file.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(f"activation/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"activation/{k}": v for k, v in values.items()}, step=step)
+
     def _write(self, record, line, prefix):
         print(line, flush=True)
         self._file.write(json.dumps(record) + "\n")

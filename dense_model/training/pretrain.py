@@ -84,6 +84,7 @@ class Trainer:
 
         from dense_model.data.tokenizers import build_tokenizer
         from dense_model.parallel import initialize_parallel
+        from dense_model.training.activation_stats import ActivationStats
         from dense_model.training.batches import batch_iterator, build_datasets
         from dense_model.training.checkpointing import load_checkpoint, read_latest_iteration
         from dense_model.training.metrics import MetricsLogger
@@ -143,6 +144,7 @@ class Trainer:
             from dense_model.moe import MoEMonitor
 
             self.moe_monitor = MoEMonitor(self.model, cfg)
+        self.activation_stats = ActivationStats(self.model)
         self.terminate = TerminationRequest()
         n_params = sum(p.numel() for p in self.model.parameters())
         self._print(
@@ -290,6 +292,7 @@ class Trainer:
                     skipped=self.state.skipped_steps,
                     extra=router,
                 )
+                self.metrics.log_activation_stats(step, self.tokens(), self.activation_stats.read())
                 interval_losses, interval_tokens, interval_time, interval_steps = [], 0, 0.0, 0
             if lg.eval_interval and step % lg.eval_interval == 0:
                 self._validate()
