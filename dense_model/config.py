@@ -27,6 +27,11 @@ from typing import Any, Literal
 
 import yaml
 
+from dense_model.activations import get_activation_entry, import_activation_modules, is_gated
+from dense_model.data.blend import load_blend
+from dense_model.data.tokenizers import build_tokenizer
+from dense_model.training.run_lock import RunDirBusy, check_free
+
 
 class ConfigError(ValueError):
     """A config that cannot work; the message names the field and the fix."""
@@ -104,8 +109,6 @@ class ModelConfig:
     """Mixture of experts (off unless moe.num_experts is set)."""
 
     def validate(self) -> None:
-        from dense_model.activations import get_activation_entry, import_activation_modules
-
         try:
             import_activation_modules(self.activation_modules)
         except ValueError as err:
@@ -270,8 +273,6 @@ class DataConfig:
                 "(mmap prefixes PREFIX_text_document), or data.demo=true"
             )
         if self.blend:
-            from dense_model.data.blend import load_blend
-
             try:
                 load_blend(self.blend)
             except (OSError, ValueError, KeyError, TypeError) as err:
@@ -285,7 +286,6 @@ class DataConfig:
                     )
         if not self.tokenizer_model:
             raise ConfigError("data.tokenizer_model is not set: give the tokenizer the data was made with")
-        from dense_model.data.tokenizers import build_tokenizer
 
         try:
             build_tokenizer(self.tokenizer_type, self.tokenizer_model)
@@ -365,8 +365,6 @@ def ffn_hidden_size(model: ModelConfig) -> int:
     A gated MLP has 3 matrices of hidden x F, a plain one 2: matching parameters gives
     F_plain = 1.5 x F_swiglu (5504 -> 8256).
     """
-    from dense_model.activations import is_gated
-
     if model.ffn_hidden_size is not None:
         return model.ffn_hidden_size
     if is_gated(model.activation):
@@ -380,8 +378,6 @@ def moe_enabled(model: ModelConfig) -> bool:
 
 def expert_ffn_hidden_size(model: ModelConfig) -> int:
     """Each routed expert's FFN width: explicit, or parameter-matched as for the dense FFN."""
-    from dense_model.activations import is_gated
-
     moe = model.moe
     if moe.ffn_hidden_size is not None:
         return moe.ffn_hidden_size
@@ -784,8 +780,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     if args.check_run_dir:
-        from dense_model.training.run_lock import RunDirBusy, check_free
-
         try:
             check_free(cfg.run_dir)
         except RunDirBusy as err:

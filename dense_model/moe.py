@@ -24,7 +24,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from dense_model.activations import get_activation_entry
+from dense_model.activations import build_activation, get_activation_entry
 from dense_model.config import Config, ModelConfig, expert_ffn_hidden_size, expert_tensor_parallel_size
 from dense_model.model import RegistryActivation, transformer_engine_available
 
@@ -84,8 +84,6 @@ class ExpertActivation(RegistryActivation):
 def uses_grouped_gemm(cfg: ModelConfig) -> bool:
     """TE grouped-GEMM experts share one activation module over all local experts, so they are
     used only for activations without learnable coefficients; PolyCom keeps per-expert MLPs."""
-    from dense_model.activations import build_activation
-
     has_params = any(True for _ in build_activation(cfg.activation, **cfg.activation_kwargs).parameters())
     return cfg.moe.grouped_gemm and transformer_engine_available() and not has_params
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
+from dense_model.parallel import destroy_parallel
+
 
 def python_docs_text() -> list[str]:
     """English prose shipped with CPython (the pydoc topics), split into paragraphs: test corpora
@@ -117,7 +119,6 @@ def _entry(rank, fn, world_size, port, env, args):
         MASTER_PORT=str(port),
     )
     fn(rank, world_size, *args)
-    from dense_model.parallel import destroy_parallel
 
     destroy_parallel()
 

@@ -80,12 +80,12 @@ def run(args, argv, work: Path) -> int:
     import torch
     from lm_eval.api.instance import Instance
 
+    from dense_model.checkpoint import save_checkpoint
     from dense_model.config import load_config
     from dense_model.evaluation import DenseModelLM
     from dense_model.model import build_model
     from dense_model.parallel import initialize_parallel
     from dense_model.testing import python_docs_text
-    from dense_model.training.checkpointing import save_checkpoint
 
     docs = python_docs_text()
     (work / "corpus.txt").write_text("\n".join(docs), encoding="utf-8")

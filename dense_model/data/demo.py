@@ -19,6 +19,8 @@ import os
 
 from dense_model.data.blend import load_blend
 from dense_model.data.jsonl import expand_inputs
+from dense_model.data.preprocess import PreprocessConfig, preprocess
+from dense_model.data.train_tokenizer import train_sentencepiece
 
 DEMO_VOCAB_SIZE = 4096
 _STAMP = "demo_stamp.json"
@@ -62,9 +64,6 @@ def prepare_demo_dataset(work_dir: str) -> dict:
 
 
 def _prepare(work_dir: str) -> dict:
-    from dense_model.data.preprocess import PreprocessConfig, preprocess
-    from dense_model.data.train_tokenizer import train_sentencepiece
-
     folder = sample_dir()
     tokenizer_model = os.path.join(work_dir, "demo_tokenizer.model")
     prefix = os.path.join(work_dir, "redpajama_sample")

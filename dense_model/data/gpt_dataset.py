@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
+from dense_model.data.indexed import read_index_header
+
 
 @contextlib.contextmanager
 def _rank_zero_without_process_group():
@@ -45,8 +47,6 @@ def _rank_zero_without_process_group():
 def _check_splits_have_tokens(prefixes: Sequence[str], split_matrix, split: str) -> None:
     """megatron-core 0.16 loops forever (GPTDataset._get_num_epochs) when a split of a dataset holds
     no tokens; fail with a message instead. Splits are cut by sequence count as megatron does."""
-    from dense_model.data.indexed import read_index_header
-
     names = ("train", "valid", "test")
     for prefix in prefixes:
         header = read_index_header(prefix + ".idx")

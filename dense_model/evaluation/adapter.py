@@ -46,6 +46,8 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from dense_model.checkpoint.inference import load_model_for_inference
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
@@ -70,7 +72,6 @@ class DenseModelLM(TemplateLM):
         **unused,
     ) -> None:
         super().__init__()
-        from dense_model.training.checkpointing import load_model_for_inference
 
         if unused:
             logger.warning("dense_model ignores model arguments %s", sorted(unused))

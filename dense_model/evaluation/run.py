@@ -24,6 +24,9 @@ from __future__ import annotations
 import os
 import sys
 
+from dense_model.checkpoint import CheckpointError, resolve_checkpoint
+from dense_model.parallel import destroy_parallel
+
 USAGE = "usage: run_lm_eval.sh CHECKPOINT TASKS [lm-eval run options]"
 OWN_OPTIONS = ("--model", "-M", "--tasks", "-t")
 
@@ -44,8 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     clash = [a for a in rest if a.split("=", 1)[0] in OWN_OPTIONS]
     if clash:
         return _fail(f"{', '.join(clash)}: the model and the tasks are the first two arguments\n{USAGE}")
-
-    from dense_model.training.checkpointing import CheckpointError, resolve_checkpoint
 
     try:
         folder = resolve_checkpoint(checkpoint)
@@ -83,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         if "megatron.core.parallel_state" in sys.modules:
-            from dense_model.parallel import destroy_parallel
-
             destroy_parallel()
     return 0
 

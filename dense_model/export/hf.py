@@ -49,6 +49,15 @@ from pathlib import Path
 
 import torch
 
+from dense_model.activations import get_activation_entry, is_gated
+from dense_model.checkpoint import CheckpointError, read_metadata, resolve_checkpoint
+from dense_model.checkpoint.inference import load_model_for_inference
+from dense_model.config import ffn_hidden_size
+from dense_model.data.tokenizers import build_tokenizer
+from dense_model.export.configuration_dense_model import DenseModelConfig
+from dense_model.export.tokenizer import export_tokenizer, tokenizer_mismatch
+from dense_model.parallel import destroy_parallel
+
 REMOTE_CODE_FILES = ("configuration_dense_model.py", "modeling_dense_model.py")
 ACTIVATIONS_PACKAGE = "dense_model.activations"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,8 +69,6 @@ class ExportError(RuntimeError):
 
 def hf_config(cfg, special_ids: dict, dtype: torch.dtype):
     """``LlamaConfig`` (SwiGLU) or ``DenseModelConfig`` (any other activation) for ``cfg``."""
-    from dense_model.config import ffn_hidden_size
-
     m = cfg.model
     kwargs = dict(
         vocab_size=m.vocab_size,
@@ -91,7 +98,6 @@ def hf_config(cfg, special_ids: dict, dtype: torch.dtype):
         config = LlamaConfig(**kwargs)
         config.architectures = ["LlamaForCausalLM"]
         return config
-    from dense_model.export.configuration_dense_model import DenseModelConfig
 
     config = DenseModelConfig(activation=m.activation, activation_kwargs=dict(m.activation_kwargs), **kwargs)
     config.architectures = ["DenseModelForCausalLM"]
@@ -104,8 +110,6 @@ def hf_config(cfg, special_ids: dict, dtype: torch.dtype):
 
 def convert_state_dict(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
     """Megatron GPTModel state (TP=1, PP=1) -> transformers Llama names. Raises on leftovers."""
-    from dense_model.activations import is_gated
-
     m = cfg.model
     state = {k: v for k, v in state.items() if not k.endswith("._extra_state")}
     used: set[str] = set()
@@ -173,8 +177,6 @@ def remote_code_files(activation: str) -> dict[str, str]:
     registry functions modeling_dense_model.py uses. Imports inside functions are left as they are
     (``load_fused_kernel``'s Triton import: training only).
     """
-    from dense_model.activations import get_activation_entry
-
     here = Path(__file__).parent
     files = {name: (here / name).read_text() for name in REMOTE_CODE_FILES}
     cls = get_activation_entry(activation).cls
@@ -296,8 +298,6 @@ def export_hf(
     """
     from megatron.core import parallel_state
 
-    from dense_model.training.checkpointing import load_model_for_inference, read_metadata, resolve_checkpoint
-
     folder = resolve_checkpoint(checkpoint)  # CheckpointError for a missing or foreign path
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
@@ -359,9 +359,6 @@ def _export_checked_tokenizer(cfg, folder: Path) -> tuple[dict, dict]:
     against the tokenizer training used (the single source of truth) on the built-in probe texts.
     Returns (provenance for dense_model.json, special ids for config.json); ExportError on a mismatch,
     before anything is moved to the final name."""
-    from dense_model.data.tokenizers import build_tokenizer
-    from dense_model.export.tokenizer import export_tokenizer, tokenizer_mismatch
-
     data = cfg.data
     exported = export_tokenizer(
         data.tokenizer_type, data.tokenizer_model, folder, model_max_length=cfg.model.seq_length
@@ -389,8 +386,6 @@ def _rank() -> int:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from dense_model.training.checkpointing import CheckpointError
-
     parser = argparse.ArgumentParser(
         prog="export_hf.py",
         description="Export a dense_model checkpoint to a Hugging Face folder (AutoModelForCausalLM).",
@@ -415,8 +410,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if "megatron.core.parallel_state" in sys.modules:  # only if the load got that far
-            from dense_model.parallel import destroy_parallel
-
             destroy_parallel()
     print(f"exported {args.checkpoint} -> {out}")
     return 0

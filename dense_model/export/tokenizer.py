@@ -36,6 +36,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from dense_model.data.tokenizers import build_tokenizer
+from dense_model.export.tokenization_dense_model import DenseModelSentencePieceTokenizer
+
 UNK_SURFACE = " \u2047 "  # how sentencepiece decodes the unknown piece
 EXACT_MODULE = "tokenization_dense_model"  # the SentencePiece-running tokenizer shipped when needed
 
@@ -82,8 +85,6 @@ def export_tokenizer(
     SentencePiece's ids on ``probe_texts()``; otherwise ``tokenizer.model`` plus the class in
     tokenization_dense_model.py (runs SentencePiece itself; AutoTokenizer with trust_remote_code).
     """
-    from dense_model.data.tokenizers import build_tokenizer
-
     ours = build_tokenizer(tokenizer_type, str(model_path))
     out_dir = Path(out_dir)
     if ours.tokenizer_type != "sentencepiece":
@@ -182,8 +183,6 @@ def _save(hf, out_dir: Path, model_max_length: int | None) -> None:
 def _exact_sentencepiece(model_file: str, out_dir: Path, model_max_length: int | None):
     """tokenizer.model + tokenization_dense_model.py, registered for AutoTokenizer (auto_map)."""
     import sentencepiece
-
-    from dense_model.export.tokenization_dense_model import DenseModelSentencePieceTokenizer
 
     sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
 

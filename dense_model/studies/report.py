@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+from dense_model.model import count_parameters
 from dense_model.studies.runner import EVAL_DIR, expected_steps, is_trained
 from dense_model.studies.spec import Study, StudyRun
 from dense_model.studies.stats import mean_std, paired_difference
@@ -50,8 +51,6 @@ def read_lm_eval(run_dir: Path) -> dict[str, float]:
 
 
 def collect_run(study: Study, run: StudyRun) -> dict:
-    from dense_model.model import count_parameters
-
     cfg = study.run_config(run)
     steps = expected_steps(study, run)
     train, valid = read_metrics(run.run_dir)

@@ -16,7 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dense_model.checkpoint import read_latest_iteration
 from dense_model.studies.spec import Study, StudyRun
+from dense_model.training.optim import schedule_steps
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL_DIR = "lm_eval"
@@ -28,14 +30,10 @@ def _python() -> str:
 
 
 def expected_steps(study: Study, run: StudyRun) -> int:
-    from dense_model.training.optim import schedule_steps
-
     return schedule_steps(study.run_config(run))[0]
 
 
 def is_trained(study: Study, run: StudyRun) -> bool:
-    from dense_model.training.checkpointing import read_latest_iteration
-
     return read_latest_iteration(run.run_dir / "checkpoints") == expected_steps(study, run)
 
 

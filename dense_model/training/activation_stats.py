@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from dense_model.model import RegistryActivation
+
 OUTLIER_SIGMAS = 6.0
 IN_SQ, OUT_SQ, OUTLIERS, ELEMENTS, OUT_ELEMENTS = range(5)
 
@@ -42,8 +44,6 @@ class ActivationStats:
     """Hooks every RegistryActivation of ``model``; ``read()`` returns and resets the statistics."""
 
     def __init__(self, model):
-        from dense_model.model import RegistryActivation
-
         unwrapped = getattr(model, "module", model)
         self.layers: list[tuple[int, torch.nn.Module]] = []
         for name, module in unwrapped.named_modules():

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
+from dense_model.data.blend import load_blend
+from dense_model.data.gpt_dataset import build_gpt_datasets
+from dense_model.model import model_device
+
 
 def build_datasets(cfg, train_iters: int, tokenizer):
     """(train, valid) datasets for the config's blend; valid may be None."""
-    from dense_model.data.blend import load_blend
-    from dense_model.data.gpt_dataset import build_gpt_datasets
-
     d, t = cfg.data, cfg.training
     if d.blend:
         prefixes, weights = load_blend(d.blend)
@@ -76,8 +77,6 @@ def batch_iterator(
     """An iterator of micro-batch dicts (tokens, labels, loss_mask, position_ids) for this rank,
     on ``device`` (default: the model's, ``dense_model.model.model_device``)."""
     from megatron.core import parallel_state as ps
-
-    from dense_model.model import model_device
 
     t = cfg.training
     sampler = _GlobalBatchSampler(

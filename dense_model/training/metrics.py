@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+from dense_model.activations import is_gated
+from dense_model.config import ffn_hidden_size, padded_vocab_size
+
 # Dense bf16 tensor-core peaks (FLOP/s), by substring of torch.cuda.get_device_name(); first match wins.
 PEAK_BF16_FLOPS = [
     ("H100 PCIe", 756e12),
@@ -38,9 +41,6 @@ PEAK_BF16_FLOPS = [
 
 
 def flops_per_token(cfg, training: bool = True) -> float:
-    from dense_model.activations import is_gated
-    from dense_model.config import ffn_hidden_size, padded_vocab_size
-
     m = cfg.model
     h, s, layers = m.hidden_size, m.seq_length, m.num_layers
     kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)

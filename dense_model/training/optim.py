@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from dense_model.config import train_and_warmup_steps
+from dense_model.model import build_model
+
 
 def build_training_model(cfg):
     """(model, ddp, optimizer) for this rank, wired the way megatron-core's schedules expect.
@@ -19,8 +22,6 @@ def build_training_model(cfg):
     grad_scale_func). Used by the trainer and by scripts/bench_train_step.py.
     """
     from megatron.core.distributed import finalize_model_grads
-
-    from dense_model.model import build_model
 
     model = build_model(cfg)
     wrapped = model
@@ -72,57 +73,8 @@ def build_optimizer(model_chunks, cfg):
     return get_megatron_optimizer(opt_config, model_chunks)
 
 
-def prepare_optimizer_for_load(optimizer) -> None:
-    """Work around megatron-core 0.16.1's distributed optimizer load without Apex/TE.
-
-    There, torch's Adam keeps a per-parameter "step": ``DistributedOptimizer.state_dict()`` reads it
-    from every state (but a fresh optimizer has none), and the fully-reshardable loader copies
-    every state key from the checkpoint except "step" (KeyError). We give a fresh optimizer its
-    state tensors, step included, and let the loader copy "step" onto itself; the real step is
-    restored from the checkpoint's param groups. A no-op with Apex/TE (fused Adam, no "step").
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
-            continue
-        for group in inner.param_groups:
-            for param in group["params"]:
-                state = inner.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(param.data)
-                    state["exp_avg_sq"] = torch.zeros_like(param.data)
-        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
-        if setter is None or getattr(setter, "_keeps_step", False):
-            continue
-
-        def keep_step(model_param, tensors, _setter=setter, _opt=opt):
-            if "step" not in tensors:
-                group_index, order = _opt.model_param_group_index_map[model_param]
-                main = _opt.optimizer.param_groups[group_index]["params"][order]
-                if "step" in _opt.optimizer.state[main]:
-                    tensors = {**tensors, "step": _opt.optimizer.state[main]["step"]}
-            return _setter(model_param, tensors)
-
-        keep_step._keeps_step = True
-        opt._set_main_param_and_optimizer_states = keep_step
-
-
-def finish_optimizer_load(optimizer) -> None:
-    """After a load without Apex/TE: megatron-core gives every torch-Adam state the *same* "step"
-    tensor, which torch then increments in place once per parameter; give each its own copy."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
-            for state in inner.state.values():
-                if "step" in state:
-                    state["step"] = state["step"].detach().clone()
-
-
 def schedule_steps(cfg) -> tuple[int, int]:
     """(train_iters, warmup_iters) from steps or tokens."""
-    from dense_model.config import train_and_warmup_steps
-
     iters, warmup = train_and_warmup_steps(cfg)
     return iters, min(warmup, iters)
 

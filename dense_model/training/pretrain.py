@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 
 from dense_model import collectives
+from dense_model.checkpoint import CheckpointError, load_checkpoint, read_latest_iteration, save_checkpoint
+from dense_model.compat.quiet import filter_known_warnings
 from dense_model.config import (
     ConfigError,
     load_config,
@@ -37,9 +39,17 @@ from dense_model.config import (
     split_config_argument,
     validate,
 )
+from dense_model.data.demo import prepare_demo_dataset
+from dense_model.data.tokenizers import build_tokenizer
+from dense_model.parallel import destroy_parallel, initialize_parallel
 from dense_model.procutil import die_with_parent, is_torchrun_agent
-from dense_model.training.checkpointing import CheckpointError
+from dense_model.training.activation_stats import ActivationStats
+from dense_model.training.batches import batch_iterator, build_datasets
+from dense_model.training.metrics import MetricsLogger
+from dense_model.training.optim import build_scheduler, build_training_model, schedule_steps
+from dense_model.training.run_lock import RunDirBusy, RunDirClaim
 from dense_model.training.signals import TerminationRequest
+from dense_model.training.step import forward_backward, lm_loss, reduce_lm_loss
 
 # The worker's pid, for the helper processes it spawns (see below).
 WORKER_PID_ENV = "DENSE_MODEL_TRAINING_WORKER_PID"
@@ -66,7 +76,6 @@ def prepare_data_config(cfg) -> None:
     """Fill data.blend/tokenizer_model for the demo (tokenised on first use, on rank 0 first)."""
     if not cfg.data.demo:
         return
-    from dense_model.data.demo import prepare_demo_dataset
 
     work_dir = Path(os.environ.get("DENSE_MODEL_CACHE", ".cache")) / "demo_data"
     if collectives.rank() == 0:
@@ -81,14 +90,6 @@ def prepare_data_config(cfg) -> None:
 class Trainer:
     def __init__(self, cfg):
         from megatron.core import parallel_state as ps
-
-        from dense_model.data.tokenizers import build_tokenizer
-        from dense_model.parallel import initialize_parallel
-        from dense_model.training.activation_stats import ActivationStats
-        from dense_model.training.batches import batch_iterator, build_datasets
-        from dense_model.training.checkpointing import load_checkpoint, read_latest_iteration
-        from dense_model.training.metrics import MetricsLogger
-        from dense_model.training.optim import build_scheduler, build_training_model, schedule_steps
 
         self.cfg = cfg
         p, t = cfg.parallel, cfg.training
@@ -180,8 +181,6 @@ class Trainer:
     def _forward_backward(self) -> torch.Tensor | None:
         """Forward and backward over the global batch: the token-mean loss (a 0-d tensor on the
         last pipeline stage, None elsewhere); the gradients are in the DDP buffers."""
-        from dense_model.training.step import forward_backward, lm_loss
-
         t = self.cfg.training
         losses = forward_backward(
             [self.ddp], self.train_iter, self.num_microbatches, self.cfg.model.seq_length, t.micro_batch_size
@@ -214,8 +213,6 @@ class Trainer:
         return float("nan"), None, False
 
     def evaluate(self) -> float | None:
-        from dense_model.training.step import forward_backward, reduce_lm_loss
-
         if self.valid_ds is None or self.cfg.logging.eval_iters <= 0:
             return None
         t = self.cfg.training
@@ -235,8 +232,6 @@ class Trainer:
         return collectives.broadcast_from_last_stage(reduce_lm_loss(losses))
 
     def save(self) -> None:
-        from dense_model.training.checkpointing import save_checkpoint
-
         folder = save_checkpoint(
             self.ckpt_dir,
             self.state.iteration,
@@ -345,10 +340,6 @@ def _die_with_launcher() -> bool:
 
 
 def main(argv=None) -> int:
-    from dense_model.compat.quiet import filter_known_warnings
-    from dense_model.parallel import destroy_parallel
-    from dense_model.training.run_lock import RunDirBusy, RunDirClaim
-
     if not _die_with_launcher():
         print("error: the torchrun agent that started this worker is gone; exiting", file=sys.stderr)
         return 1

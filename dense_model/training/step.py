@@ -11,6 +11,8 @@ from functools import partial
 
 import torch
 
+from dense_model.collectives import sum_over_group
+
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """output_tensor: per-token losses [b, s] -> (sum, token count, {"lm loss": [sum, count]})."""
@@ -40,8 +42,6 @@ def lm_loss(losses_reduced: list[dict]) -> torch.Tensor | None:
     """The global batch's token-mean loss (0-d tensor, not synced to the host) from the schedule's
     per-micro-batch dicts; None on the stages that are not the last (they have no loss)."""
     from megatron.core import parallel_state
-
-    from dense_model.collectives import sum_over_group
 
     if not losses_reduced:
         return None

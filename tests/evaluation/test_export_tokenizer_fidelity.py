@@ -71,11 +71,11 @@ def write_tasks(folder: Path) -> None:
 def _make_job(rank, world_size, out_dir, tokenizer):
     """A PolyNorm model on the Llama-style tokenizer, norms and PolyCom scalars moved off their
     init, saved and exported in float32."""
+    from dense_model.checkpoint import save_checkpoint
     from dense_model.config import load_config
     from dense_model.export import export_hf
     from dense_model.model import build_model
     from dense_model.parallel import initialize_parallel
-    from dense_model.training.checkpointing import save_checkpoint
 
     initialize_parallel(1, 1, seed=11)
     cfg = load_config(

@@ -47,10 +47,10 @@ def _make_job(rank, world_size, out_dir, tokenizer):
     decodes differently in SentencePiece and in the exported tokenizers-library tokenizer)."""
     import sentencepiece
 
+    from dense_model.checkpoint import save_checkpoint
     from dense_model.export import export_hf
     from dense_model.model import build_model
     from dense_model.parallel import initialize_parallel
-    from dense_model.training.checkpointing import save_checkpoint
 
     seed = 1234  # fixed: a failure reproduces with the same weights
     initialize_parallel(1, 1, seed=seed)
@@ -124,7 +124,7 @@ def hand_generate(model, tok, context, until, max_new):
 
 
 def _hand_answers(out_dir: Path) -> None:
-    from dense_model.training.checkpointing import load_model_for_inference
+    from dense_model.checkpoint.inference import load_model_for_inference
 
     loaded = load_model_for_inference(out_dir / "run")
     model, tok = loaded.model, loaded.tokenizer

@@ -24,7 +24,7 @@ MODULE = "tests.export.scaled_tanh_activation"
 
 def _our_logits_job(rank, world_size, run_dir, tokens_file):
     """Our logits of the trained checkpoint (the activation module is imported by the model build)."""
-    from dense_model.training.checkpointing import load_model_for_inference
+    from dense_model.checkpoint.inference import load_model_for_inference
 
     loaded = load_model_for_inference(run_dir)
     tokens = torch.load(tokens_file)  # [b, s]

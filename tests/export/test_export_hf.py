@@ -68,8 +68,8 @@ def perturb(model, seed=5):
 
 
 def _build_save(spec, tokenizer, root, tp=1, pp=1):
+    from dense_model.checkpoint import save_checkpoint
     from dense_model.model import build_model
-    from dense_model.training.checkpointing import save_checkpoint
 
     activation, extra = SPECS[spec]
     cfg = tiny_config(activation, tokenizer, extra, tp, pp)
@@ -81,9 +81,9 @@ def _build_save(spec, tokenizer, root, tp=1, pp=1):
 
 def _tp1_job(rank, world_size, out_dir, tokenizer, tokens_file):
     """Save every spec at TP=1, export it in-process, and record our logits on the random tokens."""
+    from dense_model.checkpoint.inference import load_model_for_inference
     from dense_model.export import export_hf
     from dense_model.parallel import initialize_parallel
-    from dense_model.training.checkpointing import load_model_for_inference
 
     initialize_parallel(1, 1)
     tokens = torch.load(tokens_file)  # [b, s]
@@ -124,9 +124,10 @@ def _te_checkpoint_job(rank, world_size, out_dir, tokenizer):
     export load it into the local layers. Saved here from local layers; what lets a real TE checkpoint
     load the same way is that megatron-core's local spec names its norms as TE's fused norm+linear
     does, which the key check below pins."""
+    from dense_model.checkpoint import save_checkpoint
+    from dense_model.checkpoint.inference import load_model_for_inference
     from dense_model.model import build_model, transformer_engine_available
     from dense_model.parallel import initialize_parallel
-    from dense_model.training.checkpointing import load_model_for_inference, save_checkpoint
 
     assert not transformer_engine_available()
     initialize_parallel(1, 1)

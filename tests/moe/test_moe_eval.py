@@ -17,13 +17,14 @@ REQUESTS = [("The function returns", " a list"), ("Python is", " a language"), (
 def _job(rank, world_size, out_dir, tokenizer):
     from lm_eval.api.instance import Instance
 
+    from dense_model.checkpoint import save_checkpoint
+    from dense_model.checkpoint.inference import load_model_for_inference
     from dense_model.config import load_config
     from dense_model.evaluation import DenseModelLM
     from dense_model.export import export_hf
     from dense_model.export.hf import ExportError
     from dense_model.model import build_model
     from dense_model.parallel import initialize_parallel
-    from dense_model.training.checkpointing import load_model_for_inference, save_checkpoint
 
     cfg = load_config(
         None,

@@ -203,7 +203,7 @@ def test_slurm_array_with_stand_in_sbatch_srun_scontrol(tmp_path):
         slurm={"time": "01:00:00", "sbatch_args": ["--account=acme"]},
     )
     # Run 0 (polynorm_s1) is finished: its checkpoint tracker is at the last step.
-    from dense_model.training.checkpointing import TRACKER
+    from dense_model.checkpoint import TRACKER
 
     (study_dir / "runs/polynorm_s1/checkpoints").mkdir(parents=True)
     (study_dir / "runs/polynorm_s1/checkpoints" / TRACKER).write_text("4")

@@ -1,0 +1,35 @@
+"""The checkpoint format, one layer below training, evaluation and export, which all use it.
+
+- ``layout``: names on disk (Megatron-LM's), the tracker file, metadata, atomic publication.
+- ``state``: save and load of model, optimizer, scheduler and RNG with megatron-core
+  ``dist_checkpointing`` (any TP/PP layout loads any other).
+- ``inference``: a checkpoint loaded for evaluation or export.
+
+The trainer decides only *when* to save (``dense_model.training.pretrain``).
+"""
+
+from dense_model.checkpoint.layout import (
+    CHECKPOINTS,
+    METADATA,
+    TRACKER,
+    CheckpointError,
+    iteration_dir,
+    read_latest_iteration,
+    read_metadata,
+    resolve_checkpoint,
+)
+from dense_model.checkpoint.state import finish_param_gather, load_checkpoint, save_checkpoint
+
+__all__ = [
+    "CHECKPOINTS",
+    "METADATA",
+    "TRACKER",
+    "CheckpointError",
+    "finish_param_gather",
+    "iteration_dir",
+    "load_checkpoint",
+    "read_latest_iteration",
+    "read_metadata",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]
