@@ -45,7 +45,7 @@ def test_grid_with_variants_and_per_activation_overrides(tmp_path):
         tmp_path,
         variants={"lr1e-3": ["training.lr=1e-3"], "lr3e-3": ["training.lr=3e-3"]},
         activation_overrides={"polynorm": ["model.activation_kwargs={order: 2}"]},
-        overrides=["training.train_iters=7"],
+        overrides=["training.train_iters=7", "training.lr_warmup_iters=2"],
     )
     study = load_study(path)
     runs = study.runs()
