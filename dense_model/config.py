@@ -474,17 +474,23 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], where))
 
 
-def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+def read_yaml_mapping(path: Path, what: str = "config file", expected: str = "of sections") -> dict:
+    """A YAML file whose top level is a mapping; ConfigError naming ``what`` and the file otherwise."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    if path.resolve() in seen:
-        raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+        raise ConfigError(f"{what} {path}: the top level must be a mapping {expected}")
+    return data
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if path.is_file() and path.resolve() in seen:
+        raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
+    data = read_yaml_mapping(path)
     base = data.pop("base", None)
     if base is None:
         return data

@@ -40,21 +40,22 @@ LLAMA_STYLE_SENTENCEPIECE = dict(
 )
 
 
-def train_sentencepiece(folder, name: str, **settings) -> str:
-    """Train a SentencePiece model (vocab 512, ids unk 0, bos 1, eos 2) on Python's docs plus
-    indented code-like lines, in about a second; ``settings`` go to the trainer. Returns the path."""
+def train_sentencepiece(folder, name: str, code: bool = True, **settings) -> str:
+    """Train a SentencePiece model (vocab 512, ids unk 0, bos 1, eos 2) on Python's docs (plus, with
+    ``code``, indented code-like lines and mixed scripts), in about a second; ``settings`` go to the
+    trainer. Returns the path."""
     import random
 
     import sentencepiece
 
     folder = Path(folder)
     lines = python_docs_text()
-    rng = random.Random(0)
-    code = [" " * rng.choice([0, 2, 4, 8, 12]) + rng.choice(lines)[:80] for _ in range(2000)]
+    if code:
+        rng = random.Random(0)
+        indented = [" " * rng.choice([0, 2, 4, 8, 12]) + rng.choice(lines)[:80] for _ in range(2000)]
+        lines = lines + indented + ["日本語のテキスト 中文 한국어 émigré 0123456789"]
     corpus = folder / f"{name}.txt"
-    corpus.write_text(
-        "\n".join(lines + code + ["日本語のテキスト 中文 한국어 émigré 0123456789"]), encoding="utf-8"
-    )
+    corpus.write_text("\n".join(lines), encoding="utf-8")
     sentencepiece.SentencePieceTrainer.train(
         input=str(corpus),
         model_prefix=str(folder / name),

@@ -7,32 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dense_model.testing import python_docs_text
+from dense_model.testing import python_docs_text, train_sentencepiece
 
 
 @pytest.fixture(scope="session")
 def spm_model(tmp_path_factory) -> str:
     """Path to a real SentencePiece BPE model (vocab 512, byte fallback) trained on Python's docs."""
-    import sentencepiece as spm
-
-    out = tmp_path_factory.mktemp("spm")
-    text_file = out / "corpus.txt"
-    text_file.write_text("\n".join(python_docs_text()), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(text_file),
-        model_prefix=str(out / "tok"),
-        vocab_size=512,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        num_threads=1,
-        minloglevel=2,
-        bos_id=1,
-        eos_id=2,
-        unk_id=0,
-        pad_id=-1,
+    # The corpus is Python's docs alone (code=False): the model the data and training tests were written for.
+    return train_sentencepiece(
+        tmp_path_factory.mktemp("spm"), "tok", code=False, model_type="bpe", byte_fallback=True
     )
-    return str(out / "tok.model")
 
 
 @pytest.fixture(scope="session")

@@ -24,9 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from dense_model.config import ConfigError, load_config, validate
+from dense_model.config import ConfigError, load_config, read_yaml_mapping, validate
 
 SEED_MODES = ("init_and_data", "init", "data")
 KNOWN_KEYS = {
@@ -137,14 +135,7 @@ def _overrides_map(path, data, key) -> dict[str, list[str]]:
 def load_study(path: str | Path, study_dir: str | Path | None = None) -> Study:
     """Read and check a study file; every run's config is loaded and validated up front."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"study file {path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"study file {path}: the top level must be a mapping (name:, activations:, ...)")
+    data = read_yaml_mapping(path, "study file", "(name:, activations:, ...)")
     unknown = sorted(set(data) - KNOWN_KEYS)
     if unknown:
         _fail(path, unknown[0], f"unknown key; valid keys: {', '.join(sorted(KNOWN_KEYS))}")

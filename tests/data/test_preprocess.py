@@ -20,22 +20,14 @@ from dense_model.data.preprocess import (
     ResumeError,
     preprocess,
 )
+from tests.data.helpers import preprocess_config
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / "toolkits" / "pretrain_data_preprocessing" / "preprocess_data.py"
 
 
 def _cfg(spm_model, inputs, prefix, **kw) -> PreprocessConfig:
-    base = dict(
-        inputs=inputs if isinstance(inputs, list) else [inputs],
-        output_prefix=str(prefix),
-        tokenizer_type="sentencepiece",
-        tokenizer_model=spm_model,
-        append_eod=True,
-        progress=False,
-    )
-    base.update(kw)
-    return PreprocessConfig(**base)
+    return preprocess_config(spm_model, prefix, inputs if isinstance(inputs, list) else [inputs], **kw)
 
 
 @pytest.mark.parametrize("compression", [None, "zst", "gz"], ids=["plain", "zstd", "gzip"])

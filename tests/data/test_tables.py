@@ -7,20 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dense_model.data.preprocess import PreprocessConfig, preprocess
+from dense_model.data.preprocess import preprocess
+from tests.data.helpers import preprocess_config
 
-
-def _cfg(spm_model, prefix, inputs=(), **kw) -> PreprocessConfig:
-    base = dict(
-        inputs=list(inputs),
-        output_prefix=str(prefix),
-        tokenizer_type="sentencepiece",
-        tokenizer_model=spm_model,
-        append_eod=True,
-        progress=False,
-    )
-    base.update(kw)
-    return PreprocessConfig(**base)
+_cfg = preprocess_config
 
 
 def _records(texts: list[str]) -> dict:
