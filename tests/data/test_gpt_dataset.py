@@ -14,8 +14,9 @@ import torch
 
 from dense_model.data.blend import load_blend
 from dense_model.data.gpt_dataset import build_gpt_datasets
-from dense_model.data.preprocess import PreprocessConfig, preprocess
+from dense_model.data.preprocess import preprocess
 from dense_model.data.tokenizers import build_tokenizer
+from tests.data.helpers import preprocess_config
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ = 32
@@ -29,18 +30,7 @@ def blend_file(tmp_path_factory, spm_model, texts, data_helpers) -> str:
             str(root / "in" / subset / "part.jsonl"), [{"text": t} for t in texts[i * 60 : i * 60 + 60]]
         )
     prefix = root / "out" / "red"
-    preprocess(
-        PreprocessConfig(
-            inputs=[str(root / "in")],
-            output_prefix=str(prefix),
-            tokenizer_type="sentencepiece",
-            tokenizer_model=spm_model,
-            append_eod=True,
-            split_by_subset=True,
-            progress=False,
-        ),
-        log=None,
-    )
+    preprocess(preprocess_config(spm_model, prefix, [str(root / "in")], split_by_subset=True), log=None)
     return str(prefix) + "_blend.json"
 
 
@@ -88,17 +78,7 @@ def test_eod_mask_loss(tmp_path, blend_file, spm_model):
 
 def test_empty_split_is_an_error_not_a_hang(tmp_path, spm_model, data_helpers):
     data_helpers.write_jsonl(str(tmp_path / "one.jsonl"), [{"text": "a single short document"}])
-    preprocess(
-        PreprocessConfig(
-            inputs=[str(tmp_path / "one.jsonl")],
-            output_prefix=str(tmp_path / "one"),
-            tokenizer_type="sentencepiece",
-            tokenizer_model=spm_model,
-            append_eod=True,
-            progress=False,
-        ),
-        log=None,
-    )
+    preprocess(preprocess_config(spm_model, tmp_path / "one", [str(tmp_path / "one.jsonl")]), log=None)
     with pytest.raises(ValueError, match="leaves its valid part empty"):
         build_gpt_datasets(
             [str(tmp_path / "one_text_document")],

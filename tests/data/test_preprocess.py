@@ -133,11 +133,17 @@ def test_strict_stops_at_the_first_bad_line_and_writes_nothing(tmp_path, spm_mod
     assert not any(p.name.startswith("out_") for p in tmp_path.iterdir()), "no output under a final name"
 
 
-def test_strict_line_number_inside_a_later_byte_range(tmp_path, spm_model, texts):
-    path = str(tmp_path / "late.jsonl")
+def _jsonl_with_bad_line(folder: Path, texts, index: int, bad: str) -> str:
+    """100 good documents with line ``index`` (0-based) replaced by ``bad``; returns the path."""
+    path = str(folder / "late.jsonl")
     lines = [json.dumps({"text": t}) for t in texts[:100]]
-    lines[87] = '{"text": 1}'
+    lines[index] = bad
     Path(path).write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_strict_line_number_inside_a_later_byte_range(tmp_path, spm_model, texts):
+    path = _jsonl_with_bad_line(tmp_path, texts, 87, '{"text": 1}')
     with pytest.raises(BadLineError) as info:
         preprocess(_cfg(spm_model, path, tmp_path / "o", strict=True, shard_size_mb=0.004), log=None)
     assert (info.value.line, info.value.reason) == (88, "not_string")
@@ -304,10 +310,7 @@ def test_input_errors_name_the_argument(tmp_path, spm_model):
 
 
 def test_strict_with_worker_processes(tmp_path, spm_model, texts):
-    path = str(tmp_path / "late.jsonl")
-    lines = [json.dumps({"text": t}) for t in texts[:100]]
-    lines[60] = "oops"
-    Path(path).write_text("\n".join(lines) + "\n")
+    path = _jsonl_with_bad_line(tmp_path, texts, 60, "oops")
     with pytest.raises(BadLineError) as info:
         preprocess(
             _cfg(spm_model, path, tmp_path / "o", strict=True, workers=2, shard_size_mb=0.004), log=None

@@ -43,6 +43,12 @@ CODE_TEXTS = [
 ]
 
 
+MC_FIELDS = (
+    'doc_to_text: "{{context}}"\ndoc_to_choice: choices\ndoc_to_target: answer\ntarget_delimiter: ""\n'
+)
+PPL_FIELDS = 'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n'
+
+
 def write_tasks(folder: Path) -> None:
     """A multiple-choice task (6 contexts x 4 indented continuations) and a rolling task."""
     docs = []
@@ -52,20 +58,20 @@ def write_tasks(folder: Path) -> None:
     (folder / "code_mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (folder / "code_text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in CODE_TEXTS))
     common = "dataset_path: json\noutput_type: {kind}\ntest_split: test\nmetadata:\n  version: 1.0\n"
-    (folder / "fidelity_code_mc.yaml").write_text(
-        "task: fidelity_code_mc\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'code_mc.jsonl'}\n"
-        + common.format(kind="multiple_choice")
-        + 'doc_to_text: "{{context}}"\ndoc_to_choice: choices\ndoc_to_target: answer\ntarget_delimiter: ""\n'
-        + "metric_list:\n  - metric: acc\n"
-    )
-    (folder / "fidelity_code_ppl.yaml").write_text(
-        "task: fidelity_code_ppl\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'code_text.jsonl'}\n"
-        + common.format(kind="loglikelihood_rolling")
-        + 'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-        + "metric_list:\n  - metric: word_perplexity\n"
-    )
+    tasks = {
+        "fidelity_code_mc": (
+            "code_mc.jsonl",
+            "multiple_choice",
+            MC_FIELDS + "metric_list:\n  - metric: acc\n",
+        ),
+        "fidelity_code_ppl": ("code_text.jsonl", "loglikelihood_rolling", PPL_FIELDS),
+    }
+    for task, (data, kind, fields) in tasks.items():
+        (folder / f"{task}.yaml").write_text(
+            f"task: {task}\ndataset_kwargs:\n  data_files:\n    test: {folder / data}\n"
+            + common.format(kind=kind)
+            + fields
+        )
 
 
 def _make_job(rank, world_size, out_dir, tokenizer):
