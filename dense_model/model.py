@@ -126,13 +126,17 @@ class RegistryActivation(torch.nn.Module):
         return make_sharded_tensors_for_checkpoint(state, prefix, sharded_offsets=sharded_offsets)
 
 
-def layer_spec(cfg: ModelConfig):
-    """megatron-core's stock GPT layer spec with the MLP activation replaced by the registry's."""
+def layer_spec(cfg: ModelConfig, device: torch.device | None = None):
+    """megatron-core's stock GPT layer spec with the MLP activation replaced by the registry's and the
+    core attention chosen by ``cfg.attention_backend`` for ``device`` (default: this rank's)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from dense_model.attention import SDPAttention, select_attention_backend
 
     if cfg.transformer_impl == "transformer_engine":
         if not transformer_engine_available():
@@ -145,6 +149,12 @@ def layer_spec(cfg: ModelConfig):
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec = copy.deepcopy(spec)
+    backend = select_attention_backend(cfg.attention_backend, cfg.transformer_impl, device or model_device())
+    attention = spec.submodules.self_attention.submodules
+    if backend == "sdpa":
+        attention.core_attention = SDPAttention
+    elif backend == "local":
+        attention.core_attention = DotProductAttention
     mlp = spec.submodules.mlp
     mlp.submodules.activation_func = ModuleSpec(
         module=RegistryActivation,
@@ -236,7 +246,7 @@ def build_model(
     device = model_device() if device is None else device
     model = GPTModel(
         config=transformer_config(cfg, perform_initialization=not allocate_only, device=device, dtype=dtype),
-        transformer_layer_spec=layer_spec(m),
+        transformer_layer_spec=layer_spec(m, device),
         vocab_size=padded_vocab_size(m, cfg.parallel.tensor_model_parallel_size),
         max_sequence_length=m.seq_length,
         pre_process=pre_process,
