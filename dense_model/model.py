@@ -5,9 +5,10 @@
 
 Llama style: RMSNorm, RoPE (base 10000), untied embeddings, no linear biases, no dropout by default.
 The activation is swapped through megatron-core's ``ModuleSpec``: the stock layer spec (local or
-Transformer Engine) is kept whole and only the MLP's ``activation_func`` submodule is replaced by
-``RegistryActivation``, which builds ``dense_model.activations.build_activation(name)``. The
-transformer layer is never copied. Gated activations set ``gated_linear_unit`` so fc1 is 2x wide
+Transformer Engine) is kept whole; the MLP's ``activation_func`` submodule is replaced by
+``RegistryActivation``, which builds ``dense_model.activations.build_activation(name)``, and the
+core attention follows ``model.attention_backend`` (``dense_model.attention``). The transformer
+layer is never copied. Gated activations set ``gated_linear_unit`` so fc1 is 2x wide
 with megatron's [gate, up] layout and checkpoint resharding across TP sizes stays right.
 """
 
