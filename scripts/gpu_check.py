@@ -53,6 +53,9 @@ class Check:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
         self.env["HF_DATASETS_OFFLINE"] = "1"
+        self.env["GPUS_PER_NODE"] = (
+            "1"  # one process (run_pretrain.sh takes every GPU otherwise); TP=2 sets 2
+        )
 
     def run(self, name: str, cmd: list[str], env: dict | None = None, **result) -> bool:
         """Run ``cmd`` in the repo with its output in logs/NAME.log; record status and seconds."""
