@@ -107,6 +107,9 @@ class ModelConfig:
     """Layer implementation: megatron-core's local modules, or Transformer Engine (GPU, if installed)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture of experts (off unless moe.num_experts is set)."""
+    attention_backend: Literal["auto", "local", "sdpa", "te"] = "auto"
+    """Core attention: auto = Transformer Engine's with transformer_impl=transformer_engine, else torch's
+    scaled_dot_product_attention on GPUs (dense_model.attention), else megatron-core's local module."""
 
     def validate(self) -> None:
         try:
@@ -128,6 +131,11 @@ class ModelConfig:
         positive(self, "model", "make_vocab_size_divisible_by", "seq_length", "rotary_base")
         positive(self, "model", "norm_epsilon", "init_method_std")
         fraction(self, "model", "hidden_dropout", "attention_dropout")
+        if self.attention_backend == "te" and self.transformer_impl != "transformer_engine":
+            raise ConfigError(
+                "model.attention_backend=te needs model.transformer_impl=transformer_engine; "
+                "set model.attention_backend to auto, sdpa or local"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_attention_heads="

@@ -5,9 +5,10 @@
 
 Llama style: RMSNorm, RoPE (base 10000), untied embeddings, no linear biases, no dropout by default.
 The activation is swapped through megatron-core's ``ModuleSpec``: the stock layer spec (local or
-Transformer Engine) is kept whole and only the MLP's ``activation_func`` submodule is replaced by
-``RegistryActivation``, which builds ``dense_model.activations.build_activation(name)``. The
-transformer layer is never copied. Gated activations set ``gated_linear_unit`` so fc1 is 2x wide
+Transformer Engine) is kept whole; the MLP's ``activation_func`` submodule is replaced by
+``RegistryActivation``, which builds ``dense_model.activations.build_activation(name)``, and the
+core attention follows ``model.attention_backend`` (``dense_model.attention``). The transformer
+layer is never copied. Gated activations set ``gated_linear_unit`` so fc1 is 2x wide
 with megatron's [gate, up] layout and checkpoint resharding across TP sizes stays right.
 """
 
@@ -135,13 +136,18 @@ class RegistryActivation(torch.nn.Module):
         return make_sharded_tensors_for_checkpoint(state, prefix, sharded_offsets=sharded_offsets)
 
 
-def layer_spec(cfg: ModelConfig):
-    """megatron-core's stock GPT layer spec with the MLP activation replaced by the registry's."""
+def layer_spec(cfg: ModelConfig, device: torch.device | None = None):
+    """megatron-core's stock GPT layer spec with the MLP activation replaced by the registry's and the
+    core attention chosen by ``cfg.attention_backend`` for ``device`` (default: this rank's)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.spec_utils import ModuleSpec
+
+    # dense_model.attention subclasses megatron-core's attention: imported with megatron-core, here.
+    from dense_model.attention import SDPAttention, select_attention_backend
 
     if cfg.transformer_impl == "transformer_engine":
         if not transformer_engine_available():
@@ -160,10 +166,16 @@ def layer_spec(cfg: ModelConfig):
     if moe_enabled(cfg):
         from dense_model.moe import moe_layer_spec
 
-        return moe_layer_spec(cfg, activation)
-    spec = copy.deepcopy(spec)
-    mlp = spec.submodules.mlp
-    mlp.submodules.activation_func = activation
+        spec = moe_layer_spec(cfg, activation)
+    else:
+        spec = copy.deepcopy(spec)
+        spec.submodules.mlp.submodules.activation_func = activation
+    backend = select_attention_backend(cfg.attention_backend, cfg.transformer_impl, device or model_device())
+    attention = spec.submodules.self_attention.submodules
+    if backend == "sdpa":
+        attention.core_attention = SDPAttention
+    elif backend == "local":
+        attention.core_attention = DotProductAttention
     return spec
 
 
@@ -257,7 +269,7 @@ def build_model(
     device = model_device() if device is None else device
     model = GPTModel(
         config=transformer_config(cfg, perform_initialization=not allocate_only, device=device, dtype=dtype),
-        transformer_layer_spec=layer_spec(m),
+        transformer_layer_spec=layer_spec(m, device),
         vocab_size=padded_vocab_size(m, cfg.parallel.tensor_model_parallel_size),
         max_sequence_length=m.seq_length,
         pre_process=pre_process,

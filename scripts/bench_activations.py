@@ -27,11 +27,22 @@ Timings use triton.testing.do_bench (CUDA events, L2 flushed before each run, me
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402  (does not import triton: TRITON_INTERPRET can still be set in main)
+
+from dense_model.benchmarking import (  # noqa: E402
+    fmt,
+    markdown_table,
+    metadata_lines,
+    require_cuda,
+    run_metadata,
+    write_json,
+)
 
 
 def parse_args(argv=None):
@@ -286,38 +297,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    global torch
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(
-            "bench_activations: no CUDA device here. The numbers this script exists for need an H100/H200;\n"
-            "run it on one, or use --device cpu for a smoke run (tiny shapes, Triton interpreter, no timings\n"
-            "worth reading).",
-            file=sys.stderr,
-        )
-        return 2
+    require_cuda(
+        "bench_activations",
+        args.device,
+        "the numbers this script exists for need an H100/H200; --device cpu is a smoke run (tiny shapes, "
+        "Triton interpreter, no timings)",
+    )
     cpu = args.device == "cpu"
     rows = args.tokens or (8 if cpu else 8192)
     ffn = args.ffn or (96 if cpu else 8256)
     swiglu_ffn = args.swiglu_ffn or (64 if cpu else 5504)
     dtype = getattr(torch, DTYPES[args.dtype])
     names = set(args.variants.split(","))
-    import triton
-
+    # Imports triton: after TRITON_INTERPRET is set.
     from dense_model.activations.kernels.polycom import PolyComKernelConfig
 
-    meta = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "device": torch.cuda.get_device_name()
-        if not cpu
-        else f"cpu ({platform.processor() or platform.machine()}), Triton interpreter",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "dtype": args.dtype,
-        "shapes": {"polycom": [rows, ffn], "swiglu": [rows, 2 * swiglu_ffn]},
-    }
+    meta = run_metadata(dtype=args.dtype, shapes={"polycom": [rows, ffn], "swiglu": [rows, 2 * swiglu_ffn]})
     copy_gbs = copy_bandwidth_gbs(args)
     meta["copy_bandwidth_gbs"] = copy_gbs
     rows_out = []
@@ -343,26 +338,14 @@ def main(argv=None) -> int:
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
     print(markdown(meta, rows_out, checks))
-    if args.json:
-        blob = json.dumps({"meta": meta, "checks": checks, "results": rows_out}, indent=2)
-        if args.json == "-":
-            print(blob)
-        else:
-            with open(args.json, "w") as f:
-                f.write(blob + "\n")
+    write_json(args.json, {"meta": meta, "checks": checks, "results": rows_out})
     return 0
-
-
-def fmt(v, spec):
-    return "n/a" if v is None else format(v, spec)
 
 
 def markdown(meta, rows, checks) -> str:
     lines = [
-        f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['dtype']}; "
-        f"{meta['date_utc']}",
-        f"Command: `{meta['command']}`",
-        f"Shapes: PolyCom {meta['shapes']['polycom']}, SwiGLU input {meta['shapes']['swiglu']}; "
+        metadata_lines(meta),
+        f"{meta['dtype']}; shapes: PolyCom {meta['shapes']['polycom']}, SwiGLU input {meta['shapes']['swiglu']}; "
         f"copy bandwidth {fmt(meta['copy_bandwidth_gbs'], '.0f')} GB/s",
         "",
     ]
@@ -373,20 +356,15 @@ def markdown(meta, rows, checks) -> str:
             f"Parity {act} fused vs torch reference (max |diff| / max |ref|): "
             + ", ".join(f"{k} {v:.1e}" for k, v in err.items())
         )
-    lines += [
-        "",
-        "| activation | variant | fwd ms | fwd+bwd ms | saved for bwd B/token | kept after fwd MiB "
-        "| peak fwd+bwd MiB | GB/s (ideal bytes) | % of copy BW |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['activation']} | {r['variant']} | {fmt(r['fwd_ms'], '.3f')} | {fmt(r['fwd_bwd_ms'], '.3f')} | "
-            f"{fmt(r['saved_bytes_per_token'], '.0f')} | "
-            f"{fmt(r['kept_after_fwd_mib'], '.1f')} | {fmt(r['peak_fwd_bwd_mib'], '.1f')} | "
-            f"{fmt(r['achieved_gbs'], '.0f')} | {fmt(r['pct_of_copy_bw'], '.1f')} |"
-        )
-    return "\n".join(lines)
+    columns = ["activation", "variant", "fwd ms", "fwd+bwd ms", "saved for bwd B/token", "kept after fwd MiB"]
+    columns += ["peak fwd+bwd MiB", "GB/s (ideal bytes)", "% of copy BW"]
+    cells = [
+        [r["activation"], r["variant"], fmt(r["fwd_ms"], ".3f"), fmt(r["fwd_bwd_ms"], ".3f"),
+         fmt(r["saved_bytes_per_token"], ".0f"), fmt(r["kept_after_fwd_mib"], ".1f"),
+         fmt(r["peak_fwd_bwd_mib"], ".1f"), fmt(r["achieved_gbs"], ".0f"), fmt(r["pct_of_copy_bw"], ".1f")]
+        for r in rows
+    ]  # fmt: skip
+    return "\n".join([*lines, "", markdown_table(columns, cells)])
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ Extra ``key=value`` arguments are config overrides (``configs/demo.yaml`` is the
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -29,6 +27,19 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import sentencepiece as spm  # noqa: E402
+import torch  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from dense_model.benchmarking import markdown_table, metadata_lines, run_metadata  # noqa: E402
+from dense_model.checkpoint import save_checkpoint  # noqa: E402
+from dense_model.config import load_config  # noqa: E402
+from dense_model.evaluation import DenseModelLM  # noqa: E402
+from dense_model.model import build_model  # noqa: E402
+from dense_model.parallel import initialize_parallel  # noqa: E402
+from dense_model.testing import python_docs_text  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -69,24 +80,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench_generation_"))
     try:
-        return run(args, argv, work)
+        return run(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run(args, argv, work: Path) -> int:
-    sys.path.insert(0, str(REPO))
-    import sentencepiece as spm
-    import torch
-    from lm_eval.api.instance import Instance
-
-    from dense_model.checkpoint import save_checkpoint
-    from dense_model.config import load_config
-    from dense_model.evaluation import DenseModelLM
-    from dense_model.model import build_model
-    from dense_model.parallel import initialize_parallel
-    from dense_model.testing import python_docs_text
-
+def run(args, work: Path) -> int:
     docs = python_docs_text()
     (work / "corpus.txt").write_text("\n".join(docs), encoding="utf-8")
     spm.SentencePieceTrainer.train(
@@ -128,25 +127,22 @@ def run(args, argv, work: Path) -> int:
     tokens = sum(len(lm.tok_encode(t)) for t in outputs["cached"])
 
     m = cfg.model
-    print(
-        f"Command: `python scripts/bench_generation.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-    )
-    print(
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}; date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
-    )
+    print(metadata_lines(run_metadata()) + f"; {torch.get_num_threads()} threads")
     print(
         f"Model: {sum(p.numel() for p in model.parameters()):,} parameters ({m.num_layers} layers, hidden {m.hidden_size}, "
         f"{m.activation}), seq {args.seq}; {args.requests} requests, batch {args.batch}, "
         f"max_gen_toks {args.new}, about {tokens} tokens generated; same text from both: {same}\n"
     )
-    print(f"| method | seconds (best of {args.repeats}) | tokens/s | speed-up |")
-    print("|---|---|---|---|")
-    for name in ("cached", "recompute"):
-        print(
-            f"| {name} | {times[name]:.2f} | {tokens / times[name]:.1f} | "
-            f"{times['recompute'] / times[name]:.2f}x |"
-        )
+    rows = [
+        [
+            name,
+            f"{times[name]:.2f}",
+            f"{tokens / times[name]:.1f}",
+            f"{times['recompute'] / times[name]:.2f}x",
+        ]
+        for name in ("cached", "recompute")
+    ]
+    print(markdown_table(["method", f"seconds (best of {args.repeats})", "tokens/s", "speed-up"], rows))
     return 0 if same else 1
 
 

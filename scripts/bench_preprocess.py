@@ -39,7 +39,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -52,6 +51,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from dense_model.benchmarking import markdown_table, metadata_lines, run_metadata  # noqa: E402
 from dense_model.data.jsonl import LineSource, expand_inputs  # noqa: E402
 
 MB = 1_000_000
@@ -356,39 +356,26 @@ def main(argv=None) -> int:
             for k in rows
         }
         best = {k: (max(v[0] for v in rows[k]), max(v[1] for v in rows[k])) for k in rows}
-        cpu_name = "unknown CPU"
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
         import sentencepiece
 
         vocab = sentencepiece.SentencePieceProcessor(model_file=model).vocab_size()
-        date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
         print()
-        print(
-            f"machine: {cpu_name}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}; {date}"
-        )
+        print(metadata_lines(run_metadata()))
         print(f"load average (1 min) during the runs: {min(loads):.2f} to {max(loads):.2f}")
         print(
             f"corpus: {corpus_bytes / MB:.1f} MB, {len(texts):,} documents, {tokens:,} tokens (EOD included); "
             f"SentencePiece BPE vocab {vocab}; {args.workers} workers"
         )
-        print(
-            f"command: python scripts/bench_preprocess.py {' '.join(sys.argv[1:] if argv is None else argv)}"
-        )
         print()
         n = args.repeats
-        print(
-            f"| | tokens/s, best of {n} | vs ceiling | median of {n} | vs ceiling | tokens per CPU-second, median | vs ceiling |"
-        )
-        print("|---|---|---|---|---|---|---|")
-        for k in ROWS:
-            print(
-                f"| {k} | {best[k][0]:,.0f} | {best[k][0] / best['ceiling'][0]:.1%} | {med[k][0]:,.0f} "
-                f"| {med[k][0] / med['ceiling'][0]:.1%} | {med[k][1]:,.0f} | {med[k][1] / med['ceiling'][1]:.1%} |"
-            )
+        columns = ["", f"tokens/s, best of {n}", "vs ceiling", f"median of {n}", "vs ceiling"]
+        columns += ["tokens per CPU-second, median", "vs ceiling"]
+        cells = [
+            [k, f"{best[k][0]:,.0f}", f"{best[k][0] / best['ceiling'][0]:.1%}", f"{med[k][0]:,.0f}",
+             f"{med[k][0] / med['ceiling'][0]:.1%}", f"{med[k][1]:,.0f}", f"{med[k][1] / med['ceiling'][1]:.1%}"]
+            for k in ROWS
+        ]  # fmt: skip
+        print(markdown_table(columns, cells))
         print()
         print(
             f"ours / ceiling: {best['ours'][0] / best['ceiling'][0]:.1%} (best), {med['ours'][0] / med['ceiling'][0]:.1%} "

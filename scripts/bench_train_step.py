@@ -4,8 +4,9 @@ Each run builds the model from the config (``dense_model.config.load_config`` +
 ``dense_model.model.build_model``) and wraps it as the trainer does (``dense_model.training.optim``:
 megatron-core DistributedDataParallel, the megatron optimizer: AdamW with fp32 master weights, the
 distributed optimizer and grad clipping as configured), then times full optimizer steps (one
-micro-batch of synthetic tokens: forward, backward, optimizer) after a few warmup steps, one run
-after another, each in its own child process (--no-isolate: all in this one):
+micro-batch of synthetic tokens) after a few warmup steps: the trainer's own step (the
+forward/backward of ``dense_model.training.step``, the optimizer step, the LR scheduler step), one
+run after another, each in its own child process (--no-isolate: all in this one):
 
   swiglu                    (no fused kernel)
   polynorm  fused on        (model.fused_activation=true: the Triton kernels)
@@ -25,6 +26,7 @@ config, else the dense bf16 peak of the GPU model (``dense_model.training.metric
     python scripts/bench_train_step.py                                    # 1B defaults, seq 4096, mbs 2
     python scripts/bench_train_step.py --config configs/1b/polynorm.yaml --json step.json
     python scripts/bench_train_step.py --runs polynorm:on,polynorm:off    # a subset
+    python scripts/bench_train_step.py --runs polynorm:on --attention local,sdpa   # attention backends
     python scripts/bench_train_step.py --device cpu                       # smoke run: tiny model, no timings
 
 Extra ``key=value`` arguments are config overrides applied to every run (e.g.
@@ -35,18 +37,34 @@ imports, for its flash attention).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
-import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
-CPU_SMOKE_OVERRIDES = [  # after dense_model.testing.tiny_model_overrides(seq=32)
-    "training.micro_batch_size=2",
-    "training.bf16=false",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from dense_model.benchmarking import (  # noqa: E402
+    fmt,
+    markdown_table,
+    metadata_lines,
+    require_cuda,
+    run_isolated,
+    run_metadata,
+    write_json,
+)
+from dense_model.config import load_config  # noqa: E402
+from dense_model.model import installed_kernels  # noqa: E402
+from dense_model.parallel import initialize_parallel  # noqa: E402
+from dense_model.testing import tiny_model_overrides  # noqa: E402
+from dense_model.training.metrics import flops_per_token, peak_flops  # noqa: E402
+from dense_model.training.optim import build_scheduler, build_training_model  # noqa: E402
+from dense_model.training.step import forward_backward  # noqa: E402
+
+CPU_SMOKE_OVERRIDES = [*tiny_model_overrides(seq=32), "training.micro_batch_size=2", "training.bf16=false"]
 
 
 def parse_args(argv=None):
@@ -58,6 +76,11 @@ def parse_args(argv=None):
         "--runs",
         default="swiglu:na,polynorm:on,polynorm:off",
         help="comma-separated ACTIVATION:FUSED with FUSED in on/off/na (default: %(default)s)",
+    )
+    p.add_argument(
+        "--attention",
+        default="auto",
+        help="comma-separated model.attention_backend values; every run once per backend (default: auto)",
     )
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
     p.add_argument("--steps", type=int, default=10, help="timed steps per run")
@@ -77,19 +100,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------------------------
-
-
-def init_parallel(cfg):
-    from dense_model.parallel import initialize_parallel
-
-    initialize_parallel(1, 1, seed=cfg.training.seed)
-
-
 def synthetic_batch(cfg, device):
     b, s = cfg.training.micro_batch_size, cfg.model.seq_length
     gen = torch.Generator(device="cpu").manual_seed(0)
-    tokens = torch.randint(0, cfg.model.vocab_size, (b, s + 1), generator=gen)
+    tokens = torch.randint(0, cfg.model.vocab_size, (b, s + 1), generator=gen)  # [b, s + 1]
     return {
         "tokens": tokens[:, :-1].contiguous().to(device),
         "labels": tokens[:, 1:].contiguous().to(device),
@@ -98,40 +112,27 @@ def synthetic_batch(cfg, device):
     }
 
 
-def run_one(args, cfg, device) -> dict:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from dense_model.training.metrics import flops_per_token
-    from dense_model.training.optim import build_training_model
-    from dense_model.training.step import forward_step
-
-    cuda = device == "cuda"
+def run_one(args, cfg) -> dict:
+    """Warmup + timed steps of the trainer's step on one micro-batch; losses, times, peak memory."""
+    cuda = args.device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    _, ddp, optimizer = build_training_model(cfg)  # exactly the trainer's model, DDP and optimizer
-    model = [ddp]
-    fpt = flops_per_token(cfg)
-    batch = synthetic_batch(cfg, device)
-    forward_backward = get_forward_backward_func()
+    model, ddp, optimizer = build_training_model(cfg)  # exactly the trainer's model, DDP and optimizer
+    scheduler = build_scheduler(optimizer, cfg)
+    batch = synthetic_batch(cfg, args.device)
+    mbs, seq = cfg.training.micro_batch_size, cfg.model.seq_length
     losses, times = [], []
     for step in range(args.warmup + args.steps):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        for chunk in model:
-            chunk.zero_grad_buffer()
+        ddp.zero_grad_buffer()  # as Trainer.train_step
         optimizer.zero_grad()
-        reduced = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=iter([batch]),
-            model=model,
-            num_microbatches=1,
-            seq_length=cfg.model.seq_length,
-            micro_batch_size=cfg.training.micro_batch_size,
-            forward_only=False,
-        )
-        optimizer.step()
+        reduced = forward_backward([ddp], iter([batch]), 1, seq, mbs)
+        applied, _, _ = optimizer.step()
+        if applied:
+            scheduler.step(1)
         if cuda:
             torch.cuda.synchronize()
         if step >= args.warmup:
@@ -140,52 +141,57 @@ def run_one(args, cfg, device) -> dict:
         losses.append(loss_sum / tokens)
     result = {
         "num_layers": cfg.model.num_layers,
-        "flops_per_token": fpt,
+        "attention": type(model.decoder.layers[0].self_attention.core_attention).__name__,
+        "flops_per_token": flops_per_token(cfg),
         "loss_first": losses[0],
         "loss_last": losses[-1],
     }
     if cuda:
         step_s = statistics.median(times)
-        tokens = cfg.training.micro_batch_size * cfg.model.seq_length
         result.update(
             step_ms=1e3 * step_s,
             step_ms_all=[1e3 * t for t in times],
-            tokens_per_s=tokens / step_s,
+            tokens_per_s=mbs * seq / step_s,
             peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
         )
-    del model, optimizer, batch
+    del model, ddp, optimizer, scheduler, batch
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return result
 
 
-def parse_runs(spec: str) -> list[tuple[str, str]]:
+def parse_runs(args) -> list[tuple[str, str, str]]:
+    """(activation, fused, attention backend) per run."""
     runs = []
-    for item in spec.split(","):
+    for item in args.runs.split(","):
         act, _, fused = item.partition(":")
         fused = fused or "na"
         if fused not in ("on", "off", "na"):
             raise SystemExit(f"--runs: {item!r}: FUSED must be on, off or na")
-        runs.append((act, fused))
+        runs += [(act, fused, attention) for attention in args.attention.split(",")]
     return runs
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    global torch
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(
-            "bench_train_step: no CUDA device here; this benchmark needs a GPU (H100/H200). "
-            "--device cpu runs a tiny model as a smoke test (no timings).",
-            file=sys.stderr,
-        )
-        return 2
-    runs = parse_runs(args.runs)
+    require_cuda(
+        "bench_train_step",
+        args.device,
+        "this benchmark needs a GPU (H100/H200); --device cpu runs a tiny model",
+    )
+    runs = parse_runs(args)
     if args.isolate and len(runs) > 1:
-        meta, results = run_isolated(args, runs, argv if argv is not None else sys.argv[1:])
+        argv = sys.argv[1:] if argv is None else argv
+        outcomes = run_isolated(
+            __file__, argv, [["--runs", f"{a}:{f}", "--attention", b] for a, f, b in runs]
+        )
+        meta = next((o["meta"] for o in outcomes if isinstance(o, dict)), run_metadata())
+        meta["command"] = run_metadata()["command"]
+        results = []
+        for (act, fused, attention), outcome in zip(runs, outcomes):
+            failed = {"activation": act, "fused": fused, "attention_backend": attention, "status": outcome}
+            results += outcome["results"] if isinstance(outcome, dict) else [failed]
     else:
         meta, results = run_in_process(args, runs)
     reference = next((r for r in results if r["activation"] == "swiglu" and r.get("step_ms")), None)
@@ -194,108 +200,43 @@ def main(argv=None) -> int:
             r["step_time_vs_swiglu"] = r["step_ms"] / reference["step_ms"]
             r["peak_mem_vs_swiglu"] = r["peak_mem_gib"] / reference["peak_mem_gib"]
     print(markdown(meta, results))
-    if args.json:
-        blob = json.dumps({"meta": meta, "results": results}, indent=2)
-        if args.json == "-":
-            print(blob)
-        else:
-            with open(args.json, "w") as f:
-                f.write(blob + "\n")
+    write_json(args.json, {"meta": meta, "results": results})
     return 0
 
 
-def run_isolated(args, runs, argv):
-    """Each run in a child process running this script with --no-isolate --runs RUN."""
-    import subprocess
-    import tempfile
-
-    passthrough = []  # argv minus --runs/--json (their values too)
-    skip = False
-    for item in argv:
-        if skip:
-            skip = False
-            continue
-        if item in ("--runs", "--json"):
-            skip = True
-            continue
-        if item.startswith(("--runs=", "--json=")):
-            continue
-        passthrough.append(item)
-    meta, results = None, []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, (act, fused) in enumerate(runs):
-            out = os.path.join(tmp, f"run{i}.json")
-            cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--no-isolate"]
-            cmd += ["--runs", f"{act}:{fused}", "--json", out]
-            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if proc.returncode == 0 and os.path.exists(out):
-                with open(out) as f:
-                    blob = json.load(f)
-                meta = meta or blob["meta"]
-                results.extend(blob["results"])
-            else:
-                tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                results.append(
-                    {"activation": act, "fused": fused, "status": f"failed (rc {proc.returncode}): {tail}"}
-                )
-                print(proc.stderr[-4000:], file=sys.stderr)
-    if meta is None:
-        meta = {"device": "?", "torch": torch.__version__, "date_utc": "?", "config": args.config}
-    meta["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
-    return meta, results
-
-
 def run_in_process(args, runs):
-    from dense_model.config import load_config
-
-    if args.device == "cpu":
-        from dense_model.testing import tiny_model_overrides
-
-        base = [*tiny_model_overrides(seq=32), *CPU_SMOKE_OVERRIDES]
-    else:
-        base = []
-    if args.device == "cuda":
-        try:
-            import transformer_engine  # noqa: F401
-
-            base.append("model.transformer_impl=transformer_engine")
-        except ImportError:
-            pass
+    base = CPU_SMOKE_OVERRIDES.copy() if args.device == "cpu" else []
+    if args.device == "cuda" and installed_kernels().transformer_engine:
+        base.append("model.transformer_impl=transformer_engine")
     base += list(args.overrides)
     if args.num_layers:
         base.append(f"model.num_layers={args.num_layers}")
 
     first = load_config(args.config, base)
-    init_parallel(first)
+    initialize_parallel(1, 1, seed=first.training.seed)
     if args.peak_tflops:
         first.training.peak_flops = args.peak_tflops * 1e12
-    from dense_model.training.metrics import peak_flops
-
     peak = peak_flops(first)
-    meta = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke run)",
-        "torch": torch.__version__,
-        "config": args.config or "(built-in defaults)",
-        "overrides": base,
-        "peak_flops": peak,
-        "seq_length": first.model.seq_length,
-        "micro_batch_size": first.training.micro_batch_size,
-        "transformer_impl": first.model.transformer_impl,
-        "recompute": first.training.recompute_granularity,
-        "bf16": first.training.bf16 and args.device == "cuda",
-    }
+    meta = run_metadata(
+        config=args.config or "(built-in defaults)",
+        overrides=base,
+        peak_flops=peak,
+        seq_length=first.model.seq_length,
+        micro_batch_size=first.training.micro_batch_size,
+        transformer_impl=first.model.transformer_impl,
+        recompute=first.training.recompute_granularity,
+        bf16=first.training.bf16 and args.device == "cuda",
+    )
     results = []
-    for act, fused in runs:
-        overrides = [*base, f"model.activation={act}"]
+    for act, fused, attention in runs:
+        overrides = [*base, f"model.activation={act}", f"model.attention_backend={attention}"]
         if fused != "na":
             overrides.append(f"model.fused_activation={'true' if fused == 'on' else 'false'}")
         cfg = load_config(args.config, overrides)
-        row = {"activation": act, "fused": fused}
+        row = {"activation": act, "fused": fused, "attention_backend": attention}
         while True:
             try:
-                row.update(run_one(args, cfg, args.device), status="ok")
+                row.update(run_one(args, cfg), status="ok")
                 break
             except torch.cuda.OutOfMemoryError:
                 gc.collect()
@@ -307,37 +248,34 @@ def run_in_process(args, runs):
         if row.get("tokens_per_s") and peak:
             row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / peak
         results.append(row)
-        print(f"# {act} fused={fused}: {row}", file=sys.stderr, flush=True)
+        print(f"# {act} fused={fused} attention={attention}: {row}", file=sys.stderr, flush=True)
     return meta, results
 
 
-def fmt(v, spec):
-    return "n/a" if v is None else format(v, spec)
-
-
 def markdown(meta, results) -> str:
-    keys = ("device", "torch", "date_utc", "command", "config", "seq_length", "micro_batch_size")
-    keys += ("transformer_impl", "recompute", "bf16")
-    meta = {**{k: meta.get(k, "?") for k in keys}, "peak_flops": meta.get("peak_flops")}
-    lines = [
-        f"Device: {meta['device']}; torch {meta['torch']}; {meta['date_utc']}",
-        f"Command: `{meta['command']}`",
-        f"Config: {meta['config']}; seq {meta['seq_length']}, micro-batch {meta['micro_batch_size']}, "
-        f"{meta['transformer_impl']}, recompute {meta['recompute']}, bf16 {meta['bf16']}; "
-        f"peak {fmt(meta['peak_flops'] and meta['peak_flops'] / 1e12, '.1f')} TFLOP/s",
+    peak = meta.get("peak_flops")
+    header = [
+        metadata_lines(meta),
+        f"Config: {meta.get('config')}; seq {meta.get('seq_length')}, micro-batch {meta.get('micro_batch_size')}, "
+        f"{meta.get('transformer_impl')}, recompute {meta.get('recompute')}, bf16 {meta.get('bf16')}; "
+        f"peak {fmt(peak and peak / 1e12, '.1f')} TFLOP/s",
         "",
-        "| activation | fused | layers | tokens/s | step ms | MFU % | peak GiB | time vs swiglu | mem vs swiglu | loss first -> last | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    columns = ["activation", "fused", "attention", "layers", "tokens/s", "step ms", "MFU %", "peak GiB"]
+    columns += ["time vs swiglu", "mem vs swiglu", "loss first -> last", "status"]
+    rows = []
     for r in results:
         mfu = r.get("mfu")
         loss = f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}" if "loss_first" in r else "n/a"
-        lines.append(
-            f"| {r['activation']} | {r['fused']} | {r.get('num_layers', 'n/a')} | {fmt(r.get('tokens_per_s'), '.0f')} | "
-            f"{fmt(r.get('step_ms'), '.1f')} | {fmt(mfu and 100 * mfu, '.1f')} | {fmt(r.get('peak_mem_gib'), '.2f')} | "
-            f"{fmt(r.get('step_time_vs_swiglu'), '.3f')} | {fmt(r.get('peak_mem_vs_swiglu'), '.3f')} | {loss} | {r['status']} |"
+        attention = (
+            f"{r['attention_backend']} ({r['attention']})" if "attention" in r else r["attention_backend"]
         )
-    return "\n".join(lines)
+        rows.append(
+            [r["activation"], r["fused"], attention, r.get("num_layers", "n/a"), fmt(r.get("tokens_per_s"), ".0f"),
+             fmt(r.get("step_ms"), ".1f"), fmt(mfu and 100 * mfu, ".1f"), fmt(r.get("peak_mem_gib"), ".2f"),
+             fmt(r.get("step_time_vs_swiglu"), ".3f"), fmt(r.get("peak_mem_vs_swiglu"), ".3f"), loss, r["status"]]
+        )  # fmt: skip
+    return "\n".join(header) + markdown_table(columns, rows)
 
 
 if __name__ == "__main__":
