@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from dense_model.config import config_to_dict, save_config
+from dense_model.config import Config, config_to_dict, save_config
 
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "dense_model.json"
@@ -80,7 +80,7 @@ def fsync_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_metadata(folder: Path, iteration: int, cfg) -> None:
+def write_metadata(folder: Path, iteration: int, cfg: Config) -> None:
     """dense_model.json (iteration, resolved config, tokenizer copy) and config.yaml into ``folder``."""
     meta = {
         "format": "dense_model/1",
@@ -102,7 +102,7 @@ def publish(tmp: Path, final: Path, root: Path, iteration: int, keep_last: int |
         _prune(root, keep_last)
 
 
-def _copy_tokenizer(cfg, folder: Path) -> dict | None:
+def _copy_tokenizer(cfg: Config, folder: Path) -> dict | None:
     model_path = cfg.data.tokenizer_model
     if not model_path:
         return None

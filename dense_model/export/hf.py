@@ -52,7 +52,7 @@ import torch
 from dense_model.activations import get_activation_entry, is_gated
 from dense_model.checkpoint import CheckpointError, read_metadata, resolve_checkpoint
 from dense_model.checkpoint.inference import load_model_for_inference
-from dense_model.config import ffn_hidden_size
+from dense_model.config import Config, ffn_hidden_size
 from dense_model.data.tokenizers import build_tokenizer
 from dense_model.export.configuration_dense_model import DenseModelConfig
 from dense_model.export.tokenizer import export_tokenizer, tokenizer_mismatch
@@ -67,7 +67,7 @@ class ExportError(RuntimeError):
     """The checkpoint cannot be exported as asked; the message says why."""
 
 
-def hf_config(cfg, special_ids: dict, dtype: torch.dtype):
+def hf_config(cfg: Config, special_ids: dict, dtype: torch.dtype):
     """``LlamaConfig`` (SwiGLU) or ``DenseModelConfig`` (any other activation) for ``cfg``."""
     m = cfg.model
     kwargs = dict(
@@ -108,7 +108,7 @@ def hf_config(cfg, special_ids: dict, dtype: torch.dtype):
     return config
 
 
-def convert_state_dict(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+def convert_state_dict(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
     """Megatron GPTModel state (TP=1, PP=1) -> transformers Llama names. Raises on leftovers."""
     m = cfg.model
     state = {k: v for k, v in state.items() if not k.endswith("._extra_state")}
@@ -354,7 +354,7 @@ def export_hf(
     return output_dir
 
 
-def _export_checked_tokenizer(cfg, folder: Path) -> tuple[dict, dict]:
+def _export_checked_tokenizer(cfg: Config, folder: Path) -> tuple[dict, dict]:
     """Export the training tokenizer into ``folder`` and check it there, loaded through AutoTokenizer,
     against the tokenizer training used (the single source of truth) on the built-in probe texts.
     Returns (provenance for dense_model.json, special ids for config.json); ExportError on a mismatch,

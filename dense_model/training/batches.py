@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
+from dense_model.config import Config
 from dense_model.data.blend import load_blend
 from dense_model.data.gpt_dataset import build_gpt_datasets
 from dense_model.model import model_device
 
 
-def build_datasets(cfg, train_iters: int, tokenizer):
+def build_datasets(cfg: Config, train_iters: int, tokenizer):
     """(train, valid) datasets for the config's blend; valid may be None."""
     d, t = cfg.data, cfg.training
     if d.blend:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dense_model.activations import is_gated
-from dense_model.config import ffn_hidden_size, padded_vocab_size
+from dense_model.config import Config, ffn_hidden_size, padded_vocab_size
 
 # Dense bf16 tensor-core peaks (FLOP/s), by substring of torch.cuda.get_device_name(); first match wins.
 PEAK_BF16_FLOPS = [
@@ -40,7 +40,7 @@ PEAK_BF16_FLOPS = [
 ]
 
 
-def flops_per_token(cfg, training: bool = True) -> float:
+def flops_per_token(cfg: Config, training: bool = True) -> float:
     m = cfg.model
     h, s, layers = m.hidden_size, m.seq_length, m.num_layers
     kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
@@ -56,7 +56,7 @@ def flops_per_token(cfg, training: bool = True) -> float:
     return 3.0 * forward if training else float(forward)
 
 
-def peak_flops(cfg) -> float | None:
+def peak_flops(cfg: Config) -> float | None:
     if cfg.training.peak_flops:
         return cfg.training.peak_flops
     if not torch.cuda.is_available():
@@ -95,7 +95,7 @@ def set_aside_records_after(metrics: Path, step: int) -> Path | None:
 class MetricsLogger:
     """Writes on the logging rank only: console line, metrics.jsonl, TensorBoard, wandb."""
 
-    def __init__(self, cfg, enabled: bool, resumed_from: int = 0):
+    def __init__(self, cfg: Config, enabled: bool, resumed_from: int = 0):
         self.enabled = enabled
         self.cfg = cfg
         self.flops_per_token = flops_per_token(cfg)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from dense_model.config import train_and_warmup_steps
+from dense_model.config import Config, train_and_warmup_steps
 from dense_model.model import build_model
 
 
-def build_training_model(cfg):
+def build_training_model(cfg: Config):
     """(model, ddp, optimizer) for this rank, wired the way megatron-core's schedules expect.
 
     The GPTModel, wrapped in megatron's Float16Module for bf16 (bf16 weights, fp32 main params in
@@ -37,7 +37,7 @@ def build_training_model(cfg):
     return model, ddp, optimizer
 
 
-def wrap_ddp(model, cfg):
+def wrap_ddp(model, cfg: Config):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
@@ -51,7 +51,7 @@ def wrap_ddp(model, cfg):
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
-def build_optimizer(model_chunks, cfg):
+def build_optimizer(model_chunks, cfg: Config):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     t = cfg.training
@@ -73,13 +73,13 @@ def build_optimizer(model_chunks, cfg):
     return get_megatron_optimizer(opt_config, model_chunks)
 
 
-def schedule_steps(cfg) -> tuple[int, int]:
+def schedule_steps(cfg: Config) -> tuple[int, int]:
     """(train_iters, warmup_iters) from steps or tokens."""
     iters, warmup = train_and_warmup_steps(cfg)
     return iters, min(warmup, iters)
 
 
-def build_scheduler(optimizer, cfg):
+def build_scheduler(optimizer, cfg: Config):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     iters, warmup = schedule_steps(cfg)

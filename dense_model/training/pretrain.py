@@ -32,6 +32,7 @@ from dense_model import collectives
 from dense_model.checkpoint import CheckpointError, load_checkpoint, read_latest_iteration, save_checkpoint
 from dense_model.compat.quiet import filter_known_warnings
 from dense_model.config import (
+    Config,
     ConfigError,
     load_config,
     moe_enabled,
@@ -72,7 +73,7 @@ class TrainState:
     skipped_steps: int = 0
 
 
-def prepare_data_config(cfg) -> None:
+def prepare_data_config(cfg: Config) -> None:
     """Fill data.blend/tokenizer_model for the demo (tokenised on first use, on rank 0 first)."""
     if not cfg.data.demo:
         return
@@ -88,7 +89,7 @@ def prepare_data_config(cfg) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         from megatron.core import parallel_state as ps
 
         self.cfg = cfg
