@@ -37,3 +37,19 @@ def is_torchrun_agent(pid: int) -> bool:
     except OSError:  # the process is gone
         return False
     return "torch.distributed.run" in cmdline or "torchrun" in cmdline
+
+
+def kill_process_tree(pid: int, timeout: float = 30.0) -> None:
+    """SIGKILL ``pid`` and every process below it, as a crashed node would lose them. The tree is
+    collected first: torchrun puts its workers in sessions of their own, so a process-group kill
+    misses them."""
+    import psutil  # only the tools that kill jobs need it
+
+    root = psutil.Process(pid)
+    tree = root.children(recursive=True) + [root]
+    for proc in tree:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=timeout)

@@ -27,13 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dense_model.benchmarking import markdown_table, metadata_lines, run_metadata, write_json  # noqa: E402
 from dense_model.model import installed_kernels  # noqa: E402
+from dense_model.procutil import kill_process_tree  # noqa: E402
 
 # The demo's fp32 losses on the CPU. The data order depends on train_iters (megatron-core's dataset
 # draws train_iters x global batch samples), so each golden belongs to its run length:
@@ -104,14 +103,7 @@ def kill_after_checkpoint(check: Check, cmd: list[str], checkpoint: Path) -> str
             time.sleep(0.2)
         if proc.poll() is not None:
             return "finished before the kill"
-        root = psutil.Process(proc.pid)
-        tree = root.children(recursive=True) + [root]
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(tree, timeout=30)
+        kill_process_tree(proc.pid)
         proc.wait()
         return "killed"
 

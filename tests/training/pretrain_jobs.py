@@ -3,6 +3,8 @@ what they wrote. A module of its own (not conftest.py) so test files import it u
 
 from pathlib import Path
 
+from dense_model.procutil import kill_process_tree
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -35,18 +37,8 @@ def launch(config, *overrides, nproc=1, env=None):
 
 
 def kill_job(proc):
-    """SIGKILL the launcher, torchrun and every worker (a crashed node). torchrun puts its workers
-    in sessions of their own, so the whole process tree is collected first."""
-    import psutil
-
-    root = psutil.Process(proc.pid)
-    tree = root.children(recursive=True) + [root]
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=30)
+    """SIGKILL the launcher, torchrun and every worker (a crashed node)."""
+    kill_process_tree(proc.pid)
     proc.wait()
 
 
