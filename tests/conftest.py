@@ -10,16 +10,6 @@ import pytest
 from dense_model.testing import python_docs_text, train_sentencepiece
 
 
-@pytest.fixture(autouse=True)
-def _no_triton_interpreter_outside_the_kernel_tests(request, monkeypatch):
-    """tests/activations/kernels/conftest.py turns Triton's interpreter on for the session (it must be
-    on when the kernels are decorated). Every other test runs the model as users do on a CPU: without
-    it, since under it the model takes the fused kernels, interpreted (minutes per training run), and
-    subprocesses inherit it. Tests of the model's fused path pass TRITON_INTERPRET=1 explicitly."""
-    if "activations/kernels" not in request.node.path.as_posix():
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-
-
 @pytest.fixture(scope="session")
 def spm_model(tmp_path_factory) -> str:
     """Path to a real SentencePiece BPE model (vocab 512, byte fallback) trained on Python's docs."""
