@@ -115,10 +115,10 @@ def test_export_refuses_a_tokenizer_that_splits_whitespace(trained_models, tmp_p
     and the folder it was written to is removed."""
     from tokenizers import Tokenizer, pre_tokenizers
 
-    import dense_model.export.tokenizer as export_tokenizer_module
+    import dense_model.export.hf as hf_module
     from dense_model.export.hf import ExportError, _export_checked_tokenizer
 
-    real = export_tokenizer_module.export_tokenizer
+    real = hf_module.export_tokenizer
 
     def splitting(tokenizer_type, model_path, out_dir, model_max_length=None):
         exported = real(tokenizer_type, model_path, out_dir, model_max_length)
@@ -128,7 +128,7 @@ def test_export_refuses_a_tokenizer_that_splits_whitespace(trained_models, tmp_p
         tok.save(path)
         return exported
 
-    monkeypatch.setattr(export_tokenizer_module, "export_tokenizer", splitting)
+    monkeypatch.setattr(hf_module, "export_tokenizer", splitting)  # the name export_hf calls
     cfg = SimpleNamespace(
         data=SimpleNamespace(tokenizer_type="sentencepiece", tokenizer_model=trained_models["llama_bpe"]),
         model=SimpleNamespace(seq_length=64),
@@ -139,7 +139,7 @@ def test_export_refuses_a_tokenizer_that_splits_whitespace(trained_models, tmp_p
         _export_checked_tokenizer(cfg, folder)
     assert not folder.exists()
     # unpatched: the same model passes and the provenance names it
-    monkeypatch.setattr(export_tokenizer_module, "export_tokenizer", real)
+    monkeypatch.setattr(hf_module, "export_tokenizer", real)
     folder.mkdir()
     provenance, special = _export_checked_tokenizer(cfg, folder)
     assert provenance["exported_as"] == "tokenizer.json" and special["eos_token_id"] == 2
