@@ -24,6 +24,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from dense_model import collectives
 from dense_model.activations import build_activation, get_activation_entry
 from dense_model.config import Config, ModelConfig, expert_ffn_hidden_size, expert_tensor_parallel_size
 from dense_model.model import RegistryActivation, transformer_engine_available
@@ -217,14 +218,13 @@ class MoEMonitor:
                 out[key] = per_layer.mean().item()
         clear_aux_losses_tracker()
 
-        # NCCL reduces device tensors only (gloo takes both)
-        counts = self.counts.to("cuda" if torch.cuda.is_available() else "cpu", copy=True)
+        counts = self.counts.clone()
         groups = [ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()]
         if self.cfg.parallel.sequence_parallel:  # each TP rank routed its own sequence shard
             groups.append(ps.get_tensor_model_parallel_group())
         for group in groups:
             if dist.get_world_size(group) > 1:
-                dist.all_reduce(counts, group=group)
+                collectives.sum_over_group(counts, group)  # on the group's device (NCCL: the GPU)
         self.counts.zero_()
         load = counts / counts.mean(dim=1, keepdim=True).clamp(min=1e-12)  # [layers, experts]
         share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1e-12)

@@ -8,11 +8,13 @@ import json
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from scipy import stats
 
+from dense_model.procutil import kill_process_tree
 from dense_model.testing import offline_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,10 +70,21 @@ def study(tmp_path_factory):
     runs = tmp / "out" / "runs"
     run_study([path, "--task", "0"], env)
     first_metrics = (runs / "polynorm_s1" / "metrics.jsonl").read_bytes()
-    stopped = run_study(
-        [path, "--task", "1"], {**env, "DENSE_MODEL_INJECT_NAN_AT_STEP": "loss:3"}, check=False
+    # Run 1 is killed (the whole process tree, as a crashed node) once its step-2 checkpoint exists.
+    proc = subprocess.Popen(
+        [sys.executable, str(RUN_STUDY), str(path), "--task", "1"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
-    assert stopped.returncode != 0
+    tracker = runs / "gelu_s1" / "checkpoints" / "latest_checkpointed_iteration.txt"
+    while proc.poll() is None and not (tracker.is_file() and tracker.read_text().strip() == "2"):
+        time.sleep(0.2)
+    assert proc.poll() is None, "run 1 finished before it could be killed"
+    kill_process_tree(proc.pid)
+    proc.wait()
     assert (runs / "gelu_s1" / "checkpoints" / "iter_0000002").is_dir()
     final = run_study([path], env)
     return {
@@ -232,6 +245,8 @@ def test_slurm_array_with_stand_in_sbatch_srun_scontrol(tmp_path):
     # The stand-in trains nothing, so the task ends by saying the run has not reached its last step.
     assert task.returncode != 0
     calls = [json.loads(line) for line in record.read_text().splitlines()]
+    # run_pretrain.sh checks the config first (python -m dense_model.config), then starts torchrun
+    calls = [c for c in calls if c["torchrun"][:2] == ["-m", "torch.distributed.run"]]
     assert len(calls) == 2  # one run_pretrain.sh (torchrun) per node
     for node, call in enumerate(calls):
         argv = call["torchrun"]
