@@ -11,9 +11,28 @@ import socket
 import sys
 from pathlib import Path
 
+import torch
 import torch.multiprocessing as mp
 
 from dense_model.parallel import destroy_parallel
+
+
+def random_lm_batches(count: int, micro_batch_size: int, seq: int, vocab: int, seed: int = 7) -> list[dict]:
+    """``count`` micro-batches of uniformly random tokens in the trainer's batch layout (tokens,
+    labels, loss_mask, position_ids: [micro_batch_size, seq] each), the same on every rank for a seed."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        tokens = torch.randint(0, vocab, (micro_batch_size, seq + 1), generator=gen)
+        batches.append(
+            {
+                "tokens": tokens[:, :-1],
+                "labels": tokens[:, 1:],
+                "loss_mask": torch.ones(micro_batch_size, seq),
+                "position_ids": torch.arange(seq).expand(micro_batch_size, seq),
+            }
+        )
+    return batches
 
 
 def python_docs_text() -> list[str]:

@@ -5,6 +5,7 @@ OUT/gpu_check.json + OUT/gpu_check.md record what ran, how long, and what it sho
 Parts (``--cpu``: the ones a CPU can run, at tiny sizes; the others are recorded as skipped):
 
   kernels        pytest tests/activations/kernels, compiled on CUDA                       (GPU)
+  kernel_errors  scripts/kernel_errors.py: the compiled kernels' worst error vs the reference (GPU)
   demo_fp32      the demo config in fp32 for 20 steps; its losses against the CPU's (GOLDEN_20;
                  --cpu: a smaller model and batch, GOLDEN_20_TINY)
   demo_golden    the whole demo (150 steps) in fp32, against the README test's CPU losses     (GPU)
@@ -128,8 +129,20 @@ def main(argv=None) -> int:
 
     if cpu:
         check.skip("kernels", "GPU only (the CPU test suite runs them under TRITON_INTERPRET=1)")
+        check.skip("kernel_errors", "GPU only (the CPU table: scripts/kernel_errors.py --device cpu)")
     else:
         check.run("kernels", [sys.executable, "-m", "pytest", "-q", "tests/activations/kernels"])
+        errors = out / "kernel_errors.json"  # the compiled kernels' row of docs/benchmarks.md's error table
+        kernel_errors = [
+            sys.executable,
+            "scripts/kernel_errors.py",
+            "--dtypes",
+            "fp32,bf16",
+            "--json",
+            str(errors),
+        ]
+        if check.run("kernel_errors", kernel_errors):
+            check.parts["kernel_errors"].update(json.loads(errors.read_text())["errors"])
 
     fp32 = runs / "fp32"
     fp32_overrides = ["training.bf16=false", *(CPU_TINY if cpu else [])]

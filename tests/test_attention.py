@@ -5,26 +5,20 @@ import pytest
 import torch
 
 from dense_model.config import ConfigError, load_config, validate
-from dense_model.testing import spawn_workers, tiny_model_overrides
+from dense_model.testing import random_lm_batches, spawn_workers, tiny_model_overrides
 
-SEQ, BATCH, HEADS, GROUPS, HEAD_DIM = 12, 2, 4, 2, 8
+SEQ, BATCH, HEADS, GROUPS, HEAD_DIM = 12, 2, 4, 2, 16  # tiny_model_overrides: hidden 64, 4 heads
 
 
 def _attention_config(tp: int, dropout: float = 0.0):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    """The TransformerConfig the model itself builds for a tiny GQA model at TP=``tp`` on the CPU."""
+    from dense_model.model import transformer_config
 
-    return TransformerConfig(
-        num_layers=1,
-        hidden_size=HEADS * HEAD_DIM,
-        num_attention_heads=HEADS,
-        num_query_groups=GROUPS,
-        kv_channels=HEAD_DIM,
-        tensor_model_parallel_size=tp,
-        attention_dropout=dropout,
-        attention_softmax_in_fp32=True,
-        masked_softmax_fusion=False,
-        use_cpu_initialization=True,
-    )
+    overrides = [f"parallel.tensor_model_parallel_size={tp}", f"model.attention_dropout={dropout}"]
+    cfg = load_config(None, [*tiny_model_overrides(), f"model.num_query_groups={GROUPS}", *overrides])
+    config = transformer_config(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    assert (config.num_attention_heads, config.kv_channels) == (HEADS, HEAD_DIM)
+    return config
 
 
 def _forward_backward(module, q, k, v, grad_out):
@@ -86,17 +80,7 @@ def _training_worker(rank, world_size, out_file):
 
     initialize_parallel(1, 1, seed=11)
     vocab, seq, mbs = 256, 16, 2
-    gen = torch.Generator().manual_seed(7)
-    tokens = torch.randint(0, vocab, (4, mbs, seq + 1), generator=gen)
-    batches = [
-        {
-            "tokens": t[:, :-1],
-            "labels": t[:, 1:],
-            "loss_mask": torch.ones(mbs, seq),
-            "position_ids": torch.arange(seq).expand(mbs, seq),
-        }
-        for t in tokens
-    ]
+    batches = random_lm_batches(4, mbs, seq, vocab)
     results = {}
     for backend in ("local", "sdpa"):
         cfg = load_config(

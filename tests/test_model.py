@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dense_model.config import load_config
-from dense_model.testing import spawn_workers, tiny_model_overrides
+from dense_model.testing import random_lm_batches, spawn_workers, tiny_model_overrides
 
 VOCAB, SEQ, MBS, MICROBATCHES = 256, 16, 2, 2
 
@@ -22,20 +22,9 @@ def tiny_config(activation: str, tp: int = 1, pp: int = 1):
 
 
 def fixed_batches():
-    gen = torch.Generator().manual_seed(7)
-    batches = []
-    for _ in range(MICROBATCHES):
-        tokens = torch.randint(0, VOCAB, (MBS, SEQ + 1), generator=gen)
-        loss_mask = torch.ones(MBS, SEQ)
-        loss_mask[0, :3] = 0  # masked tokens must not count
-        batches.append(
-            {
-                "tokens": tokens[:, :-1],
-                "labels": tokens[:, 1:],
-                "loss_mask": loss_mask,
-                "position_ids": torch.arange(SEQ).expand(MBS, SEQ),
-            }
-        )
+    batches = random_lm_batches(MICROBATCHES, MBS, SEQ, VOCAB)
+    for batch in batches:
+        batch["loss_mask"][0, :3] = 0  # masked tokens must not count
     return batches
 
 

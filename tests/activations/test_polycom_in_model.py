@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dense_model.config import load_config
-from dense_model.testing import spawn_workers, tiny_model_overrides
+from dense_model.testing import random_lm_batches, spawn_workers, tiny_model_overrides
 
 VOCAB, SEQ, MBS, MICROBATCHES = 256, 16, 2, 2
 
@@ -19,17 +19,7 @@ def _fused_vs_reference(rank, world_size, activation, out_file):
     from dense_model.training.step import forward_backward, reduce_lm_loss
 
     initialize_parallel(world_size, 1, seed=3)
-    gen = torch.Generator().manual_seed(7)
-    tokens = torch.randint(0, VOCAB, (MICROBATCHES, MBS, SEQ + 1), generator=gen)
-    batches = [
-        {
-            "tokens": t[:, :-1],
-            "labels": t[:, 1:],
-            "loss_mask": torch.ones(MBS, SEQ),
-            "position_ids": torch.arange(SEQ).expand(MBS, SEQ),
-        }
-        for t in tokens
-    ]
+    batches = random_lm_batches(MICROBATCHES, MBS, SEQ, VOCAB)
     results = {}
     for fused in (False, True):
         cfg = load_config(

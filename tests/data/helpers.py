@@ -1,5 +1,9 @@
 """Shared helpers of the data tests."""
 
+import subprocess
+import time
+from pathlib import Path
+
 from dense_model.data.preprocess import PreprocessConfig
 
 
@@ -15,3 +19,14 @@ def preprocess_config(spm_model, prefix, inputs=(), **kw) -> PreprocessConfig:
     )
     base.update(kw)
     return PreprocessConfig(**base)
+
+
+def wait_for_done_shards(proc: subprocess.Popen, work: Path, count: int, timeout: float = 300) -> None:
+    """Wait until ``count`` shards of the work folder ``work`` are done while ``proc`` still runs
+    (to kill it mid-run); fails if it ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if work.is_dir() and len(list(work.glob("*.done.json"))) >= count:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.communicate()[0]}"

@@ -20,7 +20,7 @@ from dense_model.data.preprocess import (
     ResumeError,
     preprocess,
 )
-from tests.data.helpers import preprocess_config
+from tests.data.helpers import preprocess_config, wait_for_done_shards
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / "toolkits" / "pretrain_data_preprocessing" / "preprocess_data.py"
@@ -178,12 +178,7 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(
     proc = _run_cli(
         [*args, "--output-prefix", str(prefix), "--debug-batch-delay", "0.3"], start_new_session=True
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if work.is_dir() and len(list(work.glob("*.done.json"))) >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.communicate()[0]}"
+    wait_for_done_shards(proc, work, 3, timeout=120)
     os.kill(proc.pid, signal.SIGKILL)  # the main process only: workers must die with it
     proc.wait()
     time.sleep(0.5)

@@ -8,12 +8,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from dense_model.data.preprocess import PreprocessConfig, _claim_merge, preprocess
+from tests.data.helpers import wait_for_done_shards
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "scripts" / "slurm" / "preprocess_array.sbatch"
@@ -87,12 +87,7 @@ def test_three_tasks_in_any_order_one_killed_and_requeued_equal_one_machine(
     work = Path(str(prefix) + ".shards")
 
     slow = _task(env, 1, [*args, "--debug-batch-delay", "1"], start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and slow.poll() is None:
-        if work.is_dir() and len(list(work.glob("*.done.json"))) >= 2:
-            break
-        time.sleep(0.05)
-    assert slow.poll() is None, f"task 1 ended before it could be killed:\n{slow.communicate()[0]}"
+    wait_for_done_shards(slow, work, 2, timeout=300)
     os.killpg(slow.pid, signal.SIGKILL)  # the whole task: batch shell, srun, python and its workers
     first_out = slow.communicate()[0]
     assert len(list(work.glob("*.done.json"))) >= 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dense_model.config import ConfigError, load_config, validate
-from dense_model.testing import spawn_workers, tiny_model_overrides
+from dense_model.testing import random_lm_batches, spawn_workers, tiny_model_overrides
 
 VOCAB, SEQ, MBS, MICROBATCHES, EXPERTS = 256, 16, 2, 2, 4
 
@@ -32,19 +32,7 @@ def moe_config(activation="polynorm", tp=1, ep=1, etp=None):
 
 
 def fixed_batches():
-    gen = torch.Generator().manual_seed(7)
-    batches = []
-    for _ in range(MICROBATCHES):
-        tokens = torch.randint(0, VOCAB, (MBS, SEQ + 1), generator=gen)
-        batches.append(
-            {
-                "tokens": tokens[:, :-1],
-                "labels": tokens[:, 1:],
-                "loss_mask": torch.ones(MBS, SEQ),
-                "position_ids": torch.arange(SEQ).expand(MBS, SEQ),
-            }
-        )
-    return batches
+    return random_lm_batches(MICROBATCHES, MBS, SEQ, VOCAB)
 
 
 def _run(rank, world_size, layout, out_file):

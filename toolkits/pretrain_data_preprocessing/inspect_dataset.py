@@ -18,6 +18,7 @@ from pathlib import Path
 def main(argv=None) -> int:
     # The checkout this tool belongs to, whether or not it was pip-installed.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from dense_model.cli import run_reporting_errors
     from dense_model.data.blend import load_blend
     from dense_model.data.inspect import format_report, inspect_dataset
     from dense_model.data.tokenizers import build_tokenizer
@@ -31,7 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--full-scan", action="store_true", help="check every token id against the vocabulary")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = p.parse_args(argv)
-    try:
+
+    def inspect() -> int:
         tokenizer = None
         if args.tokenizer_model:
             tokenizer = build_tokenizer(args.tokenizer_type or "sentencepiece", args.tokenizer_model)
@@ -48,14 +50,13 @@ def main(argv=None) -> int:
             )
             for prefix in prefixes
         ]
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(reports, indent=2))
-    else:
-        print("\n\n".join(format_report(r) for r in reports))
-    return 1 if any(r["problems"] for r in reports) else 0
+        if args.json:
+            print(json.dumps(reports, indent=2))
+        else:
+            print("\n\n".join(format_report(r) for r in reports))
+        return 1 if any(r["problems"] for r in reports) else 0
+
+    return run_reporting_errors(inspect)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 def main(argv=None) -> int:
     # The checkout this tool belongs to, whether or not it was pip-installed.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from dense_model.cli import run_reporting_errors
     from dense_model.data.indexed import find_dataset_prefixes, merge_datasets
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -30,7 +31,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin/.idx")
     args = p.parse_args(argv)
-    try:
+
+    def merge() -> None:
         prefixes = []
         for item in args.input:
             if os.path.isdir(item):
@@ -38,14 +40,12 @@ def main(argv=None) -> int:
             else:
                 prefixes.append(item[:-4] if item.endswith((".bin", ".idx")) else item)
         result = merge_datasets(prefixes, args.output_prefix)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(
-        f"merged {len(prefixes)} datasets into {result.prefix}.bin/.idx: {result.documents:,} documents, "
-        f"{result.tokens:,} tokens, {result.dtype.__name__}"
-    )
-    return 0
+        print(
+            f"merged {len(prefixes)} datasets into {result.prefix}.bin/.idx: {result.documents:,} documents, "
+            f"{result.tokens:,} tokens, {result.dtype.__name__}"
+        )
+
+    return run_reporting_errors(merge)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 def main(argv=None) -> int:
     # The checkout this tool belongs to, whether or not it was pip-installed.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from dense_model.cli import run_reporting_errors
     from dense_model.data.train_tokenizer import train_sentencepiece
 
     p = argparse.ArgumentParser(
@@ -41,7 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--num-threads", type=int, default=None, help="default: all available cores")
     args = p.parse_args(argv)
-    try:
+
+    def train() -> None:
         result = train_sentencepiece(
             args.input,
             args.model_prefix,
@@ -55,14 +57,12 @@ def main(argv=None) -> int:
             character_coverage=args.character_coverage,
             num_threads=args.num_threads,
         )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(
-        f"trained {result.model_file} ({args.model_type}, vocab {args.vocab_size}) on {result.documents_used:,} "
-        f"of {result.documents_seen:,} documents; skipped lines: {result.bad.total:,}"
-    )
-    return 0
+        print(
+            f"trained {result.model_file} ({args.model_type}, vocab {args.vocab_size}) on "
+            f"{result.documents_used:,} of {result.documents_seen:,} documents; skipped lines: {result.bad.total:,}"
+        )
+
+    return run_reporting_errors(train)
 
 
 if __name__ == "__main__":

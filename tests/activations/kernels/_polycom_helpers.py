@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dense_model.activations.kernels.parity import forward_backward as run  # noqa: F401 (re-exported)
+
 
 def relative_tolerance(dtype: torch.dtype) -> float:
     """The parity budget: 1e-5 for fp32 inputs, 1e-2 for 16-bit inputs."""
@@ -21,13 +23,3 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
     torch.testing.assert_close(
         actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=lambda m: f"{what}: {m}"
     )
-
-
-def run(fn, x, weight, bias, grad, **kw):
-    """(y, dx, d weight, d bias) of fn on fresh leaves."""
-    x = x.detach().clone().requires_grad_()
-    weight = weight.detach().clone().requires_grad_()
-    bias = bias.detach().clone().requires_grad_()
-    y = fn(x, weight, bias, **kw)
-    y.backward(grad)
-    return y.detach(), x.grad, weight.grad, bias.grad

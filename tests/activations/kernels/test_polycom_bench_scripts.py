@@ -1,6 +1,6 @@
 """The GPU benchmark scripts stay runnable: CPU smoke runs (tiny shapes, nothing timed).
 
-``scripts/bench_activations.py --device cpu`` runs every variant's forward and backward through the
+``scripts/kernel_errors.py --device cpu`` writes the kernel error table; ``scripts/bench_activations.py --device cpu`` runs every variant's forward and backward through the
 Triton interpreter and the parity check; ``scripts/bench_train_step.py --device cpu`` trains a tiny
 model a step per run through megatron-core on the CPU. On a GPU machine both scripts are meant to
 be run by hand (see docs/benchmarks.md).
@@ -53,8 +53,24 @@ def test_bench_activations_cpu_smoke(tmp_path):
     assert saved[("polyrelu", "fused")] < 4 < saved[("polyrelu", "torch")]
 
 
+def test_kernel_error_table_cpu(tmp_path):
+    """The script behind docs/benchmarks.md's error table: every worst error within the tests' fp32 budget."""
+    pytest.importorskip("triton")
+    out = tmp_path / "errors.json"
+    proc = run_script(
+        "kernel_errors.py", "--device", "cpu", "--dtypes", "fp32", "--json", str(out), interpret=True
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| input | y | dx | d weight | d bias |" in proc.stdout and "| fp32 |" in proc.stdout
+    errors = json.loads(out.read_text())["errors"]["fp32"]
+    assert set(errors) == {"y", "dx", "d_weight", "d_bias"}
+    assert 0 < max(errors.values()) < 1e-5, (
+        errors
+    )  # not all zero: the kernels and the reference differ in rounding
+
+
 def test_bench_scripts_refuse_cuda_without_a_gpu():
-    for name in ("bench_activations.py", "bench_train_step.py"):
+    for name in ("bench_activations.py", "bench_train_step.py", "kernel_errors.py"):
         proc = run_script(name)
         assert proc.returncode == 2 and "no CUDA device" in proc.stderr, proc.stderr[-2000:]
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dense_model.activations._polycom import polycom_reference
+from dense_model.activations.kernels.parity import parity_inputs as inputs
 from tests.activations.kernels._polycom_helpers import assert_close_rel, relative_tolerance, run
 
 # Tile configurations: the default (a row in registers), per-row kernels walking 32-column tiles
@@ -23,15 +24,6 @@ CONFIGS = {
     "tiled": dict(max_fused_block=32, loop_block=32, apply_block=32),
     "split": dict(force_split=True, loop_block=64, apply_block=64),
 }
-
-
-def inputs(shape, order, dtype, device, seed, param_dtype=torch.float32, scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=gen) * scale).to(dtype)
-    grad = torch.randn(shape, generator=gen).to(dtype)
-    weight = torch.randn(order, generator=gen).to(param_dtype)
-    bias = torch.randn(1, generator=gen).to(param_dtype)
-    return x.to(device), weight.to(device), bias.to(device), grad.to(device)
 
 
 def check_parity(polycom_kernels, shape, order, dtype, inner, device, seed, config=None, **input_kw):
