@@ -1,7 +1,8 @@
 """Hugging Face export of mixture-of-experts checkpoints: the exported ``DenseModelSparseMoeBlock``
 (trust_remote_code) gives megatron-core's logits for PolyNorm experts with a shared expert (top-2)
-and SwiGLU experts (top-3); each expert keeps its own PolyNorm coefficients; router settings the
-block does not reproduce (token dropping by capacity) are refused.
+and SwiGLU experts (top-3); each expert keeps its own PolyNorm coefficients; a checkpoint saved at
+EP=2 exports the same bytes; router settings the block does not reproduce (token dropping by
+capacity) are refused.
 
 Megatron runs in a spawned process (dense_model.testing.spawn_workers); transformers runs here.
 """
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from dense_model.testing import spawn_workers
-from tests.export.test_export_hf import SEQ, VOCAB, perturb, tiny_config
+from tests.export.test_export_hf import SEQ, VOCAB, export_cli, perturb, tiny_config
 
 EXPERTS = 4
 # name -> (activation, top-k, extra overrides)
@@ -65,6 +66,21 @@ def _job(rank, world_size, out_dir, tokenizer, tokens_file):
         with torch.no_grad():
             logits[name] = loaded.model(tokens, positions, None)[..., :VOCAB].clone()  # [b, s, vocab]
     torch.save(logits, out_dir / "logits.pt")
+
+
+def _resave_at_ep2_job(rank, world_size, checkpoint, root):
+    """Load ``checkpoint`` with its experts split over two expert-parallel ranks and save it so."""
+    from dense_model.checkpoint import load_checkpoint, read_metadata, resolve_checkpoint, save_checkpoint
+    from dense_model.config import config_from_dict
+    from dense_model.model import build_model
+    from dense_model.parallel import initialize_parallel
+
+    cfg = config_from_dict(read_metadata(resolve_checkpoint(checkpoint))["config"])
+    cfg.parallel.expert_model_parallel_size = 2
+    initialize_parallel(1, 1, expert_model_parallel_size=2)
+    model = build_model(cfg, initialize=False)
+    load_checkpoint(checkpoint, model, load_rng=False)
+    save_checkpoint(root, 3, model, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +143,19 @@ def test_token_dropping_checkpoint_is_refused(exported):
     message = (exported / "dropping.refused").read_text()
     assert "moe_expert_capacity_factor=1.0" in message and "model.moe.capacity_factor" in message
     assert not (exported / "hf" / "dropping").exists()
+
+
+@pytest.mark.slow
+def test_ep2_checkpoint_exports_the_same(exported):
+    from safetensors.torch import load_file
+
+    spawn_workers(
+        _resave_at_ep2_job, 2, str(exported / "polynorm_shared"), str(exported / "ep2" / "checkpoints")
+    )
+    result = export_cli([exported / "ep2", exported / "hf_ep2", "--dtype", "float32"], exported)  # the CLI
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = load_file(exported / "hf" / "polynorm_shared" / "model.safetensors")
+    weights = load_file(exported / "hf_ep2" / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(weights[name], tensor), f"EP=2: {name} differs"
