@@ -4,7 +4,7 @@
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(OUTPUT_DIR)                          # SwiGLU: plain Llama
-    model = AutoModelForCausalLM.from_pretrained(OUTPUT_DIR, trust_remote_code=True)  # other activations
+    model = AutoModelForCausalLM.from_pretrained(OUTPUT_DIR, trust_remote_code=True)  # other activations, MoE
     tokenizer = AutoTokenizer.from_pretrained(OUTPUT_DIR)
 
 The checkpoint is loaded at TP=1, PP=1 whatever layout saved it (dist_checkpointing reshards), so
@@ -12,7 +12,7 @@ every layout exports the same bytes. The folder holds config.json, model*.safete
 with an index above ``max_shard_size``), generation_config.json, the tokenizer (see tokenizer.py;
 checked against the training tokenizer before the folder gets its final name), dense_model.json
 (the checkpoint's metadata, and the tokenizer file the export was made from with its sha256) and,
-for activations other than SwiGLU, the ``trust_remote_code`` files (``auto_map``; Llama with the MLP
+for activations other than SwiGLU and for every MoE, the ``trust_remote_code`` files (``auto_map``; Llama with the MLP
 swapped, see modeling_dense_model.py): configuration_dense_model.py, modeling_dense_model.py and the
 activation's own source from the registry (``remote_code_files``), so the exported model runs the
 same math.

@@ -1,4 +1,4 @@
-"""Hugging Face model of an exported dense_model checkpoint whose MLP activation is not SwiGLU.
+"""Hugging Face model of an exported dense_model checkpoint whose activation is not SwiGLU, or an MoE.
 
 Written next to ``config.json`` by the export (dense_model/export/hf.py); load it with
 
