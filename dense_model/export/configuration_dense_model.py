@@ -3,14 +3,17 @@
 Copied next to ``config.json`` by ``toolkits/checkpoint_conversion/export_hf.py`` and loaded from
 there with ``trust_remote_code=True``, on machines without dense_model installed: it imports only
 ``transformers``. It is ``LlamaConfig`` plus the activation (a name from dense_model's registry and
-its keyword arguments, e.g. ``{"order": 3}`` for PolyNorm/PolyReLU).
+its keyword arguments, e.g. ``{"order": 3}`` for PolyNorm/PolyReLU), and for a mixture of experts
+Qwen2-MoE's field names: ``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size`` and
+``shared_expert_intermediate_size`` (None: no shared expert).
 """
 
 from transformers.models.llama.configuration_llama import LlamaConfig
 
 
 class DenseModelConfig(LlamaConfig):
-    """LlamaConfig + ``activation`` / ``activation_kwargs`` for the MLP (see modeling_dense_model.py)."""
+    """LlamaConfig + ``activation`` / ``activation_kwargs`` for the MLP (see modeling_dense_model.py)
+    + the mixture of experts, if ``num_experts`` is set."""
 
     model_type = "dense_model"
     # Tensor-parallel plan for transformers' own TP: attention only. The MLP stays whole because
@@ -24,6 +27,10 @@ class DenseModelConfig(LlamaConfig):
 
     activation: str = "polynorm"
     activation_kwargs: dict | None = None
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = None
 
 
 __all__ = ["DenseModelConfig"]

@@ -4,7 +4,7 @@
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(OUTPUT_DIR)                          # SwiGLU: plain Llama
-    model = AutoModelForCausalLM.from_pretrained(OUTPUT_DIR, trust_remote_code=True)  # other activations
+    model = AutoModelForCausalLM.from_pretrained(OUTPUT_DIR, trust_remote_code=True)  # other activations, MoE
     tokenizer = AutoTokenizer.from_pretrained(OUTPUT_DIR)
 
 The checkpoint is loaded at TP=1, PP=1 whatever layout saved it (dist_checkpointing reshards), so
@@ -12,7 +12,7 @@ every layout exports the same bytes. The folder holds config.json, model*.safete
 with an index above ``max_shard_size``), generation_config.json, the tokenizer (see tokenizer.py;
 checked against the training tokenizer before the folder gets its final name), dense_model.json
 (the checkpoint's metadata, and the tokenizer file the export was made from with its sha256) and,
-for activations other than SwiGLU, the ``trust_remote_code`` files (``auto_map``; Llama with the MLP
+for activations other than SwiGLU and for every MoE, the ``trust_remote_code`` files (``auto_map``; Llama with the MLP
 swapped, see modeling_dense_model.py): configuration_dense_model.py, modeling_dense_model.py and the
 activation's own source from the registry (``remote_code_files``), so the exported model runs the
 same math.
@@ -28,6 +28,17 @@ Weight mapping (megatron-core local spec -> Llama names), per layer N:
                                                  or mlp.up_proj (not gated)
     mlp.linear_fc2.weight                     -> mlp.down_proj.weight
     mlp.activation_func.act.{weight,bias}     -> mlp.act_fn.{weight,bias} (PolyCom scalars)
+
+A mixture-of-experts layer (megatron-core's MoELayer with SequentialMLP experts) maps to
+``DenseModelSparseMoeBlock`` (always the ``trust_remote_code`` model, SwiGLU experts too):
+
+    mlp.router.weight                                    -> mlp.gate.weight
+    mlp.experts.local_experts.E.{linear_fc1,linear_fc2}  -> mlp.experts.E.{gate_proj,up_proj,down_proj}
+    mlp.experts.local_experts.E.activation_func.act.*    -> mlp.experts.E.act_fn.* (per expert)
+    mlp.shared_experts.{linear_fc1,linear_fc2,activation_func.act.*} -> mlp.shared_expert.*
+
+The router settings the HF block implements are checked on the loaded model's TransformerConfig
+(``MOE_ROUTER_AS_EXPORTED``); a checkpoint with any other (token dropping by capacity, ...) is refused.
 
 plus embedding.word_embeddings -> model.embed_tokens, decoder.final_layernorm -> model.norm,
 output_layer -> lm_head. The vocabulary padding (``padded_vocab_size``) is cut back to
@@ -52,7 +63,7 @@ import torch
 from dense_model.activations import get_activation_entry, is_gated
 from dense_model.checkpoint import CheckpointError, read_metadata, resolve_checkpoint
 from dense_model.checkpoint.inference import load_model_for_inference
-from dense_model.config import Config, ffn_hidden_size
+from dense_model.config import Config, expert_ffn_hidden_size, ffn_hidden_size, moe_enabled
 from dense_model.data.tokenizers import build_tokenizer
 from dense_model.export.configuration_dense_model import DenseModelConfig
 from dense_model.export.tokenizer import export_tokenizer, tokenizer_mismatch
@@ -61,6 +72,24 @@ from dense_model.parallel import destroy_parallel
 REMOTE_CODE_FILES = ("configuration_dense_model.py", "modeling_dense_model.py")
 ACTIVATIONS_PACKAGE = "dense_model.activations"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# megatron-core TransformerConfig field -> the value DenseModelSparseMoeBlock reproduces (dropless
+# top-k routing, softmax over the top-k logits, probabilities applied to the expert outputs).
+MOE_ROUTER_AS_EXPORTED = {
+    "moe_expert_capacity_factor": None,
+    "moe_router_score_function": "softmax",
+    "moe_router_pre_softmax": False,
+    "moe_router_topk_scaling_factor": None,
+    "moe_router_enable_expert_bias": False,
+    "moe_router_num_groups": None,
+    "moe_router_group_topk": None,
+    "moe_router_dtype": None,
+    "moe_input_jitter_eps": None,
+    "moe_router_force_load_balancing": False,
+    "moe_shared_expert_gate": False,
+    "moe_apply_probs_on_input": False,
+    "moe_latent_size": None,
+    "add_bias_linear": False,
+}
 
 
 class ExportError(RuntimeError):
@@ -92,13 +121,20 @@ def hf_config(cfg: Config, special_ids: dict, dtype: torch.dtype):
         pad_token_id=None,
         dtype=str(dtype).removeprefix("torch."),
     )
-    if m.activation == "swiglu":
+    if m.activation == "swiglu" and not moe_enabled(m):
         from transformers import LlamaConfig
 
         config = LlamaConfig(**kwargs)
         config.architectures = ["LlamaForCausalLM"]
         return config
 
+    if moe_enabled(m):
+        kwargs.update(
+            num_experts=m.moe.num_experts,
+            num_experts_per_tok=m.moe.router_topk,
+            moe_intermediate_size=expert_ffn_hidden_size(m),
+            shared_expert_intermediate_size=m.moe.shared_expert_ffn_hidden_size,
+        )
     config = DenseModelConfig(activation=m.activation, activation_kwargs=dict(m.activation_kwargs), **kwargs)
     config.architectures = ["DenseModelForCausalLM"]
     config.auto_map = {
@@ -128,6 +164,20 @@ def convert_state_dict(state: dict[str, torch.Tensor], cfg: Config) -> dict[str,
     vocab = m.vocab_size
     out: dict[str, torch.Tensor] = {}
     out["model.embed_tokens.weight"] = take("embedding.word_embeddings.weight")[:vocab]
+
+    def mlp(src_mlp: str, dst_mlp: str) -> None:  # one megatron MLP -> DenseModelMLP / LlamaMLP
+        fc1 = take(src_mlp + "linear_fc1.weight")  # [(2 x) ffn, hidden]
+        if is_gated(m.activation):
+            gate, up = torch.chunk(fc1, 2, dim=0)
+            out[dst_mlp + "gate_proj.weight"] = gate
+            out[dst_mlp + "up_proj.weight"] = up
+        else:
+            out[dst_mlp + "up_proj.weight"] = fc1
+        out[dst_mlp + "down_proj.weight"] = take(src_mlp + "linear_fc2.weight")
+        act_prefix = src_mlp + "activation_func.act."
+        for name in [k for k in state if k.startswith(act_prefix)]:
+            out[dst_mlp + "act_fn." + name[len(act_prefix) :]] = take(name)
+
     for i in range(m.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         # Transformer Engine's spec fuses the norms into the next linear (layer_norm_weight).
@@ -143,17 +193,14 @@ def convert_state_dict(state: dict[str, torch.Tensor], cfg: Config) -> dict[str,
         out[dst + "post_attention_layernorm.weight"] = take(
             src + "pre_mlp_layernorm.weight", src + "mlp.linear_fc1.layer_norm_weight"
         )
-        fc1 = take(src + "mlp.linear_fc1.weight")  # [(2 x) ffn, hidden]
-        if is_gated(m.activation):
-            gate, up = torch.chunk(fc1, 2, dim=0)
-            out[dst + "mlp.gate_proj.weight"] = gate
-            out[dst + "mlp.up_proj.weight"] = up
-        else:
-            out[dst + "mlp.up_proj.weight"] = fc1
-        out[dst + "mlp.down_proj.weight"] = take(src + "mlp.linear_fc2.weight")
-        act_prefix = src + "mlp.activation_func.act."
-        for name in [k for k in state if k.startswith(act_prefix)]:
-            out[dst + "mlp.act_fn." + name[len(act_prefix) :]] = take(name)
+        if not moe_enabled(m):
+            mlp(src + "mlp.", dst + "mlp.")
+            continue
+        out[dst + "mlp.gate.weight"] = take(src + "mlp.router.weight")  # [experts, hidden]
+        for e in range(m.moe.num_experts):
+            mlp(src + f"mlp.experts.local_experts.{e}.", dst + f"mlp.experts.{e}.")
+        if m.moe.shared_expert_ffn_hidden_size:
+            mlp(src + "mlp.shared_experts.", dst + "mlp.shared_expert.")
     out["model.norm.weight"] = take("decoder.final_layernorm.weight")
     if m.untie_embeddings:
         out["lm_head.weight"] = take("output_layer.weight")[:vocab]
@@ -164,6 +211,25 @@ def convert_state_dict(state: dict[str, torch.Tensor], cfg: Config) -> dict[str,
             + (" ..." if len(leftover) > 8 else "")
         )
     return out
+
+
+def check_moe_router(transformer_config, folder: Path) -> None:
+    """ExportError unless megatron-core's router and MoE settings are those the HF block reproduces."""
+    for field, exported in MOE_ROUTER_AS_EXPORTED.items():
+        value = getattr(transformer_config, field, exported)
+        if value != exported:
+            why = (
+                " (model.moe.capacity_factor: tokens over an expert's capacity are dropped, depending on the batch)"
+                if field == "moe_expert_capacity_factor"
+                else ""
+            )
+            raise ExportError(
+                f"{folder}: the MoE layers run megatron-core's {field}={value!r}{why}; the Hugging Face "
+                f"export's MoE block reproduces {field}={exported!r} only (evaluate this checkpoint "
+                "with the lm-eval model dense_model instead)"
+            )
+    if transformer_config.moe_router_load_balancing_type == "sinkhorn":
+        raise ExportError(f"{folder}: sinkhorn routing is not reproduced by the Hugging Face export")
 
 
 def remote_code_files(activation: str) -> dict[str, str]:
@@ -307,11 +373,6 @@ def export_hf(
     if dtype != "auto" and dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     target = stored_dtype(folder) if dtype == "auto" else DTYPES[dtype]
-    if read_metadata(folder)["config"]["model"].get("moe", {}).get("num_experts"):
-        raise ExportError(
-            f"{folder} is a mixture-of-experts checkpoint; the Hugging Face export covers dense models "
-            "only so far (evaluate MoE checkpoints with the lm-eval model dense_model instead)"
-        )
 
     loaded = load_model_for_inference(folder, tensor_model_parallel_size=1)
     if parallel_state.get_tensor_model_parallel_world_size() != 1 or (
@@ -322,6 +383,8 @@ def export_hf(
             "run export_hf.py as a plain python process"
         )
     cfg = loaded.config
+    if moe_enabled(cfg.model):
+        check_moe_router(loaded.model.config, folder)
     state = {
         k: v.detach().to("cpu") for k, v in loaded.model.state_dict().items() if isinstance(v, torch.Tensor)
     }

@@ -1,4 +1,4 @@
-"""Hugging Face model of an exported dense_model checkpoint whose MLP activation is not SwiGLU.
+"""Hugging Face model of an exported dense_model checkpoint whose activation is not SwiGLU, or an MoE.
 
 Written next to ``config.json`` by the export (dense_model/export/hf.py); load it with
 
@@ -17,6 +17,12 @@ installed). The MLP, with Llama's projection names:
 
 An activation's own parameters keep their names under ``mlp.act_fn`` (PolyCom: ``weight`` [r] =
 a_1..a_r and ``bias`` [1] = a_0).
+
+A mixture-of-experts checkpoint (``config.num_experts`` set) gets ``DenseModelSparseMoeBlock`` as
+every layer's ``mlp``: megatron-core 0.16.1's ``MoELayer`` at inference as dense_model configures it
+(dropless, see the class), with ``mlp.gate`` (the router), ``mlp.experts.N`` (each a
+``DenseModelMLP`` with its own activation, so PolyCom experts keep their own coefficients) and
+``mlp.shared_expert`` when the checkpoint has one.
 """
 
 import torch
@@ -31,19 +37,61 @@ from .configuration_dense_model import DenseModelConfig
 class DenseModelMLP(nn.Module):
     """The dense_model MLP with Llama's projection names (gate_proj only when gated)."""
 
-    def __init__(self, config: DenseModelConfig):
+    def __init__(self, config: DenseModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        hidden, ffn = config.hidden_size, config.intermediate_size
+        hidden, ffn = config.hidden_size, intermediate_size or config.intermediate_size
         self.gated = is_gated(config.activation)
         self.gate_proj = nn.Linear(hidden, ffn, bias=config.mlp_bias) if self.gated else None
         self.up_proj = nn.Linear(hidden, ffn, bias=config.mlp_bias)
         self.down_proj = nn.Linear(ffn, hidden, bias=config.mlp_bias)
         self.act_fn = build_activation(config.activation, **(config.activation_kwargs or {}))
 
-    def forward(self, x):  # [b, s, hidden] -> [b, s, hidden]
+    def forward(self, x, scale=None):  # [..., hidden] -> [..., hidden]; scale [...] or None
         if self.gated:  # dense_model's gated activations take fc1's [gate, up] layout
-            return self.down_proj(self.act_fn(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)))
-        return self.down_proj(self.act_fn(self.up_proj(x)))
+            h = self.act_fn(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1))  # [..., ffn]
+        else:
+            h = self.act_fn(self.up_proj(x))
+        if scale is not None:  # a routed expert's gate weight, applied where megatron's MLP applies it
+            h = h * scale.unsqueeze(-1)
+        return self.down_proj(h)
+
+
+class DenseModelSparseMoeBlock(nn.Module):
+    """megatron-core's ``MoELayer`` (``TopKRouter`` + ``SequentialMLP``) as dense_model trains it.
+
+    The router is a linear layer without bias; each token goes to the ``num_experts_per_tok``
+    experts of largest router logit, weighted by the softmax over those top-k logits (megatron's
+    score function "softmax" without pre-softmax: the same as Mixtral's softmax, top-k, renormalise).
+    No capacity: every token reaches its experts (the export refuses checkpoints that drop tokens).
+    The shared expert, if any, sees every token and is added ungated.
+    """
+
+    def __init__(self, config: DenseModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            DenseModelMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts)
+        )
+        self.shared_expert = (
+            DenseModelMLP(config, config.shared_expert_intermediate_size)
+            if config.shared_expert_intermediate_size
+            else None
+        )
+
+    def forward(self, x):  # [b, s, hidden] -> [b, s, hidden]
+        tokens = x.reshape(-1, x.shape[-1])  # [t, hidden]
+        logits = self.gate(tokens)  # [t, experts]
+        top_logits, top_experts = torch.topk(logits, self.top_k, dim=-1)  # [t, k]
+        weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32).type_as(logits)  # [t, k]
+        out = torch.zeros_like(tokens)
+        for index, expert in enumerate(self.experts):
+            rows, slots = torch.where(top_experts == index)  # the tokens routed to this expert
+            if rows.numel():
+                out.index_add_(0, rows, expert(tokens[rows], weights[rows, slots]))
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
+        return out.reshape(x.shape)
 
 
 class DenseModelForCausalLM(LlamaForCausalLM):
@@ -56,7 +104,7 @@ class DenseModelForCausalLM(LlamaForCausalLM):
     def __init__(self, config: DenseModelConfig):
         super().__init__(config)
         for layer in self.model.layers:
-            layer.mlp = DenseModelMLP(config)
+            layer.mlp = DenseModelSparseMoeBlock(config) if config.num_experts else DenseModelMLP(config)
         self.post_init()
 
     def _init_weights(self, module):
@@ -67,4 +115,4 @@ class DenseModelForCausalLM(LlamaForCausalLM):
                 init.copy_(param, fresh.get_parameter(name))
 
 
-__all__ = ["DenseModelForCausalLM", "DenseModelMLP"]
+__all__ = ["DenseModelForCausalLM", "DenseModelMLP", "DenseModelSparseMoeBlock"]

@@ -1,6 +1,6 @@
 """lm-eval on an MoE checkpoint: our lm-eval model loads it through the same builder and its
-loglikelihoods equal those computed by hand from the loaded model's logits; the HF export refuses
-MoE checkpoints with a clear message (not covered yet)."""
+loglikelihoods equal those computed by hand from the loaded model's logits; so do those of lm-eval's
+own ``hf`` model on the Hugging Face export (trust_remote_code)."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dense_model.testing import spawn_workers, tiny_model_overrides
+from dense_model.testing import offline_env, spawn_workers, tiny_model_overrides
 
 VOCAB, SEQ = 512, 64
 REQUESTS = [("The function returns", " a list"), ("Python is", " a language"), ("x =", " 1")]
@@ -22,7 +22,6 @@ def _job(rank, world_size, out_dir, tokenizer):
     from dense_model.config import load_config
     from dense_model.evaluation import DenseModelLM
     from dense_model.export import export_hf
-    from dense_model.export.hf import ExportError
     from dense_model.model import build_model
     from dense_model.parallel import initialize_parallel
 
@@ -61,21 +60,30 @@ def _job(rank, world_size, out_dir, tokenizer):
     ours = lm.loglikelihood(
         [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=0) for r in REQUESTS]
     )
-    try:
-        export_hf(run, Path(out_dir) / "hf")
-        refused = ""
-    except ExportError as err:
-        refused = str(err)
-    result = {"hand": hand, "ours": [s for s, _ in ours], "export_refused": refused}
+    export_hf(run, Path(out_dir) / "hf", dtype="float32")
+    result = {"hand": hand, "ours": [s for s, _ in ours]}
     Path(out_dir, "scores.json").write_text(json.dumps(result))
 
 
 @pytest.mark.slow
-def test_lm_eval_model_scores_an_moe_checkpoint(tmp_path, spm_model):
+def test_lm_eval_model_scores_an_moe_checkpoint(tmp_path, spm_model, monkeypatch):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
     spawn_workers(_job, 1, str(tmp_path), spm_model)
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert len(set(round(s, 3) for s in scores["hand"])) == len(REQUESTS)  # a real spread
     for ours, hand in zip(scores["ours"], scores["hand"], strict=True):
         assert ours == pytest.approx(hand, abs=1e-4)
-    # The Hugging Face export does not cover MoE yet: a clear refusal, not a KeyError
-    assert "mixture-of-experts" in scores["export_refused"]
+    # lm-eval's own hf model on the export (DenseModelSparseMoeBlock) scores the same
+    for key, value in offline_env(tmp_path).items():
+        if key.startswith("HF_"):
+            monkeypatch.setenv(key, value)
+    hf = HFLM(
+        pretrained=str(tmp_path / "hf"), trust_remote_code=True, dtype="float32", device="cpu", batch_size=2
+    )
+    theirs = hf.loglikelihood(
+        [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=0) for r in REQUESTS]
+    )
+    for (score, _), hand in zip(theirs, scores["hand"], strict=True):
+        assert score == pytest.approx(hand, abs=1e-4)
