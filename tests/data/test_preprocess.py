@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -353,6 +354,37 @@ def test_layout_subsets_merge_while_other_subsets_tokenise(
         ) == data_helpers.file_bytes(o.prefix)
     assert Path(str(prefix) + "_blend.json").read_text() == Path(str(reference) + "_blend.json").read_text()
     assert not work.exists()
+
+
+def test_shards_are_tokenised_largest_first_and_by_subset_with_layout_subsets(
+    tmp_path, spm_model, texts, data_helpers, monkeypatch
+):
+    import dense_model.data.preprocess as pp
+
+    root = tmp_path / "in"
+    _layout_corpus(root, texts, data_helpers)
+    seen: list[tuple[str, int]] = []
+    tokenise = pp.process_shard
+
+    def process_shard(spec, ctx, report):
+        seen.append((spec.path_subset, spec.input_bytes))
+        return tokenise(spec, ctx, report)
+
+    monkeypatch.setattr(pp, "process_shard", process_shard)
+    # 0.02 MB shards: the files' last byte ranges are shorter than the others.
+    preprocess(_cfg(spm_model, str(root), tmp_path / "a", shard_size_mb=0.02), log=None)
+    sizes = [n for _, n in seen]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) > 2
+
+    seen.clear()
+    layout = _cfg(spm_model, str(root), tmp_path / "b", shard_size_mb=0.02, split_by_subset=True)
+    preprocess(dataclasses.replace(layout, subset_from="layout"), log=None)
+    subsets = [s for s, _ in seen]
+    assert list(dict.fromkeys(subsets)) == ["arxiv", "book", "wikipedia"]  # the largest subset first
+    assert subsets == sorted(subsets), "one subset after the other"
+    for subset in ("arxiv", "book", "wikipedia"):
+        sizes = [n for s, n in seen if s == subset]
+        assert sizes == sorted(sizes, reverse=True)
 
 
 def test_subset_from_layout_ignores_the_records_subset_fields(tmp_path, spm_model, sp, texts, data_helpers):
