@@ -894,13 +894,8 @@ class _Merger:
     can take an hour at full scale)."""
 
     def __init__(self, cfg: PreprocessConfig, work_dir: str, plan_hash: str, itemsize: int, say) -> None:
-        self.cfg, self.work_dir, self.plan_hash, self.itemsize, self.say = (
-            cfg,
-            work_dir,
-            plan_hash,
-            itemsize,
-            say,
-        )
+        self.cfg, self.work_dir, self.plan_hash, self.say = cfg, work_dir, plan_hash, say
+        self.itemsize = itemsize  # bytes per token
         self.pool: ThreadPoolExecutor | None = None
         self.futures: list = []
         self.handed_in: set[tuple[str | None, str]] = set()
