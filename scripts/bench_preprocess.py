@@ -7,7 +7,8 @@ Measures tokens per second, wall clock, on one JSONL corpus, for:
 * ours: `dense_model.data.preprocess.preprocess` with `--workers N` (process start, sharding,
   reading, JSON parsing, encoding, writing, merging: everything from call to return);
 * ours, Parquet input: the same, on the same documents converted beforehand to one Parquet file
-  (1024-row groups); it must write the same bytes as ours on the JSONL;
+  (1024-row groups); it must write the same bytes as ours on the JSONL (the summary gives the
+  Parquet / JSONL throughput ratio);
 * baseline: what Megatron-LM's tools/preprocess_data.py does, with the same N workers: the main
   process reads lines and feeds a `multiprocessing.Pool(N).imap(..., chunksize=32)`; each worker
   does one `json.loads` and one encode call per document and appends EOD; token lists come back
@@ -382,6 +383,12 @@ def main(argv=None) -> int:
             f"(median), {med['ours'][1] / med['ceiling'][1]:.1%} (per CPU-second); ours / baseline: "
             f"{best['ours'][0] / best['baseline'][0]:.2f}x (best), {med['ours'][0] / med['baseline'][0]:.2f}x (median), "
             f"{med['ours'][1] / med['baseline'][1]:.2f}x (per CPU-second)"
+        )
+        parquet = "ours, Parquet input"
+        print(
+            f"Parquet input / JSONL input (same documents, same bytes written): "
+            f"{best[parquet][0] / best['ours'][0]:.2f}x (best), {med[parquet][0] / med['ours'][0]:.2f}x (median), "
+            f"{med[parquet][1] / med['ours'][1]:.2f}x (per CPU-second)"
         )
     finally:
         if args.work_dir is None:

@@ -27,7 +27,7 @@ import os
 import shutil
 import struct
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
@@ -311,10 +311,13 @@ def copy_into(out, path: str) -> int:
     return size
 
 
-def merge_datasets(input_prefixes: Sequence[str], output_prefix: str) -> MergeResult:
+def merge_datasets(
+    input_prefixes: Sequence[str], output_prefix: str, on_copied: Callable[[int], None] | None = None
+) -> MergeResult:
     """Concatenate datasets in the given order into `output_prefix`.bin/.idx (Megatron merge semantics:
     the sequences and documents of each input follow those of the previous ones; token dtypes must
-    agree). Streams: memory stays bounded whatever the sizes. Outputs are published atomically."""
+    agree). Streams: memory stays bounded whatever the sizes. Outputs are published atomically.
+    `on_copied(nbytes)` is called after each input's tokens are copied (for progress)."""
     if not input_prefixes:
         raise ValueError("merge_datasets: no input datasets given")
     out_real = {os.path.realpath(output_prefix + ext) for ext in (".bin", ".idx")}
@@ -352,7 +355,9 @@ def merge_datasets(input_prefixes: Sequence[str], output_prefix: str) -> MergeRe
     try:
         with open(bin_tmp, "wb", buffering=0) as out:
             for prefix in input_prefixes:
-                copy_into(out, prefix + ".bin")
+                copied = copy_into(out, prefix + ".bin")
+                if on_copied is not None:
+                    on_copied(copied)
             os.fsync(out.fileno())
         tokens = 0
         with open(idx_tmp, "wb", buffering=16 << 20) as out:

@@ -18,7 +18,8 @@ How a run goes (`preprocess`):
    subset mode), a lock, and per finished shard its datasets plus `ID.done.json` (its counts and
    line count), written last. A shard's ID hashes its file, byte or row range, size and mtime.
 3. Workers (`--workers` processes; forked, or spawned if this process runs other threads) take
-   whole shards, largest first, and write their datasets themselves (`ShardJob`): read records,
+   whole shards, largest first (with `--subset-from layout`: subset by subset, largest subset
+   first, see `_dispatch_order`), and write their datasets themselves (`ShardJob`): read records,
    encode in batches of ~1 MB of text with `encode_batch`, write tokens with numpy. Nothing but
    small counters travels between processes. Memory per worker: one batch of text and its tokens,
    plus 4 bytes per document of the shard.
@@ -27,8 +28,15 @@ How a run goes (`preprocess`):
    identical whatever the worker count. Outputs are written under temporary names, fsynced and
    renamed when complete; then `published.HASH.json` records each, and its shard files are deleted.
    Then the blend file, then the work folder is removed. Workers die with the main process (Linux
-   PDEATHSIG), so a killed run leaves no orphan writing into the work folder. Outputs cannot start
-   merging before every shard is done: a shard's records may name any subset.
+   PDEATHSIG), so a killed run leaves no orphan writing into the work folder. Merges run in threads
+   of the main process. By default they start once every shard is done, since a record may name any
+   subset (`red_pajama_subset`, `meta`); with `--split-by-subset --subset-from layout` a subset is
+   its files' place alone, so each subset's outputs are merged, published and their shards deleted
+   as soon as its own shards are done, while the other subsets are still being tokenised. Disk peak:
+   inputs + the tokens written so far + a second copy of the outputs being merged (an output and
+   its shards coexist until it is published): by default, where every output merges at the end, up
+   to inputs + 2x outputs; with layout subsets about inputs + outputs + the subsets merging at that
+   moment, the largest first (a filesystem with reflinks shares the copies' extents).
 
 Several tasks (`--task-index I --num-tasks N`, e.g. a SLURM job array): every task plans the same
 shards; task I takes every N-th of them, largest first, into the shared work folder. The task that
@@ -87,6 +95,7 @@ from dense_model.procutil import die_with_parent
 
 MANIFEST_VERSION = 1
 MB = 1_000_000
+SUBSET_SOURCES = ("record", "layout")  # values of --subset-from
 
 
 class ResumeError(RuntimeError):
@@ -109,6 +118,10 @@ class PreprocessConfig:
     append_eod: bool = False
     workers: int = 1
     split_by_subset: bool = False
+    # Where --split-by-subset finds a record's subset: "record" (its red_pajama_subset/meta fields,
+    # else the file layout) or "layout" (the file layout alone: every shard's subset is known before
+    # it is read, so each subset is merged as soon as its own shards are done).
+    subset_from: str = "record"
     blend_weighting: str = "tokens"
     strict: bool = False
     shard_size_mb: float | None = None
@@ -272,6 +285,7 @@ class ShardContext:
     split_by_subset: bool
     strict: bool
     dtype: str
+    subset_from: str
     batch_chars: int
     batch_delay: float = 0.0  # debug option: seconds to sleep after each batch
 
@@ -375,7 +389,8 @@ class ShardJob:
     def _table_records(self) -> Iterator[tuple[int, int, dict]]:
         """(row number in the shard, row index in the file, row) per Parquet/Arrow row."""
         spec = self.spec
-        columns = [*self.ctx.json_keys, *(SUBSET_COLUMNS if self.ctx.split_by_subset else ())]
+        from_record = self.ctx.split_by_subset and self.ctx.subset_from == "record"
+        columns = [*self.ctx.json_keys, *(SUBSET_COLUMNS if from_record else ())]
         for first, rows in iter_table_rows(spec.path, spec.start, spec.end, columns):
             for i, row in enumerate(rows):
                 self.lines += 1
@@ -391,7 +406,12 @@ class ShardJob:
     # judging and writing
 
     def _add_record(self, number: int, offset: int, record: dict) -> None:
-        subset = (subset_from_record(record) or self.spec.path_subset) if self.ctx.split_by_subset else None
+        if not self.ctx.split_by_subset:
+            subset = None
+        elif self.ctx.subset_from == "layout":
+            subset = self.spec.path_subset
+        else:
+            subset = subset_from_record(record) or self.spec.path_subset
         for k, key in enumerate(self.ctx.json_keys):
             text = record.get(key)
             if text is None and key not in record:
@@ -590,7 +610,9 @@ class _Progress:
             self.bar.close()
 
 
-def _run_pool(pending: list[ShardSpec], workers: int, ctx_args: dict, progress: _Progress, on_done) -> None:
+def _run_pool(
+    pending: list[ShardSpec], workers: int, ctx_args: dict, progress: _Progress, on_start, on_done
+) -> None:
     # fork starts a worker in milliseconds (spawn re-imports numpy and the tokenizer: ~0.2 s of CPU
     # each, 5% of a 2-core run on 40 MB); it is safe only while this process has no other thread.
     method = "fork" if sys.platform == "linux" and threading.active_count() == 1 else "spawn"
@@ -608,6 +630,7 @@ def _run_pool(pending: list[ShardSpec], workers: int, ctx_args: dict, progress: 
     for _ in range(workers):
         tasks.put(None)
     progress.begin()
+    on_start()  # may start threads: the workers are forked
     current: dict[int, str] = {}
     exited: set[int] = set()
     remaining = len(pending)
@@ -682,6 +705,7 @@ def _settings(cfg: PreprocessConfig, tokenizer: Tokenizer, dtype: str) -> dict:
         "json_keys": list(cfg.json_keys),
         "append_eod": bool(cfg.append_eod),
         "split_by_subset": bool(cfg.split_by_subset),
+        "subset_from": cfg.subset_from,
     }
 
 
@@ -730,6 +754,20 @@ def _input_files(cfg: PreprocessConfig) -> list[tuple[str, str]]:
     if not files:
         raise ValueError("no input: give --input files/folders/globs or --hf-dataset NAME")
     return files
+
+
+def _dispatch_order(shards: Sequence[ShardSpec], by_subset: bool) -> list[ShardSpec]:
+    """Largest shards first, so that no big shard starts last and runs alone. With `by_subset` (subsets
+    from the file layout), subset after subset, the largest first, each largest shard first: each
+    subset is then done (and merged) early, the longest merge overlaps the most tokenising, and the
+    smallest is what is left to merge at the end."""
+    order = sorted(shards, key=lambda s: -s.input_bytes)
+    if by_subset:
+        totals: dict[str, int] = {}
+        for spec in shards:
+            totals[spec.path_subset] = totals.get(spec.path_subset, 0) + spec.input_bytes
+        order.sort(key=lambda s: (-totals[s.path_subset], s.path_subset))  # stable: sizes stay in order
+    return order
 
 
 def _plan_hash(shards: Sequence[ShardSpec]) -> str:
@@ -796,9 +834,11 @@ class _MergeJob:
     nbytes: int  # token bytes to copy
 
 
-def _merge_one(job: _MergeJob, work_dir: str, plan_hash: str, cfg: PreprocessConfig) -> None:
+def _merge_one(
+    job: _MergeJob, work_dir: str, plan_hash: str, cfg: PreprocessConfig, on_copied: Callable[[int], None]
+) -> None:
     """Merge one output, publish it, record it as published, then delete its shard files."""
-    merge_datasets(job.stems, job.prefix)
+    merge_datasets(job.stems, job.prefix, on_copied)
     record = {
         "subset": job.subset,
         "key": job.key,
@@ -820,20 +860,15 @@ def _merge_one(job: _MergeJob, work_dir: str, plan_hash: str, cfg: PreprocessCon
         time.sleep(cfg.batch_delay)
 
 
-def _merge_outputs(
-    cfg: PreprocessConfig,
-    shards: Sequence[ShardSpec],
-    results: dict[str, dict],
-    published: dict,
-    work_dir: str,
-    dtype: str,
-    say,
-) -> tuple[list[OutputInfo], BadLineStats, int]:
-    """Every output merged from its shards in plan order (several outputs at once, largest first);
-    outputs already published by an earlier, crashed run are kept as they are."""
+def _outputs_of(
+    shards: Sequence[ShardSpec], results: dict[str, dict], work_dir: str
+) -> tuple[dict[tuple[str | None, str], dict], BadLineStats, int]:
+    """What the finished `shards` wrote, per output (subset, key): their datasets in plan order
+    ("stems"), documents and tokens; and their bad-line statistics (line numbers made absolute by
+    counting the lines of a file's earlier shards) and line count."""
     bad = BadLineStats()
     lines = 0
-    lines_before: dict[str, int] = {}  # lines of a file's earlier shards: makes line numbers absolute
+    lines_before: dict[str, int] = {}
     per_output: dict[tuple[str | None, str], dict] = {}
     for spec in shards:
         result = results[spec.id]
@@ -849,6 +884,98 @@ def _merge_outputs(
             entry["stems"].append(os.path.join(work_dir, out["stem"]))
             entry["documents"] += out["documents"]
             entry["tokens"] += out["tokens"]
+    return per_output, bad, lines
+
+
+class _Merger:
+    """Merges outputs in a thread pool, several at once, largest first among those handed in together.
+    With --subset-from layout, subsets are handed in while other shards are still being tokenised.
+    Logs each output published, and the bytes merged so far every `log_interval` seconds (one output
+    can take an hour at full scale)."""
+
+    def __init__(self, cfg: PreprocessConfig, work_dir: str, plan_hash: str, itemsize: int, say) -> None:
+        self.cfg, self.work_dir, self.plan_hash, self.say = cfg, work_dir, plan_hash, say
+        self.itemsize = itemsize  # bytes per token
+        self.pool: ThreadPoolExecutor | None = None
+        self.futures: list = []
+        self.handed_in: set[tuple[str | None, str]] = set()
+        self.ready = self.copied = 0  # token bytes handed in so far, and merged
+        self.lock = threading.Lock()
+        self.t0 = self.last_log = 0.0
+
+    def submit(self, per_output: dict[tuple[str | None, str], dict], published: dict) -> None:
+        """Start merging the outputs of `per_output` (see `_outputs_of`) not handed in or published yet."""
+        jobs = [
+            _MergeJob(
+                subset,
+                key,
+                output_prefix_for(self.cfg.output_prefix, key, subset),
+                entry["stems"],
+                entry["tokens"] * self.itemsize,
+            )
+            for (subset, key), entry in per_output.items()
+            if (subset, key) not in published and (subset, key) not in self.handed_in
+        ]
+        if not jobs:
+            return
+        if self.pool is None:
+            # Threads suffice: copy_file_range and the index passes (numpy, file writes) release the
+            # GIL. Started only now, after the worker processes were forked from a one-thread process.
+            self.pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.workers))
+            self.t0 = self.last_log = time.monotonic()
+        for job in sorted(jobs, key=lambda j: -j.nbytes):
+            self.handed_in.add((job.subset, job.key))
+            self.ready += job.nbytes
+            self.futures.append(self.pool.submit(self._run, job))
+
+    def _run(self, job: _MergeJob) -> None:
+        _merge_one(job, self.work_dir, self.plan_hash, self.cfg, self._copied)
+        self.say(
+            f"merge: {job.prefix}.bin/.idx ({len(job.stems)} shards, {job.nbytes / MB:,.1f} MB) published"
+        )
+
+    def _copied(self, nbytes: int) -> None:
+        with self.lock:
+            self.copied += nbytes
+            now = time.monotonic()
+            if now - self.last_log < self.cfg.log_interval and self.copied < self.ready:
+                return
+            self.last_log = now
+            copied, ready = self.copied, self.ready
+        self.say(
+            f"merge: {copied / MB:,.1f} of the {ready / MB:,.1f} MB ready so far merged, "
+            f"{copied / MB / max(now - self.t0, 1e-9):,.0f} MB/s"
+        )
+
+    def check(self) -> None:
+        """Raise the error of a merge that failed, now rather than after all the tokenising."""
+        for future in self.futures:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+
+    def wait(self) -> None:
+        for future in self.futures:
+            future.result()
+
+    def close(self) -> None:
+        """Cancel the merges not started; wait for those running (each publishes all or nothing)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _merge_outputs(
+    cfg: PreprocessConfig,
+    shards: Sequence[ShardSpec],
+    results: dict[str, dict],
+    published: dict,
+    work_dir: str,
+    dtype: str,
+    say,
+    merger: _Merger,
+) -> tuple[list[OutputInfo], BadLineStats, int]:
+    """Every output merged from its shards in plan order, but those already handed to `merger` (merged
+    early) and those published by an earlier, crashed run (kept as they are); waits for all."""
+    per_output, bad, lines = _outputs_of(shards, results, work_dir)
     if not per_output:
         raise NoDocumentsError(
             f"no documents were written: {lines:,} lines read, {bad.total:,} skipped "
@@ -856,38 +983,15 @@ def _merge_outputs(
             "Check --json-keys and the input files."
         )
     key_order = {k: i for i, k in enumerate(cfg.json_keys)}
-    itemsize = np.dtype(dtype).itemsize
     outputs: list[OutputInfo] = []
-    jobs: list[_MergeJob] = []
     for subset, key in sorted(per_output, key=lambda sk: (sk[0] or "", key_order[sk[1]])):
         entry = per_output[(subset, key)]
         prefix = output_prefix_for(cfg.output_prefix, key, subset)
         outputs.append(OutputInfo(prefix, subset, key, entry["documents"], entry["tokens"], dtype))
         if (subset, key) in published:
             say(f"merge: {prefix}.bin/.idx was published by an earlier run; kept")
-        else:
-            jobs.append(_MergeJob(subset, key, prefix, entry["stems"], entry["tokens"] * itemsize))
-    jobs.sort(key=lambda j: -j.nbytes)
-    total = sum(j.nbytes for j in jobs)
-    plan_hash = _plan_hash(shards)
-    t0 = time.monotonic()
-    copied = 0
-
-    def run(job: _MergeJob) -> None:
-        nonlocal copied
-        _merge_one(job, work_dir, plan_hash, cfg)
-        copied += job.nbytes  # the GIL makes this increment safe enough for a progress line
-        secs = max(time.monotonic() - t0, 1e-9)
-        say(
-            f"merge: {job.prefix}.bin/.idx ({len(job.stems)} shards, {job.nbytes / MB:,.1f} MB) published; "
-            f"{copied / MB:,.1f} of {total / MB:,.1f} MB merged, {copied / MB / secs:,.0f} MB/s"
-        )
-
-    if jobs:
-        # Threads suffice: copy_file_range and the index passes (numpy, file writes) release the GIL.
-        with ThreadPoolExecutor(max_workers=max(1, min(cfg.workers, len(jobs)))) as pool:
-            for future in [pool.submit(run, job) for job in jobs]:
-                future.result()
+    merger.submit(per_output, published)
+    merger.wait()
     return outputs, bad, lines
 
 
@@ -918,6 +1022,10 @@ def _check_config(cfg: PreprocessConfig) -> None:
         raise ValueError(
             f"--task-index {cfg.task_index} --num-tasks {cfg.num_tasks}: need 0 <= task index < number of tasks"
         )
+    if cfg.subset_from not in SUBSET_SOURCES:
+        raise ValueError(f"--subset-from {cfg.subset_from!r}: choose one of {', '.join(SUBSET_SOURCES)}")
+    if cfg.subset_from == "layout" and not cfg.split_by_subset:
+        raise ValueError("--subset-from layout names where subsets come from: add --split-by-subset")
     if cfg.restart and (cfg.num_tasks > 1 or cfg.merge_only):
         raise ValueError("--restart discards every task's shards: run it without --num-tasks/--merge-only")
 
@@ -937,7 +1045,7 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
     several_tasks = cfg.num_tasks > 1 or cfg.merge_only
     task = f"task {cfg.task_index}/{cfg.num_tasks}: " if cfg.num_tasks > 1 else ""
 
-    with contextlib.ExitStack() as lock:
+    with contextlib.ExitStack() as lock, contextlib.ExitStack() as merging:
         lock.enter_context(_locked(work_dir, wait=several_tasks))
         manifest = _prepare_work_dir(work_dir, settings, cfg.restart, say)
         if manifest is None:
@@ -960,9 +1068,8 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
         plan_hash = _plan_hash(shards)
         published = _published_outputs(work_dir, plan_hash)
         results = _finished_shards(work_dir, shards, published)
-        # Largest shards first, so that no big shard starts last and runs alone. With several tasks,
-        # task i takes every N-th shard of this order (the plan is the same in every task).
-        order = sorted(shards, key=lambda s: -s.input_bytes)
+        # With several tasks, task i takes every N-th shard of this order (the same in every task).
+        order = _dispatch_order(shards, by_subset=cfg.subset_from == "layout")
         if several_tasks:
             share = {s.id for n, s in enumerate(order) if n % cfg.num_tasks == cfg.task_index}
             share = set() if cfg.merge_only else share
@@ -988,10 +1095,24 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
         )
 
         progress = _Progress(pending_bytes, cfg.progress, cfg.log_interval, log, len(pending))
+        merger = _Merger(cfg, work_dir, plan_hash, np.dtype(dtype).itemsize, say)
+        merging.callback(merger.close)
+        # --subset-from layout on one machine: a subset's shards are known before any is read, so its
+        # outputs are merged (and its shards deleted) as soon as they are done, while others tokenise.
+        unmerged: dict[str, list[ShardSpec]] = {}
+        if cfg.subset_from == "layout" and not several_tasks:
+            for spec in shards:
+                unmerged.setdefault(spec.path_subset, []).append(spec)
+
+        def merge_ready() -> None:
+            for subset in [k for k, specs in unmerged.items() if all(s.id in results for s in specs)]:
+                merger.submit(_outputs_of(unmerged.pop(subset), results, work_dir)[0], published)
+            merger.check()
 
         def on_done(result: dict) -> None:
             results[result["id"]] = result
             progress.shards_done += 1
+            merge_ready()
 
         ctx_args = {
             "work_dir": work_dir,
@@ -1000,6 +1121,7 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
             "split_by_subset": bool(cfg.split_by_subset),
             "strict": bool(cfg.strict),
             "dtype": dtype,
+            "subset_from": cfg.subset_from,
             "batch_chars": int(cfg.batch_chars),
             "batch_delay": float(cfg.batch_delay),
         }
@@ -1007,11 +1129,12 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
             if workers == 1:
                 ctx = ShardContext(tokenizer=tokenizer, **ctx_args)
                 progress.begin()
+                merge_ready()
                 for spec in pending:
                     on_done(process_shard(spec, ctx, progress.update))
             elif pending:
                 ctx_args.update(tokenizer_type=cfg.tokenizer_type, tokenizer_model=cfg.tokenizer_model)
-                _run_pool(pending, workers, ctx_args, progress, on_done)
+                _run_pool(pending, workers, ctx_args, progress, merge_ready, on_done)
         except BadLineError as err:
             if err.line is None:
                 err.line = absolute_line(err.path, err.offset)
@@ -1061,7 +1184,7 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
             if not _claim_merge(work_dir, cfg):
                 say(f"{task}every shard is done; another task claimed the merge")
                 return summary([], BadLineStats(), 0, [], merged=False)
-        outputs, bad, lines = _merge_outputs(cfg, shards, results, published, work_dir, dtype, say)
+        outputs, bad, lines = _merge_outputs(cfg, shards, results, published, work_dir, dtype, say, merger)
         blends = _write_blends(cfg, outputs)
 
     if not cfg.keep_shards:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -274,6 +275,129 @@ def test_split_by_subset_writes_datasets_and_a_blend(tmp_path, spm_model, texts,
     assert weights == pytest.approx([r / sum(rp) for r in rp])
 
 
+def _layout_corpus(root: Path, texts: list[str], data_helpers) -> None:
+    """arxiv/ (the largest subset: 2 files), book/, wikipedia/ (the smallest); no subset fields."""
+    parts = {"arxiv/a0.jsonl": texts[0:70], "arxiv/a1.jsonl": texts[70:140], "book/b.jsonl": texts[140:200]}
+    parts["wikipedia/w.jsonl"] = texts[200:230]
+    for name, part in parts.items():
+        data_helpers.write_jsonl(
+            str(root / name), [{"text": t, "meta": {"i": i}} for i, t in enumerate(part)]
+        )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_layout_subsets_merge_while_other_subsets_tokenise(
+    tmp_path, spm_model, texts, data_helpers, monkeypatch, workers
+):
+    import dense_model.data.preprocess as pp
+    from dense_model.data.jsonl import expand_inputs_with_roots
+
+    root = tmp_path / "redpajama"
+    _layout_corpus(root, texts, data_helpers)
+    reference = tmp_path / "ref" / "red"
+    ref = preprocess(
+        _cfg(spm_model, str(root), reference, split_by_subset=True, shard_size_mb=0.01), log=None
+    )
+    assert [o.subset for o in ref.outputs] == ["arxiv", "book", "wikipedia"]
+
+    # Subset after subset, the largest first: every arxiv shard is dispatched before any wikipedia one.
+    # The first wikipedia shard waits (in its worker) until arxiv's output is published and arxiv's
+    # shard files are deleted; a run that merges only after the last shard never gets there.
+    prefix = tmp_path / "run" / "red"
+    work = Path(str(prefix) + ".shards")
+    arxiv_ids = {
+        s.id
+        for s in pp.plan_shards(expand_inputs_with_roots([str(root)]), int(0.01 * 1e6))
+        if s.path_subset == "arxiv"
+    }
+    assert len(arxiv_ids) > 2
+    arxiv_idx = Path(str(prefix) + "_arxiv_text_document.idx")
+    seen, gave_up = tmp_path / "seen_arxiv_merged", tmp_path / "gave_up"
+    tokenise = pp.process_shard
+
+    def process_shard(spec, ctx, report):
+        if spec.path_subset == "wikipedia" and not seen.exists() and not gave_up.exists():
+            deadline = time.monotonic() + 120  # only a guard against waiting forever
+            while time.monotonic() < deadline:
+                shards_left = [p for p in work.glob("*.bin") if p.name.split(".")[0] in arxiv_ids]
+                if arxiv_idx.exists() and not shards_left:
+                    seen.touch()
+                    break
+                time.sleep(0.05)
+            else:
+                gave_up.touch()
+        return tokenise(spec, ctx, report)
+
+    monkeypatch.setattr(pp, "process_shard", process_shard)
+    cfg = _cfg(
+        spm_model,
+        str(root),
+        prefix,
+        split_by_subset=True,
+        subset_from="layout",
+        shard_size_mb=0.01,
+        workers=workers,
+    )
+    summary = preprocess(cfg, log=None)
+    assert seen.exists(), "arxiv was not merged (and its shards deleted) before wikipedia was tokenised"
+    assert [(o.subset, o.documents, o.tokens) for o in summary.outputs] == [
+        (o.subset, o.documents, o.tokens) for o in ref.outputs
+    ]
+    for o in ref.outputs:
+        assert data_helpers.file_bytes(
+            o.prefix.replace(str(reference), str(prefix))
+        ) == data_helpers.file_bytes(o.prefix)
+    assert Path(str(prefix) + "_blend.json").read_text() == Path(str(reference) + "_blend.json").read_text()
+    assert not work.exists()
+
+
+def test_shards_are_tokenised_largest_first_and_by_subset_with_layout_subsets(
+    tmp_path, spm_model, texts, data_helpers, monkeypatch
+):
+    import dense_model.data.preprocess as pp
+
+    root = tmp_path / "in"
+    _layout_corpus(root, texts, data_helpers)
+    seen: list[tuple[str, int]] = []
+    tokenise = pp.process_shard
+
+    def process_shard(spec, ctx, report):
+        seen.append((spec.path_subset, spec.input_bytes))
+        return tokenise(spec, ctx, report)
+
+    monkeypatch.setattr(pp, "process_shard", process_shard)
+    # 0.02 MB shards: the files' last byte ranges are shorter than the others.
+    preprocess(_cfg(spm_model, str(root), tmp_path / "a", shard_size_mb=0.02), log=None)
+    sizes = [n for _, n in seen]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) > 2
+
+    seen.clear()
+    layout = _cfg(spm_model, str(root), tmp_path / "b", shard_size_mb=0.02, split_by_subset=True)
+    preprocess(dataclasses.replace(layout, subset_from="layout"), log=None)
+    subsets = [s for s, _ in seen]
+    assert list(dict.fromkeys(subsets)) == ["arxiv", "book", "wikipedia"]  # the largest subset first
+    assert subsets == sorted(subsets), "one subset after the other"
+    for subset in ("arxiv", "book", "wikipedia"):
+        sizes = [n for s, n in seen if s == subset]
+        assert sizes == sorted(sizes, reverse=True)
+
+
+def test_subset_from_layout_ignores_the_records_subset_fields(tmp_path, spm_model, sp, texts, data_helpers):
+    root = tmp_path / "in"
+    data_helpers.write_jsonl(
+        str(root / "arxiv" / "a.jsonl"), [{"text": texts[0]}, {"text": texts[1], "red_pajama_subset": "book"}]
+    )
+    by_record = preprocess(_cfg(spm_model, str(root), tmp_path / "r", split_by_subset=True), log=None)
+    assert [(o.subset, o.documents) for o in by_record.outputs] == [("arxiv", 1), ("book", 1)]
+    layout = _cfg(spm_model, str(root), tmp_path / "l", split_by_subset=True, subset_from="layout")
+    assert [(o.subset, o.documents) for o in preprocess(layout, log=None).outputs] == [("arxiv", 2)]
+    assert data_helpers.read_dataset(f"{tmp_path}/l_arxiv_text_document") == [
+        sp.encode(t) + [sp.eos_id()] for t in texts[:2]
+    ]
+    with pytest.raises(ValueError, match="--subset-from layout .* add --split-by-subset"):
+        preprocess(_cfg(spm_model, str(root), tmp_path / "x", subset_from="layout"), log=None)
+
+
 def test_several_json_keys_write_one_dataset_each(tmp_path, spm_model, sp, data_helpers):
     path = data_helpers.write_jsonl(
         str(tmp_path / "qa.jsonl"),
@@ -339,8 +463,9 @@ def test_huggingface_tokenizer_with_workers(tmp_path, texts, corpora, data_helpe
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("subset_from", ["record", "layout"])
 def test_sigkill_during_the_merge_then_rerun_keeps_the_published_outputs(
-    tmp_path, spm_model, corpora, data_helpers
+    tmp_path, spm_model, corpora, data_helpers, subset_from
 ):
     root = str(Path(corpora[None]).parent)  # plain/, zst/, gz/: three outputs to merge
     reference = tmp_path / "ref" / "red"
@@ -351,13 +476,16 @@ def test_sigkill_during_the_merge_then_rerun_keeps_the_published_outputs(
     args += [
         "--append-eod",
         "--split-by-subset",
+        "--subset-from",
+        subset_from,
         "--workers",
         "1",
         "--no-progress",
         "--output-prefix",
         str(prefix),
     ]
-    # The delay also follows each merged output: the kill lands between two outputs' merges.
+    # The delay also follows each merged output: the kill lands between two outputs' merges (with
+    # layout subsets, the first output is merged while the other subsets are being tokenised).
     proc = _run_cli([*args, "--debug-batch-delay", "2"], start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and not list(work.glob("published.*.json")):
@@ -384,9 +512,14 @@ def test_sigkill_during_the_merge_then_rerun_keeps_the_published_outputs(
 
 def test_progress_lines_count_input_as_stored_and_characters_tokenised(tmp_path, spm_model, texts, corpora):
     lines: list[str] = []
-    preprocess(_cfg(spm_model, corpora["zst"], tmp_path / "o", log_interval=0), log=lines.append)
+    summary = preprocess(_cfg(spm_model, corpora["zst"], tmp_path / "o", log_interval=0), log=lines.append)
     progress = [line for line in lines if line.startswith("progress:")]
     assert progress
     stored = sum(p.stat().st_size for p in Path(corpora["zst"]).iterdir()) / 1e6  # compressed sizes
     assert f"{stored:,.1f} of {stored:,.1f} MB of input read" in progress[-1]
     assert f"{sum(map(len, texts)) / 1e6:,.1f} M characters tokenised" in progress[-1]
+    # The merge reports as it copies, shard after shard (here: every shard, log_interval=0).
+    merging = [line for line in lines if line.startswith("merge:") and "ready so far merged" in line]
+    assert len(merging) == summary.shards == 3
+    token_mb = summary.tokens * 2 / 1e6  # uint16 tokens
+    assert f"{token_mb:,.1f} of the {token_mb:,.1f} MB ready so far merged" in merging[-1]

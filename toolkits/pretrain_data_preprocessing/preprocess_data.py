@@ -58,6 +58,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "and PREFIX_blend.json for training",
     )
     g.add_argument(
+        "--subset-from",
+        choices=["record", "layout"],
+        default="record",
+        help="with --split-by-subset: record (red_pajama_subset/meta fields, else the folder) or layout "
+        "(the folder or file name alone, RedPajama's download layout: each subset is then merged, and "
+        "its shards deleted, as soon as its files are tokenised)",
+    )
+    g.add_argument(
         "--blend-weighting",
         choices=["tokens", "redpajama"],
         default="tokens",
@@ -129,6 +137,7 @@ def main(argv=None) -> int:
         append_eod=args.append_eod,
         workers=args.workers,
         split_by_subset=args.split_by_subset,
+        subset_from=args.subset_from,
         blend_weighting=args.blend_weighting,
         strict=args.strict,
         shard_size_mb=args.shard_size_mb,
