@@ -60,6 +60,8 @@ def _train(rank, world_size, runs, out_dir):
     megatron-core layout for each): STEPS optimizer steps, losses and gathered gradients saved."""
     from megatron.core import parallel_state as ps
 
+    from dense_model.config import moe_enabled
+    from dense_model.moe import MoEMonitor
     from dense_model.parallel import initialize_parallel
     from dense_model.training.optim import build_training_model
     from dense_model.training.step import forward_backward, reduce_lm_loss
@@ -75,6 +77,7 @@ def _train(rank, world_size, runs, out_dir):
             expert_tensor_parallel_size=p.expert_tensor_parallel_size,
         )
         model, ddp, optimizer = build_training_model(cfg)
+        monitor = MoEMonitor(model, cfg) if moe_enabled(cfg.model) else None  # the trainer's router metrics
         marked = sorted(n for n, q in model.named_parameters() if getattr(q, "sequence_parallel", False))
         losses, grads = [], []
         for step in range(STEPS):
@@ -85,6 +88,7 @@ def _train(rank, world_size, runs, out_dir):
             grads.append(_full_grads(model))
             optimizer.step()
         result = {"losses": losses, "grads": grads, "sp_marked": marked, "training": model.training}
+        result["router"] = monitor.metrics(STEPS, MICROBATCHES) if monitor else {}
         torch.save(result, f"{out_dir}/{name}.rank{rank}")
         ps.destroy_model_parallel()
 
@@ -95,6 +99,8 @@ def assert_trains_like(ranks: list[dict], ref: dict) -> None:
     for res in ranks:
         assert res["training"]
         assert res["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+        # MoE: aux and z losses, expert load, as the trainer logs them (each TP rank routes its slice)
+        assert res["router"] == pytest.approx(ref["router"], rel=1e-5)
         assert len(set(res["losses"])) == STEPS  # the weights moved: each step's loss differs
     for step in range(STEPS):
         merged = {}
