@@ -6,9 +6,10 @@
 Llama style: RMSNorm, RoPE (base 10000), untied embeddings, no linear biases, no dropout by default.
 The activation is swapped through megatron-core's ``ModuleSpec``: the stock layer spec (local or
 Transformer Engine) is kept whole; the MLP's ``activation_func`` submodule is replaced by
-``RegistryActivation``, which builds ``dense_model.activations.build_activation(name)``, and the
-core attention follows ``model.attention_backend`` (``dense_model.attention``). The transformer
-layer is never copied. Gated activations set ``gated_linear_unit`` so fc1 is 2x wide
+``RegistryActivation``, which builds ``dense_model.activations.build_activation(name)``, the
+core attention follows ``model.attention_backend`` (``dense_model.attention``), and the local
+spec's norms are ``dense_model.norm.RMSNorm`` (sequence parallelism). The transformer layer is
+never copied. Gated activations set ``gated_linear_unit`` so fc1 is 2x wide
 with megatron's [gate, up] layout and checkpoint resharding across TP sizes stays right.
 """
 
@@ -75,7 +76,7 @@ def fusion_flags(device: torch.device, kernels: Kernels, transformer_impl: str =
     - masked_softmax_fusion: the local attention imports apex's softmax extensions in bf16/fp16
       (``fusions/fused_softmax.py``); without apex that is a ModuleNotFoundError on the first forward.
     - persist_layer_norm: only apex's FusedLayerNorm reads it, and neither spec uses it for RMSNorm
-      (the local spec's torch norm asserts it is off), so it is always off.
+      (the local spec's norms are dense_model.norm's), so it is always off.
     - apply_rope_fusion: megatron-core takes it from Transformer Engine (and refuses it without).
     - gradient_accumulation_fusion: apex's fused_weight_gradient_mlp_cuda (megatron's own linear
       layers, the output layer included, need it in both specs).
@@ -172,6 +173,15 @@ def layer_spec(cfg: ModelConfig, device: torch.device | None = None):
         spec.submodules.mlp.submodules.activation_func = activation
     backend = select_attention_backend(cfg.attention_backend, cfg.transformer_impl, device or model_device())
     attention = spec.submodules.self_attention.submodules
+    if cfg.transformer_impl == "local":  # our RMSNorm instead of megatron's torch norm: it takes SP
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        from dense_model.norm import RMSNorm
+
+        for slots in (spec.submodules, attention):
+            for slot in ("input_layernorm", "pre_mlp_layernorm", "q_layernorm", "k_layernorm"):
+                if getattr(slots, slot, None) is WrappedTorchNorm:
+                    setattr(slots, slot, RMSNorm)
     if backend == "sdpa":
         attention.core_attention = SDPAttention
     elif backend == "local":
@@ -267,9 +277,22 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage()
     m = cfg.model
     device = model_device() if device is None else device
+    config = transformer_config(cfg, perform_initialization=not allocate_only, device=device, dtype=dtype)
+    spec = layer_spec(m, device)
+    if m.transformer_impl == "local":  # the final norm too (the block default: TE, apex or torch norm)
+        from megatron.core.transformer.transformer_block import (
+            TransformerBlockSubmodules,
+            get_num_layers_to_build,
+        )
+
+        from dense_model.norm import RMSNorm
+
+        spec = TransformerBlockSubmodules(
+            layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm
+        )
     model = GPTModel(
-        config=transformer_config(cfg, perform_initialization=not allocate_only, device=device, dtype=dtype),
-        transformer_layer_spec=layer_spec(m, device),
+        config=config,
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(m, cfg.parallel.tensor_model_parallel_size),
         max_sequence_length=m.seq_length,
         pre_process=pre_process,

@@ -212,6 +212,12 @@ class MoEMonitor:
         out = {}
         tracker = get_moe_layer_wise_logging_tracker()
         reduce_aux_losses_tracker_across_ranks()
+        if self.cfg.parallel.sequence_parallel:
+            # megatron-core leaves the z-loss at each TP rank's own slice of the sequence (the
+            # load-balancing loss is already global, the same on every TP rank): mean over TP.
+            tp = ps.get_tensor_model_parallel_group()
+            for entry in tracker.values():
+                collectives.sum_over_group(entry["values"], tp).div_(dist.get_world_size(tp))
         for name, key in (("load_balancing_loss", "moe_aux_loss"), ("z_loss", "moe_z_loss")):
             if name in tracker:
                 per_layer = tracker[name]["values"].double() / max(steps * microbatches, 1)

@@ -14,21 +14,22 @@ from dense_model.testing import random_lm_batches, spawn_workers, tiny_model_ove
 VOCAB, SEQ, MBS, MICROBATCHES, EXPERTS = 256, 16, 2, 2, 4
 
 
+def moe_overrides(activation="polynorm", tp=1, ep=1, etp=None) -> list[str]:
+    return [
+        *tiny_model_overrides(activation=activation, layers=2, vocab=VOCAB, seq=SEQ),
+        f"model.moe.num_experts={EXPERTS}",
+        "model.moe.router_topk=2",
+        "model.moe.ffn_hidden_size=32",
+        "model.moe.z_loss_coeff=1e-3",
+        f"parallel.tensor_model_parallel_size={tp}",
+        f"parallel.expert_model_parallel_size={ep}",
+        f"parallel.expert_tensor_parallel_size={etp or tp}",
+        "training.recompute_granularity=none",
+    ]
+
+
 def moe_config(activation="polynorm", tp=1, ep=1, etp=None):
-    return load_config(
-        None,
-        [
-            *tiny_model_overrides(activation=activation, layers=2, vocab=VOCAB, seq=SEQ),
-            f"model.moe.num_experts={EXPERTS}",
-            "model.moe.router_topk=2",
-            "model.moe.ffn_hidden_size=32",
-            "model.moe.z_loss_coeff=1e-3",
-            f"parallel.tensor_model_parallel_size={tp}",
-            f"parallel.expert_model_parallel_size={ep}",
-            f"parallel.expert_tensor_parallel_size={etp or tp}",
-            "training.recompute_granularity=none",
-        ],
-    )
+    return load_config(None, moe_overrides(activation, tp, ep, etp))
 
 
 def fixed_batches():
@@ -57,7 +58,7 @@ def _run(rank, world_size, layout, out_file):
     model_parallel_cuda_manual_seed(11, force_reset_rng=True)
     model = build_model(cfg)
     # Dropout is 0, so eval mode computes the same; it skips MoELayer's training-only refusal of
-    # TP > 1 without sequence parallelism, which the CPU cannot run (torch norms lack it).
+    # TP > 1 without sequence parallelism (training with it: tests/test_sequence_parallel.py).
     model.eval()
     batches = fixed_batches()
     with torch.no_grad():

@@ -52,8 +52,7 @@ def test_moe_trains_logs_router_metrics_and_resumes_exactly_after_sigkill(tiny_c
 
 
 def test_ep2_matches_single_process(tiny_config):
-    """(Expert-TP=2 training needs TP=2 with sequence parallelism, which megatron-core's torch
-    norms cannot do on the CPU; tests/moe covers expert-TP=2 forward and backward.)"""
+    """(Expert-TP=2 training, TP=2 with sequence parallelism: tests/test_sequence_parallel.py.)"""
     config, ref_dir = tiny_config("single", *MOE)
     run_ok(config, *SHORT)
     single, _ = read_metrics(ref_dir)
