@@ -9,11 +9,26 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # config imports the activation registry (torch); only the type is needed here
+    from dense_model.config import ParallelConfig
 
 import torch
 import torch.distributed as dist
 
 from dense_model.compat import enable_cpu_mode
+
+
+def initialize_parallel_from(parallel: ParallelConfig, seed: int) -> None:
+    """``initialize_parallel`` with the sizes of a config's ``parallel`` section (TP, PP, EP, expert TP)."""
+    initialize_parallel(
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        seed=seed,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+    )
 
 
 def initialize_parallel(

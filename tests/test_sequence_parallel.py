@@ -62,20 +62,13 @@ def _train(rank, world_size, runs, out_dir):
 
     from dense_model.config import moe_enabled
     from dense_model.moe import MoEMonitor
-    from dense_model.parallel import initialize_parallel
+    from dense_model.parallel import initialize_parallel_from
     from dense_model.training.optim import build_training_model
     from dense_model.training.step import forward_backward, reduce_lm_loss
 
     for name, overrides in runs.items():
         cfg = load_config(None, overrides)
-        p = cfg.parallel
-        initialize_parallel(
-            p.tensor_model_parallel_size,
-            1,
-            seed=11,
-            expert_model_parallel_size=p.expert_model_parallel_size,
-            expert_tensor_parallel_size=p.expert_tensor_parallel_size,
-        )
+        initialize_parallel_from(cfg.parallel, seed=11)
         model, ddp, optimizer = build_training_model(cfg)
         monitor = MoEMonitor(model, cfg) if moe_enabled(cfg.model) else None  # the trainer's router metrics
         marked = sorted(n for n, q in model.named_parameters() if getattr(q, "sequence_parallel", False))

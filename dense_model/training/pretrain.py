@@ -42,7 +42,7 @@ from dense_model.config import (
 )
 from dense_model.data.demo import prepare_demo_dataset
 from dense_model.data.tokenizers import build_tokenizer
-from dense_model.parallel import destroy_parallel, initialize_parallel
+from dense_model.parallel import destroy_parallel, initialize_parallel_from
 from dense_model.procutil import die_with_parent, is_torchrun_agent
 from dense_model.training.activation_stats import ActivationStats
 from dense_model.training.batches import batch_iterator, build_datasets
@@ -94,13 +94,7 @@ class Trainer:
 
         self.cfg = cfg
         p, t = cfg.parallel, cfg.training
-        initialize_parallel(
-            p.tensor_model_parallel_size,
-            p.pipeline_model_parallel_size,
-            seed=t.seed,
-            expert_model_parallel_size=p.expert_model_parallel_size,
-            expert_tensor_parallel_size=p.expert_tensor_parallel_size,
-        )
+        initialize_parallel_from(p, seed=t.seed)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         prepare_data_config(cfg)

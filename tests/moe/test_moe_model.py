@@ -42,18 +42,11 @@ def _run(rank, world_size, layout, out_file):
 
     from dense_model.model import build_model
     from dense_model.moe import expert_param_layout
-    from dense_model.parallel import initialize_parallel
+    from dense_model.parallel import initialize_parallel_from
     from dense_model.training.step import forward_backward, reduce_lm_loss
 
     cfg = moe_config(**layout)
-    p = cfg.parallel
-    initialize_parallel(
-        p.tensor_model_parallel_size,
-        1,
-        seed=11,
-        expert_model_parallel_size=p.expert_model_parallel_size,
-        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
-    )
+    initialize_parallel_from(cfg.parallel, seed=11)
     torch.manual_seed(11)
     model_parallel_cuda_manual_seed(11, force_reset_rng=True)
     model = build_model(cfg)
