@@ -227,7 +227,10 @@ def load_checkpoint(
     _unwrap(model).load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         optimizer_state = _regroup(loaded["optimizer"], common.get("optimizer", {}), optimizer)
-        optimizer.load_state_dict(optimizer_state)
+        # no_grad: megatron-core 0.16.1 copies dp_reshardable state into the main params without
+        # it; in fp32 those are views of the model's leaf parameters (an in-place autograd error).
+        with torch.no_grad():
+            optimizer.load_state_dict(optimizer_state)
         finish_optimizer_load(optimizer)
     if scheduler is not None and "scheduler" in loaded:
         scheduler.load_state_dict(loaded["scheduler"])
@@ -350,10 +353,12 @@ def prepare_optimizer_for_load(optimizer) -> None:
     """Work around megatron-core 0.16.1's distributed optimizer load without Apex/TE.
 
     There, torch's Adam keeps a per-parameter "step": ``DistributedOptimizer.state_dict()`` reads it
-    from every state (but a fresh optimizer has none), and the fully-reshardable loader copies
-    every state key from the checkpoint except "step" (KeyError). We give a fresh optimizer its
-    state tensors, step included, and let the loader copy "step" onto itself; the real step is
-    restored from the checkpoint's param groups. A no-op with Apex/TE (fused Adam, no "step").
+    from every state (but a fresh optimizer has none), and the loaders copy every state key into
+    the live state: the fully-reshardable one has no "step" to copy (KeyError), the dp-reshardable
+    one copies the step this (fresh) optimizer had when the load was requested, which would put
+    Adam's bias correction back to step 0. We give a fresh optimizer its state tensors, step
+    included, and have the loader copy the live "step" onto itself: the real step is restored from
+    the checkpoint's param groups before. A no-op with Apex/TE (fused Adam, no "step").
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
@@ -371,11 +376,10 @@ def prepare_optimizer_for_load(optimizer) -> None:
             continue
 
         def keep_step(model_param, tensors, _setter=setter, _opt=opt):
-            if "step" not in tensors:
-                group_index, order = _opt.model_param_group_index_map[model_param]
-                main = _opt.optimizer.param_groups[group_index]["params"][order]
-                if "step" in _opt.optimizer.state[main]:
-                    tensors = {**tensors, "step": _opt.optimizer.state[main]["step"]}
+            group_index, order = _opt.model_param_group_index_map[model_param]
+            main = _opt.optimizer.param_groups[group_index]["params"][order]
+            if "step" in _opt.optimizer.state[main]:
+                tensors = {**tensors, "step": _opt.optimizer.state[main]["step"]}
             return _setter(model_param, tensors)
 
         keep_step._keeps_step = True
