@@ -5,8 +5,10 @@ For each set of ops, the trainer's model, DDP and optimizer (``build_training_mo
 timed steps: forward/backward (``dense_model.training.step.forward_backward``), ``optimizer.step()``
 and the scheduler step. Inside the optimizer step the gradient norm (megatron-core's
 ``get_grad_norm_fp32``) and the Adam update (the torch optimizer's ``step``) are timed on their own
-(synchronised on a GPU). Host reads (``item()``, ``float()``, ``torch.tensor`` of device scalars: a
-host sync each on a GPU) are counted over one optimizer step with ``HostReads``.
+(synchronised on a GPU). Host reads (``item()``, ``float()``, ``torch.tensor`` of tensor scalars)
+are counted with ``HostReads`` over one optimizer step, and within it the gradient norm's and the
+Adam update's: a read of a device tensor is a host sync on a GPU; torch's (non-capturable) AdamW
+keeps its step counters on the host, so the reads it makes of them are not.
 
     python scripts/bench_optimizer_step.py --config configs/1b/polynorm.yaml model.num_layers=4   # GPU
     python scripts/bench_optimizer_step.py --device cpu                   # tiny model: host reads, CPU times
@@ -67,15 +69,17 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def timed(fn, seconds: list):
-    """``fn`` that appends its synchronised wall time to ``seconds``."""
+def timed(fn, seconds: list, reads: list):
+    """``fn`` that appends its synchronised wall time to ``seconds``, its host reads to ``reads``."""
 
     def wrapper(*args, **kwargs):
         _sync()
         start = time.perf_counter()
-        out = fn(*args, **kwargs)
+        with HostReads() as counter:
+            out = fn(*args, **kwargs)
         _sync()
         seconds.append(time.perf_counter() - start)
+        reads.append(counter.count)
         return out
 
     return wrapper
@@ -85,18 +89,18 @@ def run(which: str, cfg, warmup: int, steps: int, device: str) -> dict:
     model, ddp, optimizer = build_training_model(cfg)
     ops = use_ops(which)
     scheduler = build_scheduler(optimizer, cfg)
-    norm_s, adam_s, optim_s, step_s = [], [], [], []
+    norm_s, adam_s, optim_s, step_s, norm_reads, adam_reads = [], [], [], [], [], []
     original_norm = moptimizer.get_grad_norm_fp32
-    moptimizer.get_grad_norm_fp32 = timed(original_norm, norm_s)
+    moptimizer.get_grad_norm_fp32 = timed(original_norm, norm_s, norm_reads)
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        sub.optimizer.step = timed(sub.optimizer.step, adam_s)
+        sub.optimizer.step = timed(sub.optimizer.step, adam_s, adam_reads)
     batch = synthetic_batch(cfg, device)
     mbs, seq = cfg.training.micro_batch_size, cfg.model.seq_length
     reads = None
     try:
         for step in range(warmup + steps):
             if step == warmup:
-                del norm_s[:], adam_s[:], optim_s[:]
+                del norm_s[:], adam_s[:], optim_s[:], norm_reads[:], adam_reads[:]
             _sync()
             start = time.perf_counter()
             ddp.zero_grad_buffer()
@@ -120,6 +124,8 @@ def run(which: str, cfg, warmup: int, steps: int, device: str) -> dict:
         "params": sum(p.numel() for p in model.parameters()),
         "grad_tensors": sum(1 for p in model.parameters() if p.requires_grad),
         "host_reads_per_optimizer_step": reads,
+        "host_reads_grad_norm": norm_reads[-1],
+        "host_reads_adam": sum(adam_reads) // len(step_s),
         "step_ms": step_ms,
         "optimizer_ms": 1e3 * statistics.median(optim_s),
         "grad_norm_ms": 1e3 * statistics.median(norm_s),
@@ -144,10 +150,11 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, overrides)
     rows = {which: run(which, cfg, args.warmup, args.steps, args.device) for which in ("megatron", "foreach")}
     meta = run_metadata(device_arg=args.device)
-    header = ["ops", "grad tensors", "host reads / opt step", "step ms", "optimizer ms", "grad norm ms"]
-    header += ["Adam ms", "optimizer share"]
+    header = ["ops", "grad tensors", "host reads: opt step", "of which grad norm", "of which Adam"]
+    header += ["step ms", "optimizer ms", "grad norm ms", "Adam ms", "optimizer share"]
     table = [
-        [r["ops"], r["grad_tensors"], r["host_reads_per_optimizer_step"], fmt(r["step_ms"], ".1f")]
+        [r["ops"], r["grad_tensors"], r["host_reads_per_optimizer_step"], r["host_reads_grad_norm"]]
+        + [r["host_reads_adam"], fmt(r["step_ms"], ".1f")]
         + [fmt(r["optimizer_ms"], ".2f"), fmt(r["grad_norm_ms"], ".2f"), fmt(r["adam_ms"], ".2f")]
         + [f"{r['optimizer_ms'] / r['step_ms']:.1%}"]
         for r in rows.values()
