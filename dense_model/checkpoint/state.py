@@ -1,5 +1,5 @@
-"""Saving and loading the training state with megatron-core ``dist_checkpointing``: saved at one
-TP/PP layout, loadable at any.
+"""Saving and loading the training state with megatron-core ``dist_checkpointing``: the model
+saved at one TP/PP/EP layout loads at any, the optimizer as its format allows (below).
 
 A checkpoint is written to ``iter_NNNNNNN.tmp`` and renamed into place only when every rank has
 finished; ``latest_checkpointed_iteration.txt`` moves (write + fsync + rename) after that. A save
@@ -269,6 +269,7 @@ def _is_distributed(optimizer) -> bool:
 def _check_dp_reshardable(
     folder: Path, saved_layout: list | None, layout: list[int], distributed: bool
 ) -> None:
+    """A dp_reshardable optimizer state loads into a distributed optimizer at the same PP/TP/EP."""
     names = ["PP", "TP", "DP", "EP", "expert TP"]
     saved = list(saved_layout or [])
     if not distributed:
@@ -325,11 +326,12 @@ def _regroup(loaded: dict, saved_common: dict, optimizer) -> dict:
         )
         inner = _torch_state(state)
         for group, live in zip(inner["param_groups"], sub.optimizer.param_groups, strict=True):
-            twin = next((g for g in saved_groups if all(g.get(k) == live.get(k) for k in hyper)), None)
+            wanted = {k: live.get(k) for k in hyper}
+            twin = next((g for g in saved_groups if all(g.get(k) == v for k, v in wanted.items())), None)
             if twin is None:
                 raise CheckpointError(
-                    f"the checkpoint's optimizer has no param group with { ({k: live.get(k) for k in hyper}) }; "
-                    "it was saved by a run with other optimizer settings"
+                    f"the checkpoint's optimizer has no param group with {wanted}; it was saved by a "
+                    "run with other optimizer settings: resume with those, or load the model only"
                 )
             params = group["params"]
             group.update({k: v for k, v in twin.items() if k != "params"})
