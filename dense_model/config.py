@@ -317,6 +317,10 @@ class CheckpointConfig:
     """Ignore existing checkpoints in the run directory and start from step 0."""
     fully_parallel_save: bool = True
     """Spread the save over data-parallel ranks (dist_checkpointing's fully parallel strategy)."""
+    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """Distributed-optimizer state on disk. dp_reshardable: each rank writes its own shard (no
+    gather), resumable at another DP size but the same TP/PP/EP; fully_reshardable: gathered into
+    per-parameter tensors on save, resumable at any layout (costs the whole state on every rank)."""
 
     def validate(self) -> None:
         positive(self, "checkpoint", "save_interval", "keep_last")

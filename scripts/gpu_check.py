@@ -16,6 +16,8 @@ Parts (``--cpu``: the ones a CPU can run, at tiny sizes; the others are recorded
   bench_act      bench_activations.py at 8192 x 8256 (--cpu: the interpreter smoke run)
   bench_step     bench_train_step.py on the 1B config, 4 layers: swiglu / polynorm fused / unfused,
                  local vs sdpa attention (--cpu: a 1-layer tiny model)
+  optim_step     bench_optimizer_step.py on the 1B config, 4 layers: the optimizer step's share of
+                 the step and its host reads, megatron-core's fallback ops vs ours (--cpu: tiny model)
 """
 
 from __future__ import annotations
@@ -214,17 +216,40 @@ def main(argv=None) -> int:
         step += ["--config", "configs/1b/polynorm.yaml", "--num-layers", "4", "--fit-layers"]
     check.run("bench_step", step)
 
+    optim = [
+        sys.executable,
+        "scripts/bench_optimizer_step.py",
+        "--json",
+        str(out / "bench_optimizer_step.json"),
+    ]
+    if cpu:
+        optim += ["--device", "cpu", "--warmup", "1", "--steps", "2"]
+    else:
+        optim += ["--config", "configs/1b/polynorm.yaml", "model.num_layers=4"]
+    if check.run("optim_step", optim):
+        rows = json.loads((out / "bench_optimizer_step.json").read_text())["results"]
+        check.parts["optim_step"].update(
+            {
+                f"{ops}_{k}": row[k]
+                for ops, row in rows.items()
+                for k in ("host_reads_per_optimizer_step", "step_ms")
+            }
+            | {f"{ops}_optimizer_share": row["optimizer_ms"] / row["step_ms"] for ops, row in rows.items()}
+        )
+
     meta = run_metadata(mode="cpu" if cpu else "gpu", gpus=gpus)
     ok = all(part["status"] == "ok" or part["status"].startswith("skipped") for part in check.parts.values())
     write_json(str(out / "gpu_check.json"), {"meta": meta, "ok": ok, "parts": check.parts})
     rows = [[name, part["status"], part["seconds"], _details(part)] for name, part in check.parts.items()]
     summary = [metadata_lines(meta), "", markdown_table(["part", "status", "seconds", "details"], rows)]
-    for name in ("bench_activations", "bench_train_step"):
+    logs = {
+        "bench_activations": "bench_act",
+        "bench_train_step": "bench_step",
+        "bench_optimizer_step": "optim_step",
+    }
+    for name, log in logs.items():
         if (out / f"{name}.json").exists():
-            summary += [
-                "",
-                f"Details: `{name}.json`, log `logs/{'bench_act' if 'act' in name else 'bench_step'}.log`",
-            ]
+            summary += ["", f"Details: `{name}.json`, log `logs/{log}.log`"]
     (out / "gpu_check.md").write_text("\n".join(summary) + "\n")
     print("\n".join(summary))
     return 0 if ok else 1

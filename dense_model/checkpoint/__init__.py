@@ -2,7 +2,8 @@
 
 - ``layout``: names on disk (Megatron-LM's), the tracker file, metadata, atomic publication.
 - ``state``: save and load of model, optimizer, scheduler and RNG with megatron-core
-  ``dist_checkpointing`` (any TP/PP layout loads any other).
+  ``dist_checkpointing`` (the model at any TP/PP/EP layout, the distributed optimizer's state at
+  another DP size, or at any layout when saved ``fully_reshardable``).
 - ``inference``: a checkpoint loaded for evaluation or export.
 
 The trainer decides only *when* to save (``dense_model.training.pretrain``).

@@ -1,5 +1,5 @@
-"""Saving and loading the training state with megatron-core ``dist_checkpointing``: saved at one
-TP/PP layout, loadable at any.
+"""Saving and loading the training state with megatron-core ``dist_checkpointing``: the model
+saved at one TP/PP/EP layout loads at any, the optimizer as its format allows (below).
 
 A checkpoint is written to ``iter_NNNNNNN.tmp`` and renamed into place only when every rank has
 finished; ``latest_checkpointed_iteration.txt`` moves (write + fsync + rename) after that. A save
@@ -7,8 +7,21 @@ killed midway therefore leaves the previous checkpoint and the pointer to it unt
 leftover ``.tmp`` folder is removed by the next save.
 
 The sharded state holds the model (PolyCom scalars included), the optimizer, and, as common state
-saved once, the iteration, the scheduler, the consumed samples and the config; per-rank RNG states
-are ``ShardedObject``s (restored when the layout is unchanged).
+saved once, the iteration, the scheduler, the consumed samples, the parallel layout and the config;
+per-rank RNG states are ``ShardedObject``s (restored when the layout is unchanged).
+
+The distributed optimizer's state is written in ``checkpoint.optimizer_format`` (megatron-core's
+names, recorded as the checkpoint's content metadata):
+
+- ``dp_reshardable`` (default, as Megatron-LM's): every rank writes its own flat shard, nothing is
+  gathered; loads at another DP size, but only at the same TP/PP/EP (checked, with the fix named).
+- ``fully_reshardable``: the shards are gathered into per-parameter tensors on every rank of the
+  DP group before the save; loads at any layout.
+
+Each load decides from the saved layout: unchanged, ranks share the reading (megatron-core's fully
+parallel load) and exchange what they read; changed, every rank reads what it needs itself.
+A checkpoint saved at EP>1 holds the optimizer as one state per chained optimizer (dense, experts)
+and one at EP=1 (experts are dense there): the param groups are regrouped on load.
 
 megatron-core is imported inside the functions: importing it costs seconds and prints warnings that
 ``dense_model.compat.quiet`` filters only once a job has started.
@@ -24,11 +37,31 @@ import torch
 import torch.distributed as dist
 
 from dense_model import collectives
-from dense_model.checkpoint.layout import iteration_dir, publish, resolve_checkpoint, write_metadata
+from dense_model.checkpoint.layout import (
+    CheckpointError,
+    iteration_dir,
+    publish,
+    resolve_checkpoint,
+    write_metadata,
+)
 
-# The distributed optimizer's state in a layout any TP/PP/DP can load (megatron-core 0.16 refuses
-# its default "fully_sharded_model_space" format: flattened_range is no longer supported).
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+# What a distributed optimizer requests from a checkpoint that names no format: one written before
+# the format was a setting, or by a non-distributed optimizer (per-parameter tensors either way).
+# (megatron-core 0.16 refuses its own default, "fully_sharded_model_space": no flattened_range.)
+RESHARDABLE_FORMAT = "fully_reshardable"
+# Layout entries (see _layout) a dp_reshardable optimizer state must find unchanged: all but DP.
+_DP = 2
+
+
+def optimizer_metadata(optimizer, optimizer_format: str) -> dict:
+    """The ``metadata`` megatron-core's ``sharded_state_dict`` takes; also saved as content metadata.
+    Without the chained-optimizer prefix, per-parameter state keys do not depend on EP; the format
+    is named only for a distributed optimizer (megatron's ChainedOptimizer prefixes every chained
+    optimizer's keys when a non-reshardable one is named, distributed or not)."""
+    metadata = {"chained_optim_avoid_prefix": True}
+    if _is_distributed(optimizer):
+        metadata["distrib_optim_sharding_type"] = optimizer_format
+    return metadata
 
 
 def _rank() -> int:
@@ -67,12 +100,15 @@ def _rng_state_object():
 
 
 def _layout() -> list[int]:
+    """[PP, TP, DP, EP, expert TP] of this job (checkpoints before EP was recorded hold three)."""
     from megatron.core import parallel_state as ps
 
     return [
         ps.get_pipeline_model_parallel_world_size(),
         ps.get_tensor_model_parallel_world_size(),
         ps.get_data_parallel_world_size(),
+        ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_tensor_parallel_world_size(),
     ]
 
 
@@ -114,12 +150,16 @@ def save_checkpoint(
         "layout": _layout(),
         "rng_state": _rng_state_object(),
     }
+    metadata = {}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA)
+        metadata = optimizer_metadata(optimizer, cfg.checkpoint.optimizer_format)
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, metadata=metadata)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     state.update(extra or {})
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(fully_parallel))
+    dist_checkpointing.save(
+        state, str(tmp), sharded_strategy=_save_strategy(fully_parallel), content_metadata=metadata
+    )
     _barrier()
 
     if _rank() == 0:
@@ -166,26 +206,140 @@ def load_checkpoint(
 
     folder = resolve_checkpoint(folder)
     common = dist_checkpointing.load_common_state_dict(str(folder))
-    same_layout = common.get("layout") == _layout()
+    saved_layout, layout = common.get("layout"), _layout()
+    same_layout = saved_layout == layout
     model_state = _unwrap(model).sharded_state_dict()
     request = {"model": model_state}
     if optimizer is not None:
+        content = dist_checkpointing.load_content_metadata(str(folder)) or {}
+        optimizer_format = content.get("distrib_optim_sharding_type", RESHARDABLE_FORMAT)
+        if optimizer_format == "dp_reshardable":
+            _check_dp_reshardable(folder, saved_layout, layout, _is_distributed(optimizer))
         prepare_optimizer_for_load(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(
-            model_state, is_loading=True, metadata=OPTIMIZER_METADATA
+            model_state, is_loading=True, metadata=optimizer_metadata(optimizer, optimizer_format)
         )
     if load_rng and same_layout:
         request["rng_state"] = _rng_state_object()
-    loaded = dist_checkpointing.load(request, str(folder))
+    loaded = dist_checkpointing.load(
+        request, str(folder), sharded_strategy=_load_strategy(folder, same_layout)
+    )
     _unwrap(model).load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        optimizer_state = _regroup(loaded["optimizer"], common.get("optimizer", {}), optimizer)
+        # no_grad: megatron-core 0.16.1 copies dp_reshardable state into the main params without
+        # it; in fp32 those are views of the model's leaf parameters (an in-place autograd error).
+        with torch.no_grad():
+            optimizer.load_state_dict(optimizer_state)
         finish_optimizer_load(optimizer)
     if scheduler is not None and "scheduler" in loaded:
         scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in request:
         _restore_rng(loaded["rng_state"])
     return loaded
+
+
+def _load_strategy(folder: Path, same_layout: bool):
+    """Fully parallel load at an unchanged layout: each data-parallel replica reads a share of the
+    tensors replicated over DP and they exchange them (megatron-core's FullyParallelLoadStrategyWrapper).
+    At a changed layout, the default loader: each rank reads what its new shards need."""
+    if not same_layout or not dist.is_initialized():
+        return None
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    if ps.get_data_parallel_world_size() == 1:
+        return None
+    return FullyParallelLoadStrategyWrapper(
+        get_default_load_sharded_strategy(str(folder)), ps.get_data_parallel_group(with_context_parallel=True)
+    )
+
+
+def _sub_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(opt, DistributedOptimizer) for opt in _sub_optimizers(optimizer))
+
+
+def _check_dp_reshardable(
+    folder: Path, saved_layout: list | None, layout: list[int], distributed: bool
+) -> None:
+    """A dp_reshardable optimizer state loads into a distributed optimizer at the same PP/TP/EP."""
+    names = ["PP", "TP", "DP", "EP", "expert TP"]
+    saved = list(saved_layout or [])
+    if not distributed:
+        raise CheckpointError(
+            f"{folder}: its optimizer state is the distributed optimizer's (dp_reshardable); resume "
+            "with parallel.use_distributed_optimizer=true"
+        )
+    if saved[:_DP] + saved[_DP + 1 :] != layout[:_DP] + layout[_DP + 1 :]:
+        raise CheckpointError(
+            f"{folder}: its distributed-optimizer state is dp_reshardable, saved at "
+            f"{dict(zip(names, saved, strict=False))}, and loads only at the same PP/TP/EP (this job: "
+            f"{dict(zip(names, layout, strict=True))}); resume it at its own layout and save again with "
+            "checkpoint.optimizer_format=fully_reshardable, then change the layout"
+        )
+
+
+def _torch_state(state: dict) -> dict:
+    """The torch-optimizer part (param_groups, state) of one megatron optimizer's state dict."""
+    return state["optimizer"] if "optimizer" in state else state
+
+
+def _per_optimizer(state: dict, count: int) -> list[dict]:
+    """A (Chained)Optimizer state dict -> one state dict per chained optimizer: a chain of one
+    saves its optimizer's dict as is, a longer chain one entry per optimizer under 0, 1, ..."""
+    return [state] if count == 1 else [state[i] for i in range(count)]
+
+
+def _regroup(loaded: dict, saved_common: dict, optimizer) -> dict:
+    """The loaded optimizer state dict in the shape of this job's optimizer.
+
+    At EP>1 megatron-core gives the expert parameters optimizers of their own (a ChainedOptimizer
+    of two), at EP=1 they join the dense parameters' groups. The per-parameter tensors are keyed by
+    parameter (no chain prefix) and load at any EP; only the common part, the param groups'
+    hyperparameters and the shared Adam step, is laid out per optimizer. When the saved chain has
+    another length, each group of this job takes the hyperparameters of the saved group with the
+    same (wd_mult, lr_mult, is_decoupled_lr), and every optimizer the saved step."""
+    subs = _sub_optimizers(optimizer)
+    saved_count = max(1, sum(isinstance(k, int) for k in saved_common))
+    if saved_count == len(subs):
+        return loaded
+    saved_groups = [
+        group for s in _per_optimizer(saved_common, saved_count) for group in _torch_state(s)["param_groups"]
+    ]
+    steps = [
+        _torch_state(s)["state"]["common_step"]
+        for s in _per_optimizer(saved_common, saved_count)
+        if "common_step" in _torch_state(s).get("state", {})
+    ]
+    hyper = ("wd_mult", "lr_mult", "is_decoupled_lr")
+    regrouped = []
+    for index, sub in enumerate(subs):
+        state = (
+            loaded[index] if len(subs) > 1 else {k: v for k, v in loaded.items() if not isinstance(k, int)}
+        )
+        inner = _torch_state(state)
+        for group, live in zip(inner["param_groups"], sub.optimizer.param_groups, strict=True):
+            wanted = {k: live.get(k) for k in hyper}
+            twin = next((g for g in saved_groups if all(g.get(k) == v for k, v in wanted.items())), None)
+            if twin is None:
+                raise CheckpointError(
+                    f"the checkpoint's optimizer has no param group with {wanted}; it was saved by a "
+                    "run with other optimizer settings: resume with those, or load the model only"
+                )
+            params = group["params"]
+            group.update({k: v for k, v in twin.items() if k != "params"})
+            group.update(params=params, is_expert_parallel=live["is_expert_parallel"])
+        if steps:
+            inner.setdefault("state", {})["common_step"] = steps[0]
+        regrouped.append(state)
+    return regrouped[0] if len(subs) == 1 else dict(enumerate(regrouped))
 
 
 def _restore_rng(state: dict) -> None:
@@ -201,10 +355,12 @@ def prepare_optimizer_for_load(optimizer) -> None:
     """Work around megatron-core 0.16.1's distributed optimizer load without Apex/TE.
 
     There, torch's Adam keeps a per-parameter "step": ``DistributedOptimizer.state_dict()`` reads it
-    from every state (but a fresh optimizer has none), and the fully-reshardable loader copies
-    every state key from the checkpoint except "step" (KeyError). We give a fresh optimizer its
-    state tensors, step included, and let the loader copy "step" onto itself; the real step is
-    restored from the checkpoint's param groups. A no-op with Apex/TE (fused Adam, no "step").
+    from every state (but a fresh optimizer has none), and the loaders copy every state key into
+    the live state: the fully-reshardable one has no "step" to copy (KeyError), the dp-reshardable
+    one copies the step this (fresh) optimizer had when the load was requested, which would put
+    Adam's bias correction back to step 0. We give a fresh optimizer its state tensors, step
+    included, and have the loader copy the live "step" onto itself: the real step is restored from
+    the checkpoint's param groups before. A no-op with Apex/TE (fused Adam, no "step").
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
@@ -222,11 +378,10 @@ def prepare_optimizer_for_load(optimizer) -> None:
             continue
 
         def keep_step(model_param, tensors, _setter=setter, _opt=opt):
-            if "step" not in tensors:
-                group_index, order = _opt.model_param_group_index_map[model_param]
-                main = _opt.optimizer.param_groups[group_index]["params"][order]
-                if "step" in _opt.optimizer.state[main]:
-                    tensors = {**tensors, "step": _opt.optimizer.state[main]["step"]}
+            group_index, order = _opt.model_param_group_index_map[model_param]
+            main = _opt.optimizer.param_groups[group_index]["params"][order]
+            if "step" in _opt.optimizer.state[main]:
+                tensors = {**tensors, "step": _opt.optimizer.state[main]["step"]}
             return _setter(model_param, tensors)
 
         keep_step._keeps_step = True

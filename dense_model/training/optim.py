@@ -1,7 +1,8 @@
 """Optimizer, LR schedule and data-parallel wrapper from megatron-core, configured from our config.
 
 AdamW through ``get_megatron_optimizer`` (no weight decay on 1-D parameters and biases: norms and
-the PolyCom scalars), optionally the distributed optimizer; ``OptimizerParamScheduler`` for linear
+the PolyCom scalars), optionally the distributed optimizer; without TE/apex its gradient norm and
+scale run on torch's foreach kernels (``dense_model.compat.multi_tensor``); ``OptimizerParamScheduler`` for linear
 warmup then cosine (or linear/constant) decay to ``min_lr``; megatron ``DistributedDataParallel``.
 """
 
@@ -53,6 +54,10 @@ def wrap_ddp(model, cfg: Config):
 
 def build_optimizer(model_chunks, cfg: Config):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from dense_model.compat import multi_tensor
+
+    multi_tensor.install()  # the gradient norm without a host sync per tensor (no TE/apex)
 
     t = cfg.training
     bf16 = bool(model_chunks[0].config.bf16)

@@ -28,7 +28,7 @@ def test_gpu_check_cpu_parts(tmp_path):
     parts = blob["parts"]
     assert blob["ok"] and blob["meta"]["mode"] == "cpu"
     ran = {name for name, part in parts.items() if part["status"] == "ok"}
-    assert ran == {"demo_fp32", "kill_resume", "lm_eval", "bench_act", "bench_step"}
+    assert ran == {"demo_fp32", "kill_resume", "lm_eval", "bench_act", "bench_step", "optim_step"}
     assert all(parts[name]["status"].startswith("skipped") for name in parts.keys() - ran)
     assert parts["demo_fp32"]["max_rel_diff_vs_cpu"] < 1e-4  # same machine type: the golden losses
     assert (
@@ -41,5 +41,7 @@ def test_gpu_check_cpu_parts(tmp_path):
         for attention in ("DotProductAttention", "SDPAttention")
     }
     assert json.loads((out / "bench_activations.json").read_text())["results"]
+    optim = parts["optim_step"]  # megatron-core's fallback reads one value per gradient tensor
+    assert optim["foreach_host_reads_per_optimizer_step"] < optim["megatron_host_reads_per_optimizer_step"]
     summary = (out / "gpu_check.md").read_text()
     assert "| kill_resume | ok |" in summary and "| kernels | skipped" in summary

@@ -229,7 +229,9 @@ def test_overlap_param_gather_saves_the_updated_weights(tiny_config, tmp_path):
 
 
 def test_checkpoint_saved_at_tp2_loads_at_tp1_with_same_validation_loss(tiny_config):
-    config, run_dir = tiny_config("reshard")
+    """A TP change needs the optimizer state saved fully_reshardable (dp_reshardable, the default,
+    reshards only over DP: tests/training/test_checkpoint_format.py)."""
+    config, run_dir = tiny_config("reshard", "checkpoint.optimizer_format=fully_reshardable")
     run_ok(config, "training.train_iters=6", "parallel.tensor_model_parallel_size=2", nproc=2)
     _, valid_tp2 = read_metrics(run_dir)
     out = run_ok(config, "training.train_iters=6", "parallel.tensor_model_parallel_size=1")

@@ -1,5 +1,5 @@
 """MoE training end to end, as real torchrun jobs: loss falls, router metrics logged, exact resume
-after SIGKILL, EP=2 losses equal one process's; an EP=2 checkpoint resuming at EP=1 (open, xfail)."""
+after SIGKILL, EP=2 losses equal one process's; an EP=2 checkpoint resumes at EP=1."""
 
 import json
 
@@ -63,11 +63,6 @@ def test_ep2_matches_single_process(tiny_config):
         assert losses[step] == pytest.approx(single[step], rel=1e-5), step
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: megatron-core 0.16.1 keeps expert parameters in their own optimizer param groups "
-    "at EP>1; resuming the optimizer at EP=1 fails in load_state_dict (KeyError 'pre_wd_mult')",
-)
 def test_ep2_checkpoint_loads_at_ep1_with_same_validation_loss(tiny_config):
     config, run_dir = tiny_config("reshard", *MOE)
     six = ["training.train_iters=6"]
