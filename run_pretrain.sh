@@ -52,6 +52,10 @@ first_slurm_host() {
 NNODES="${NNODES:-${SLURM_NNODES:-1}}"
 NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
 MASTER_ADDR="${MASTER_ADDR:-$(first_slurm_host)}"
+if [[ -z "${MASTER_PORT:-}" && "$NNODES" == 1 ]]; then
+    # One node: a free port, so that two jobs on one machine (or a test run in parallel) never meet.
+    MASTER_PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+fi
 MASTER_PORT="${MASTER_PORT:-29500}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-$(detect_gpus)}"
 
