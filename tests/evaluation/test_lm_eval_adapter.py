@@ -446,3 +446,21 @@ def test_adapter_builds_the_model_in_the_dtype_asked_for(checkpoint):
     r = json.loads((checkpoint / "dtype.json").read_text())
     assert r["bf16"] and r["params_dtype"] == "torch.bfloat16" and r["weights"] == ["torch.bfloat16"]
     assert r["score"] < 0
+
+
+def test_local_tasks_skip_indexing_the_built_in_ones():
+    """Tasks all found under --include_path: lm-eval's run indexes that folder alone; a built-in
+    name among them (or no --include_path) leaves lm-eval's full index in place."""
+    import lm_eval.tasks
+
+    from dense_model.evaluation.run import _task_index_of
+
+    full, folder = lm_eval.tasks.TaskManager, str(REPO / "examples/lm_eval_tasks")
+    with _task_index_of(["tiny_python_mc,tiny_python_ppl"], folder):
+        local = lm_eval.tasks.TaskManager(include_path=folder)
+        assert {"tiny_python_mc", "tiny_python_ppl"} <= set(local.all_tasks)
+        assert "hellaswag" not in local.all_tasks and len(local.all_tasks) < 10
+    assert lm_eval.tasks.TaskManager is full
+    for tasks, include in (("tiny_python_mc,hellaswag", folder), ("tiny_python_mc", None)):
+        with _task_index_of(tasks, include):
+            assert lm_eval.tasks.TaskManager is full
