@@ -36,8 +36,10 @@ def mmap_dataset(tmp_path_factory, spm_model):
 
 
 # The files with the longest tests (`pytest --durations`, 2-core machine, 2026-12-02): run first.
-# The suite is spread over the cores by file (pytest-xdist --dist loadfile); a 5-minute file handed
-# out last would run alone at the end. Only the order changes: a stale list costs time, not tests.
+# The suite is spread over the cores by file (pytest-xdist --dist loadfile, in this order with
+# --no-loadscope-reorder; xdist's own order puts files with many tests first, so these one-test
+# 5-minute files came last and ran alone at the end). Only the order changes: a stale list costs
+# time, not tests.
 LONGEST_FIRST = (
     "tests/test_run_pretrain_demo.py",
     "tests/studies/test_run_study.py",
