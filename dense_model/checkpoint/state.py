@@ -310,14 +310,9 @@ def _regroup(loaded: dict, saved_common: dict, optimizer) -> dict:
     saved_count = max(1, sum(isinstance(k, int) for k in saved_common))
     if saved_count == len(subs):
         return loaded
-    saved_groups = [
-        group for s in _per_optimizer(saved_common, saved_count) for group in _torch_state(s)["param_groups"]
-    ]
-    steps = [
-        _torch_state(s)["state"]["common_step"]
-        for s in _per_optimizer(saved_common, saved_count)
-        if "common_step" in _torch_state(s).get("state", {})
-    ]
+    saved = [_torch_state(s) for s in _per_optimizer(saved_common, saved_count)]
+    saved_groups = [group for s in saved for group in s["param_groups"]]
+    steps = [s["state"]["common_step"] for s in saved if "common_step" in s.get("state", {})]
     hyper = ("wd_mult", "lr_mult", "is_decoupled_lr")
     regrouped = []
     for index, sub in enumerate(subs):
