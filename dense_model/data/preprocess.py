@@ -530,7 +530,7 @@ def _shard_is_intact(work_dir: str, result: dict, published: set[tuple[str | Non
 # worker processes
 
 
-def _worker_main(wid: int, parent_pid: int, ctx_args: dict, tasks, results) -> None:
+def _worker_main(wid: int, parent_pid: int, ctx_args: dict, pending, taken, results) -> None:
     if not die_with_parent(parent_pid):  # the parent died before we asked
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
@@ -540,10 +540,13 @@ def _worker_main(wid: int, parent_pid: int, ctx_args: dict, tasks, results) -> N
         tokenizer = build_tokenizer(ctx_args.pop("tokenizer_type"), ctx_args.pop("tokenizer_model"))
         ctx = ShardContext(tokenizer=tokenizer, **ctx_args)
         while True:
-            spec = tasks.get()
-            if spec is None:
+            with taken.get_lock():  # the next shard nobody took yet
+                n = taken.value
+                taken.value += 1
+            if n >= len(pending):
                 results.put(("exit", wid))
                 return
+            spec = pending[n]
             current = spec.id
             results.put(("start", wid, spec.id))
             result = process_shard(spec, ctx, lambda *counts: results.put(("progress", wid, *counts)))
@@ -610,25 +613,29 @@ class _Progress:
             self.bar.close()
 
 
+def start_method() -> str:
+    """How worker processes start: "fork" (in milliseconds; spawn re-imports numpy and the tokenizer,
+    ~0.2 s of CPU each, 5% of a 2-core run on 40 MB) where it is safe, on Linux while this process
+    runs no other thread; else "spawn". Workers then see this module as imported afresh: whatever a
+    caller patched in this process reaches them only with fork."""
+    return "fork" if sys.platform == "linux" and threading.active_count() == 1 else "spawn"
+
+
 def _run_pool(
     pending: list[ShardSpec], workers: int, ctx_args: dict, progress: _Progress, on_start, on_done
 ) -> None:
-    # fork starts a worker in milliseconds (spawn re-imports numpy and the tokenizer: ~0.2 s of CPU
-    # each, 5% of a 2-core run on 40 MB); it is safe only while this process has no other thread.
-    method = "fork" if sys.platform == "linux" and threading.active_count() == 1 else "spawn"
-    mp = multiprocessing.get_context(method)
-    tasks, results = mp.Queue(), mp.Queue()
+    mp = multiprocessing.get_context(start_method())
+    # The shards go to every worker with its arguments; a shared counter hands them out. (A task queue
+    # would leave a feeder thread in this process, after which a later pool could no longer fork.)
+    taken, results = mp.Value("l", 0), mp.Queue()
     procs = [
-        mp.Process(target=_worker_main, args=(i, os.getpid(), dict(ctx_args), tasks, results), daemon=True)
+        mp.Process(
+            target=_worker_main, args=(i, os.getpid(), dict(ctx_args), pending, taken, results), daemon=True
+        )
         for i in range(workers)
     ]
     for p in procs:
         p.start()
-    # Only now feed the queue: put() starts a feeder thread, and the workers were forked without it.
-    for spec in pending:
-        tasks.put(spec)
-    for _ in range(workers):
-        tasks.put(None)
     progress.begin()
     on_start()  # may start threads: the workers are forked
     current: dict[int, str] = {}
@@ -670,7 +677,6 @@ def _run_pool(
                 p.terminate()
         for p in procs:
             p.join(timeout=10)
-        tasks.cancel_join_thread()
         results.cancel_join_thread()
 
 

@@ -329,6 +329,9 @@ def test_layout_subsets_merge_while_other_subsets_tokenise(
         return tokenise(spec, ctx, report)
 
     monkeypatch.setattr(pp, "process_shard", process_shard)
+    # The patch reaches worker processes only if they are forked: say so, whatever threads other
+    # tests left in this process (with one, the pool would spawn them).
+    monkeypatch.setattr(pp, "start_method", lambda: "fork")
     cfg = _cfg(
         spm_model,
         str(root),
@@ -523,3 +526,28 @@ def test_progress_lines_count_input_as_stored_and_characters_tokenised(tmp_path,
     assert len(merging) == summary.shards == 3
     token_mb = summary.tokens * 2 / 1e6  # uint16 tokens
     assert f"{token_mb:,.1f} of the {token_mb:,.1f} MB ready so far merged" in merging[-1]
+
+
+def test_worker_pool_leaves_no_thread_behind_and_spawns_beside_other_threads(tmp_path, spm_model, corpora, texts):
+    import threading
+
+    import dense_model.data.preprocess as pp
+
+    before = set(threading.enumerate())
+    preprocess(_cfg(spm_model, corpora["zst"], tmp_path / "o", workers=2), log=None)
+    bad = _jsonl_with_bad_line(tmp_path, texts, 60, "oops")
+    with pytest.raises(BadLineError) as failed:  # a run that fails keeps its frames alive in the error
+        preprocess(_cfg(spm_model, bad, tmp_path / "b", strict=True, workers=2, shard_size_mb=0.004), log=None)
+    assert set(threading.enumerate()) == before, "a thread of the run outlives it (later pools cannot fork)"
+    assert failed.value.line == 61
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert pp.start_method() == "spawn", "fork beside another thread may copy a held lock"
+    finally:
+        stop.set()
+        other.join()
+    if threading.active_count() == 1:
+        assert pp.start_method() == ("fork" if sys.platform == "linux" else "spawn")
