@@ -328,10 +328,10 @@ def test_layout_subsets_merge_while_other_subsets_tokenise(
                 gave_up.touch()
         return tokenise(spec, ctx, report)
 
-    monkeypatch.setattr(pp, "process_shard", process_shard)
+    monkeypatch.setattr("dense_model.data.preprocess.shard.process_shard", process_shard)
     # The patch reaches worker processes only if they are forked: say so, whatever threads other
     # tests left in this process (with one, the pool would spawn them).
-    monkeypatch.setattr(pp, "start_method", lambda: "fork")
+    monkeypatch.setattr("dense_model.data.preprocess.pool.start_method", lambda: "fork")
     cfg = _cfg(
         spm_model,
         str(root),
@@ -368,7 +368,7 @@ def test_shards_are_tokenised_largest_first_and_by_subset_with_layout_subsets(
         seen.append((spec.path_subset, spec.input_bytes))
         return tokenise(spec, ctx, report)
 
-    monkeypatch.setattr(pp, "process_shard", process_shard)
+    monkeypatch.setattr("dense_model.data.preprocess.shard.process_shard", process_shard)
     # 0.02 MB shards: the files' last byte ranges are shorter than the others.
     preprocess(_cfg(spm_model, str(root), tmp_path / "a", shard_size_mb=0.02), log=None)
     sizes = [n for _, n in seen]

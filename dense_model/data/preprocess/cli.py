@@ -1,0 +1,160 @@
+"""Tokenise RedPajama-style JSON lines into Megatron mmap datasets (.bin/.idx).
+
+Drop-in for Megatron-LM's tools/preprocess_data.py (same flags, same PREFIX_{key}_document names),
+plus zstd/gzip input, resume after a crash, bad-line skipping, and per-subset datasets with a blend:
+
+    python toolkits/pretrain_data_preprocessing/preprocess_data.py \\
+        --input /data/RedPajama-1T --output-prefix /data/tokens/red \\
+        --tokenizer-type sentencepiece --tokenizer-model tokenizer.model \\
+        --append-eod --workers 16 --split-by-subset
+
+Input may also be Parquet files, Arrow files / `save_to_disk` folders, or a Hugging Face dataset
+from the local cache (`--hf-dataset NAME --hf-split train`). On a cluster, run the same command as
+N tasks (`--task-index I --num-tasks N`, or a SLURM job array): each tokenises its share, the last
+one merges (see scripts/slurm/preprocess_array.sbatch).
+
+Rerun the same command after a crash or Ctrl-C: finished shards are kept, the rest is redone.
+The logic lives in dense_model/data/preprocess/ (this is its command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = p.add_argument_group("input")
+    g.add_argument(
+        "--input",
+        nargs="+",
+        default=[],
+        help="files, folders (recursive) or globs of .jsonl/.json (optionally .zst/.gz compressed), "
+        ".parquet, or .arrow (a datasets save_to_disk folder or cache)",
+    )
+    g.add_argument("--hf-dataset", help="a Hugging Face dataset name, read offline from the local cache")
+    g.add_argument("--hf-split", default="train", help="the split of --hf-dataset")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenise; one dataset per key")
+    g.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True, help="sentencepiece or huggingface")
+    g.add_argument(
+        "--tokenizer-model",
+        required=True,
+        help="SentencePiece .model file, or a local Hugging Face folder / tokenizer.json",
+    )
+    g.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
+    g.add_argument(
+        "--split-by-subset",
+        action="store_true",
+        help="one dataset per RedPajama subset (from red_pajama_subset, meta or the folder name) "
+        "and PREFIX_blend.json for training",
+    )
+    g.add_argument(
+        "--subset-from",
+        choices=["record", "layout"],
+        default="record",
+        help="with --split-by-subset: record (red_pajama_subset/meta fields, else the folder) or layout "
+        "(the folder or file name alone, RedPajama's download layout: each subset is then merged, and "
+        "its shards deleted, as soon as its files are tokenised)",
+    )
+    g.add_argument(
+        "--blend-weighting",
+        choices=["tokens", "redpajama"],
+        default="tokens",
+        help="blend weights: the token counts found, or RedPajama-1T's proportions",
+    )
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="worker processes")
+    g.add_argument(
+        "--shard-size-mb",
+        type=float,
+        default=None,
+        help="cut plain files into shards of this size (default: total/128 within 0.25..256 MB); "
+        "a compressed file is always one shard, so give several files to use several workers",
+    )
+    g.add_argument("--restart", action="store_true", help="discard the shards of an earlier unfinished run")
+    g.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
+    g.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (it is off without a terminal)"
+    )
+    g.add_argument(
+        "--task-index",
+        type=int,
+        default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)),
+        help="this task's share of the work when N tasks run the same command (default: SLURM_ARRAY_TASK_ID)",
+    )
+    g.add_argument(
+        "--num-tasks",
+        type=int,
+        default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
+        help="how many tasks share the work (default: SLURM_ARRAY_TASK_COUNT); the last to finish merges",
+    )
+    g.add_argument(
+        "--merge-only", action="store_true", help="tokenise nothing; merge once every task's shards are done"
+    )
+    g.add_argument(
+        "--debug-batch-delay",
+        type=float,
+        default=0.0,
+        help="debugging: seconds to sleep after each encoded batch and merged output (to watch or "
+        "interrupt a slow run)",
+    )
+    g.add_argument(
+        "--log-interval",
+        type=float,
+        default=60.0,
+        help="seconds between progress lines when there is no progress bar",
+    )
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    if not args.input and not args.hf_dataset:
+        p.error("give --input or --hf-dataset")
+    return args
+
+
+def main(argv=None) -> int:
+    from dense_model.data.jsonl import BadLineError
+    from dense_model.data.preprocess.config import NoDocumentsError, PreprocessConfig, ResumeError
+    from dense_model.data.preprocess.run import preprocess
+
+    args = parse_args(argv)
+    cfg = PreprocessConfig(
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        tokenizer_type=args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model,
+        json_keys=args.json_keys,
+        append_eod=args.append_eod,
+        workers=args.workers,
+        split_by_subset=args.split_by_subset,
+        subset_from=args.subset_from,
+        blend_weighting=args.blend_weighting,
+        strict=args.strict,
+        shard_size_mb=args.shard_size_mb,
+        progress=False if args.no_progress else None,
+        restart=args.restart,
+        keep_shards=args.keep_shards,
+        log_interval=args.log_interval,
+        hf_dataset=args.hf_dataset,
+        hf_split=args.hf_split,
+        task_index=args.task_index,
+        num_tasks=args.num_tasks,
+        merge_only=args.merge_only,
+        batch_delay=args.debug_batch_delay,
+    )
+    try:
+        preprocess(cfg)
+    except KeyboardInterrupt:
+        return 130
+    except (BadLineError, NoDocumentsError, ResumeError, ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
