@@ -7,7 +7,7 @@ Map of the package:
 | `tokenizers` | `build_tokenizer("sentencepiece" or "huggingface", path)`: encode/decode, eod/pad, megatron-ready |
 | `jsonl` | input discovery (files, folders, globs), plain/zstd/gzip readers, bad-line accounting, subsets |
 | `indexed` | the .idx layout: write a shard index, read a header, stream-merge datasets (`merge_datasets`) |
-| `preprocess` | the preprocessing run: shards, worker processes, resume, atomic outputs, summary |
+| `preprocess/` | the preprocessing run, a module per stage: plan, shard, pool, workdir and claims, merge, run, cli |
 | `blend` | the blend file (`PREFIX_blend.json`): write, `load_blend`, RedPajama-1T proportions |
 | `gpt_dataset` | `build_gpt_datasets(...)`: megatron-core `BlendedMegatronDatasetBuilder` over GPTDataset |
 | `inspect` | `inspect_dataset(prefix)`: counts, dtype, decoded samples, .bin/.idx consistency |

@@ -358,6 +358,12 @@ def merge_datasets(
                 copied = copy_into(out, prefix + ".bin")
                 if on_copied is not None:
                     on_copied(copied)
+            # Whichever way the bytes went (copy_file_range or the copyfileobj fallback), all of them.
+            expected_bytes = sum(os.path.getsize(prefix + ".bin") for prefix in input_prefixes)
+            if out.tell() != expected_bytes:
+                raise OSError(
+                    f"{bin_tmp}: {out.tell():,} bytes written of the inputs' {expected_bytes:,} (disk full?)"
+                )
             os.fsync(out.fileno())
         tokens = 0
         with open(idx_tmp, "wb", buffering=16 << 20) as out:

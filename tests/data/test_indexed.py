@@ -113,3 +113,31 @@ def test_truncated_index_is_reported(tmp_path):
         f.truncate(60)
     with pytest.raises(ValueError, match="truncated index"):
         read_index_header(p + ".idx")
+
+
+def test_merge_through_the_copyfileobj_fallback_checks_the_merged_size(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    import dense_model.data.indexed as indexed
+
+    prefixes = []
+    for i, n in enumerate((5, 9)):
+        prefixes.append(str(tmp_path / f"part{i}"))
+        _write(prefixes[-1], _docs(i, n, 500))
+    merge_datasets(prefixes, str(tmp_path / "kernel"))
+
+    def refused(*_args):  # as on a filesystem without copy_file_range between these files
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(indexed.os, "copy_file_range", refused)
+    merge_datasets(prefixes, str(tmp_path / "fallback"))
+    assert _bytes(str(tmp_path / "fallback")) == _bytes(str(tmp_path / "kernel"))
+
+    def short(src, dst, length):  # a copy that stops early (a full disk the write did not report)
+        dst.write(src.read()[:-2])
+
+    monkeypatch.setattr(shutil, "copyfileobj", short)
+    with pytest.raises(OSError, match="bytes written of the inputs"):
+        merge_datasets(prefixes, str(tmp_path / "short"))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("short")], "nothing published, no temporary"

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,9 +21,7 @@ from dense_model.data.preprocess import (
     preprocess,
 )
 from tests.data.helpers import preprocess_config, wait_for_done_shards
-
-REPO = Path(__file__).resolve().parents[2]
-CLI = REPO / "toolkits" / "pretrain_data_preprocessing" / "preprocess_data.py"
+from tests.data.helpers import run_cli as _run_cli
 
 
 def _cfg(spm_model, inputs, prefix, **kw) -> PreprocessConfig:
@@ -148,18 +145,6 @@ def test_strict_line_number_inside_a_later_byte_range(tmp_path, spm_model, texts
     with pytest.raises(BadLineError) as info:
         preprocess(_cfg(spm_model, path, tmp_path / "o", strict=True, shard_size_mb=0.004), log=None)
     assert (info.value.line, info.value.reason) == (88, "not_string")
-
-
-def _run_cli(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
-    return subprocess.Popen(
-        [sys.executable, str(CLI), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
 
 
 @pytest.mark.slow
@@ -528,7 +513,9 @@ def test_progress_lines_count_input_as_stored_and_characters_tokenised(tmp_path,
     assert f"{token_mb:,.1f} of the {token_mb:,.1f} MB ready so far merged" in merging[-1]
 
 
-def test_worker_pool_leaves_no_thread_behind_and_spawns_beside_other_threads(tmp_path, spm_model, corpora, texts):
+def test_worker_pool_leaves_no_thread_behind_and_spawns_beside_other_threads(
+    tmp_path, spm_model, corpora, texts
+):
     import threading
 
     import dense_model.data.preprocess as pp
@@ -537,7 +524,9 @@ def test_worker_pool_leaves_no_thread_behind_and_spawns_beside_other_threads(tmp
     preprocess(_cfg(spm_model, corpora["zst"], tmp_path / "o", workers=2), log=None)
     bad = _jsonl_with_bad_line(tmp_path, texts, 60, "oops")
     with pytest.raises(BadLineError) as failed:  # a run that fails keeps its frames alive in the error
-        preprocess(_cfg(spm_model, bad, tmp_path / "b", strict=True, workers=2, shard_size_mb=0.004), log=None)
+        preprocess(
+            _cfg(spm_model, bad, tmp_path / "b", strict=True, workers=2, shard_size_mb=0.004), log=None
+        )
     assert set(threading.enumerate()) == before, "a thread of the run outlives it (later pools cannot fork)"
     assert failed.value.line == 61
 

@@ -3,6 +3,7 @@ a stand-in `srun`): tasks in any order, one SIGKILLed and requeued, give the byt
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dense_model.data.preprocess import PreprocessConfig, _claim_merge, preprocess
+from dense_model.data.preprocess.claims import ClaimError
 from tests.data.helpers import wait_for_done_shards
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,4 +119,19 @@ def test_only_one_task_claims_the_merge(tmp_path):
     assert not _claim_merge(str(tmp_path), cfg(0))
     assert not _claim_merge(str(tmp_path), cfg(1))
     assert _claim_merge(str(tmp_path), cfg(2)), "the claimant, requeued, takes its merge up again"
-    assert _claim_merge(str(tmp_path), cfg(0, merge_only=True)), "--merge-only takes over"
+    with pytest.raises(
+        ClaimError, match=r"the merge is claimed by task 2, pid \d+ on .*delete .*merge.claim"
+    ):
+        _claim_merge(str(tmp_path), cfg(0, merge_only=True))  # its claimant (this process) lives
+    claim = tmp_path / "merge.claim"
+    record = json.loads(claim.read_text())
+    gone = _dead_pid()
+    claim.write_text(json.dumps(dict(record, pid=gone)))
+    assert _claim_merge(str(tmp_path), cfg(0, merge_only=True)), "--merge-only takes over a dead claimant's"
+    assert json.loads(claim.read_text())["what"] == "merge-only"
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

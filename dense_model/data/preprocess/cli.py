@@ -122,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from dense_model.data.jsonl import BadLineError
-    from dense_model.data.preprocess.config import NoDocumentsError, PreprocessConfig, ResumeError
+    from dense_model.data.preprocess.config import NoDocumentsError, PreprocessConfig, ResumeError, Terminated
     from dense_model.data.preprocess.run import preprocess
 
     args = parse_args(argv)
@@ -152,9 +152,14 @@ def main(argv=None) -> int:
     )
     try:
         preprocess(cfg)
+    except Terminated as err:
+        return 128 + err.signum
     except KeyboardInterrupt:
         return 130
-    except (BadLineError, NoDocumentsError, ResumeError, ValueError, FileNotFoundError, RuntimeError) as err:
+    except ResumeError as err:  # the work folder is another run's, or another process works on it
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (BadLineError, NoDocumentsError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -21,6 +21,15 @@ class NoDocumentsError(RuntimeError):
     """Every line was skipped: nothing to write."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a time limit, `scancel`, `kill`), handled as Ctrl-C is: workers stopped, merges
+    cancelled, their temporaries removed, nothing published half-written."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
 @dataclass
 class PreprocessConfig:
     """One preprocessing run (the CLI flags, see preprocess_data.py --help)."""

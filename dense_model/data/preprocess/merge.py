@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import threading
 import time
@@ -14,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dense_model.data.blend import write_blend
-from dense_model.data.indexed import merge_datasets, publish, tmp_name
+from dense_model.data.indexed import merge_datasets
 from dense_model.data.jsonl import BadLineStats
+from dense_model.data.preprocess.claims import write_json
 from dense_model.data.preprocess.config import MB, NoDocumentsError, OutputInfo, PreprocessConfig
 from dense_model.data.preprocess.plan import ShardSpec, blend_path_for, output_prefix_for
 from dense_model.data.preprocess.workdir import PUBLISHED
@@ -33,8 +33,9 @@ class MergeJob:
 def merge_one(
     job: MergeJob, work_dir: str, plan_hash: str, cfg: PreprocessConfig, on_copied: Callable[[int], None]
 ) -> None:
-    """Merge one output, publish it, record it as published, then delete its shard files."""
-    merge_datasets(job.stems, job.prefix, on_copied)
+    """Merge one output, publish it, record it as published (fsynced), then delete its shard files:
+    in this order, so that a crash at any point leaves either the shards or a published output."""
+    merge_datasets(job.stems, job.prefix, on_copied)  # written, fsynced, renamed, folder fsynced
     record = {
         "subset": job.subset,
         "key": job.key,
@@ -42,11 +43,13 @@ def merge_one(
         "plan": plan_hash,
         "sizes": {ext: os.path.getsize(job.prefix + ext) for ext in (".bin", ".idx")},
     }
+    if record["sizes"][".bin"] != job.nbytes:
+        raise RuntimeError(
+            f"{job.prefix}.bin has {record['sizes']['.bin']:,} bytes, its shards {job.nbytes:,}: the merge "
+            "lost data (disk full?); its shards are kept, rerun the same command to merge again."
+        )
     marker = os.path.join(work_dir, PUBLISHED + hashlib.sha1(job.prefix.encode()).hexdigest()[:16] + ".json")
-    tmp = tmp_name(marker)
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    publish([(tmp, marker)])
+    write_json(marker, record)
     if not cfg.keep_shards:  # the output is safe: its shards' tokens are no longer needed on disk
         for stem in job.stems:
             for ext in (".bin", ".idx"):
@@ -83,6 +86,10 @@ def outputs_of(
     return per_output, bad, lines
 
 
+class MergeCancelled(Exception):
+    """The run was interrupted: a merge stops, its temporaries removed (see `merge_datasets`)."""
+
+
 class Merger:
     """Merges outputs in a thread pool, several at once, largest first among those handed in together.
     With --subset-from layout, subsets are handed in while other shards are still being tokenised.
@@ -98,6 +105,7 @@ class Merger:
         self.ready = self.copied = 0  # token bytes handed in so far, and merged
         self.lock = threading.Lock()
         self.t0 = self.last_log = 0.0
+        self.cancelled = threading.Event()
 
     def submit(self, per_output: dict[tuple[str | None, str], dict], published: dict) -> None:
         """Start merging the outputs of `per_output` (see `outputs_of`) not handed in or published yet."""
@@ -125,7 +133,20 @@ class Merger:
             self.futures.append(self.pool.submit(self._run, job))
 
     def _run(self, job: MergeJob) -> None:
-        merge_one(job, self.work_dir, self.plan_hash, self.cfg, self._copied)
+        first = True
+
+        def copied(nbytes: int) -> None:  # after each shard's tokens are copied
+            nonlocal first
+            self._copied(nbytes)
+            if first and self.cfg.batch_delay:  # debug: a pause while the output's temporary exists
+                first = False
+                self.cancelled.wait(self.cfg.batch_delay)
+            if self.cancelled.is_set():
+                raise MergeCancelled(job.prefix)
+
+        if self.cancelled.is_set():
+            raise MergeCancelled(job.prefix)
+        merge_one(job, self.work_dir, self.plan_hash, self.cfg, copied)
         self.say(
             f"merge: {job.prefix}.bin/.idx ({len(job.stems)} shards, {job.nbytes / MB:,.1f} MB) published"
         )
@@ -153,8 +174,12 @@ class Merger:
         for future in self.futures:
             future.result()
 
-    def close(self) -> None:
-        """Cancel the merges not started; wait for those running (each publishes all or nothing)."""
+    def close(self, cancel: bool = False) -> None:
+        """Cancel the merges not started and wait for those running (each publishes all or nothing);
+        with `cancel` (an interrupt, an error) they stop after their current shard and remove their
+        temporaries."""
+        if cancel:
+            self.cancelled.set()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 

@@ -10,9 +10,11 @@ import signal
 import sys
 import threading
 import traceback
+from contextlib import contextmanager
 
 import dense_model.data.preprocess.shard as shard
 from dense_model.data.jsonl import BadLineError
+from dense_model.data.preprocess.config import Terminated
 from dense_model.data.preprocess.plan import ShardSpec
 from dense_model.data.preprocess.progress import Progress
 from dense_model.data.preprocess.shard import ShardContext
@@ -20,10 +22,34 @@ from dense_model.data.tokenizers import build_tokenizer
 from dense_model.procutil import die_with_parent
 
 
+def _raise_terminated(signum, _frame) -> None:
+    raise Terminated(signum)
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises `Terminated` (a KeyboardInterrupt) in the main thread, once: the clean-up it
+    starts is not interrupted by a second one. Elsewhere than the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def once(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _raise_terminated(signum, frame)
+
+    previous = signal.signal(signal.SIGTERM, once)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def worker_main(wid: int, parent_pid: int, ctx_args: dict, pending, taken, results) -> None:
     if not die_with_parent(parent_pid):  # the parent died before we asked
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    signal.signal(signal.SIGTERM, _raise_terminated)  # the parent's stop: the shard's temporaries go
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     current = None
     try:
@@ -41,6 +67,8 @@ def worker_main(wid: int, parent_pid: int, ctx_args: dict, pending, taken, resul
             results.put(("start", wid, spec.id))
             result = shard.process_shard(spec, ctx, lambda *counts: results.put(("progress", wid, *counts)))
             results.put(("done", wid, result))
+    except Terminated:  # stopped (the shard's writers removed their files): nothing to report
+        results.cancel_join_thread()
     except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
         try:
             import pickle
@@ -112,7 +140,10 @@ def run_pool(
     finally:
         for p in procs:
             if p.is_alive():
-                p.terminate()
+                p.terminate()  # SIGTERM: the worker drops its shard's temporaries and exits
         for p in procs:
             p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
         results.cancel_join_thread()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import time
@@ -12,8 +11,9 @@ from collections.abc import Callable
 import numpy as np
 
 import dense_model.data.preprocess.shard as shard
-from dense_model.data.indexed import publish, tmp_name, token_dtype
+from dense_model.data.indexed import token_dtype
 from dense_model.data.jsonl import BadLineError, BadLineStats, absolute_line
+from dense_model.data.preprocess.claims import release, remove_stale_temporaries, write_json
 from dense_model.data.preprocess.config import (
     MANIFEST_VERSION,
     MB,
@@ -30,14 +30,16 @@ from dense_model.data.preprocess.plan import (
     plan_shards,
     shard_plan_hash,
 )
-from dense_model.data.preprocess.pool import run_pool
+from dense_model.data.preprocess.pool import run_pool, sigterm_as_interrupt
 from dense_model.data.preprocess.progress import Progress
 from dense_model.data.preprocess.shard import ShardContext
 from dense_model.data.preprocess.workdir import (
     claim_merge,
+    claim_task,
     finished_shards,
     is_run_file,
     locked,
+    merge_claim_path,
     prepare_work_dir,
     published_outputs,
     reset_work_dir,
@@ -61,11 +63,14 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
     several_tasks = cfg.num_tasks > 1 or cfg.merge_only
     task = f"task {cfg.task_index}/{cfg.num_tasks}: " if cfg.num_tasks > 1 else ""
 
-    with contextlib.ExitStack() as lock, contextlib.ExitStack() as merging:
+    with sigterm_as_interrupt(), contextlib.ExitStack() as lock, contextlib.ExitStack() as merging:
         lock.enter_context(locked(work_dir, wait=several_tasks))
-        manifest = prepare_work_dir(work_dir, settings, cfg.restart, say)
+        manifest = prepare_work_dir(work_dir, settings, cfg.restart, say, merge_only=cfg.merge_only)
         if manifest is None:
             reset_work_dir(work_dir)
+        if not cfg.merge_only:  # one process per task index (a resubmission would delete our files)
+            merging.callback(release, claim_task(work_dir, cfg))
+        remove_stale_temporaries(work_dir, cfg.output_prefix, say)
         total_bytes = sum(os.path.getsize(p) for p, _ in files)
         if cfg.shard_size_mb is not None:
             shard_size = max(int(cfg.shard_size_mb * MB), 1)
@@ -74,12 +79,10 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
         else:
             shard_size = default_shard_size(total_bytes)
         shards = plan_shards(files, shard_size)
-        tmp = tmp_name(os.path.join(work_dir, "manifest.json"))
-        with open(tmp, "w") as f:
-            json.dump(
-                {"version": MANIFEST_VERSION, "settings": settings, "shard_size": shard_size}, f, indent=1
-            )
-        publish([(tmp, os.path.join(work_dir, "manifest.json"))])
+        write_json(
+            os.path.join(work_dir, "manifest.json"),
+            {"version": MANIFEST_VERSION, "settings": settings, "shard_size": shard_size},
+        )
 
         plan_hash = shard_plan_hash(shards)
         published = published_outputs(work_dir, plan_hash)
@@ -112,7 +115,8 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
 
         progress = Progress(pending_bytes, cfg.progress, cfg.log_interval, log, len(pending))
         merger = Merger(cfg, work_dir, plan_hash, np.dtype(dtype).itemsize, say)
-        merging.callback(merger.close)
+        # On an error or an interrupt (Ctrl-C, SIGTERM), running merges stop and remove their temporaries.
+        merging.push(lambda exc_type, _exc, _tb: merger.close(cancel=exc_type is not None))
         # --subset-from layout on one machine: a subset's shards are known before any is read, so its
         # outputs are merged (and its shards deleted) as soon as they are done, while others tokenise.
         unmerged: dict[str, list[ShardSpec]] = {}
@@ -155,10 +159,10 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
             if err.line is None:
                 err.line = absolute_line(err.path, err.offset)
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             progress.close()
             say(
-                f"\ninterrupted: {len(results)} of {len(shards)} shards are finished and kept in {work_dir}; "
+                f"\ninterrupted{f' ({err})' if str(err) else ''}: {len(results)} of {len(shards)} shards are finished and kept in {work_dir}; "
                 "rerun the same command to resume."
             )
             raise
@@ -197,7 +201,11 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
                     f"{task}this task's shards are done; {missing} shards of other tasks are not: the last task merges"
                 )
                 return summary([], BadLineStats(), 0, [], merged=False)
-            if not claim_merge(work_dir, cfg):
+            with locked(work_dir, wait=True):
+                claimed = claim_merge(work_dir, cfg)
+            if claimed:
+                lock.callback(release, merge_claim_path(work_dir))  # after the merges stopped
+            else:
                 say(f"{task}every shard is done; another task claimed the merge")
                 return summary([], BadLineStats(), 0, [], merged=False)
         outputs, bad, lines = merge_outputs(cfg, shards, results, published, work_dir, dtype, say, merger)

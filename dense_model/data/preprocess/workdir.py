@@ -1,5 +1,5 @@
 """The work folder `OUTPUT_PREFIX.shards/`: its lock, its manifest, the shards finished and the
-outputs published so far, the merge claim."""
+outputs published so far, the claims of the tasks and of the merge (`claims.py`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 from collections.abc import Sequence
 
+from dense_model.data.preprocess.claims import CLAIM_SUFFIX, ClaimError, describe, read_claim, take
 from dense_model.data.preprocess.config import MANIFEST_VERSION, PreprocessConfig, ResumeError
 from dense_model.data.preprocess.plan import ShardSpec
 from dense_model.data.preprocess.shard import shard_is_intact
@@ -43,11 +44,18 @@ def run_settings(cfg: PreprocessConfig, tokenizer: Tokenizer, dtype: str) -> dic
         "append_eod": bool(cfg.append_eod),
         "split_by_subset": bool(cfg.split_by_subset),
         "subset_from": cfg.subset_from,
+        # Shards made without --strict hold what --strict would have refused; and tasks of another
+        # count take other shares of the same shards (two would tokenise one shard at once).
+        "strict": bool(cfg.strict),
+        "num_tasks": int(cfg.num_tasks),
     }
 
 
-def prepare_work_dir(work_dir: str, settings: dict, restart: bool, log) -> dict | None:
-    """Check (or reset) the work folder against these settings; returns the old manifest if reusable."""
+def prepare_work_dir(
+    work_dir: str, settings: dict, restart: bool, log, merge_only: bool = False
+) -> dict | None:
+    """Check (or reset) the work folder against these settings; returns the old manifest if reusable.
+    --merge-only takes the task count of the run it merges."""
     manifest_path = os.path.join(work_dir, "manifest.json")
     if not os.path.exists(manifest_path):
         return None
@@ -60,28 +68,52 @@ def prepare_work_dir(work_dir: str, settings: dict, restart: bool, log) -> dict 
     except ValueError:
         manifest = {}
     old = manifest.get("settings")
+    if merge_only and isinstance(old, dict) and "num_tasks" in old:
+        settings["num_tasks"] = old["num_tasks"]
     if old == settings and manifest.get("version") == MANIFEST_VERSION:
         return manifest
-    diffs = [k for k in settings if (old or {}).get(k) != settings[k]] if old else ["(unreadable manifest)"]
+    if isinstance(old, dict):
+        diffs = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]
+    else:
+        diffs = ["an unreadable manifest.json"]
     raise ResumeError(
-        f"{work_dir} holds shards of an unfinished run with different settings ({', '.join(diffs)}). "
-        "Rerun with --restart to discard them, or choose another --output-prefix."
+        f"{work_dir} holds shards of an unfinished run with other settings ({'; '.join(diffs)}). "
+        "Rerun with the same settings to resume, with --restart (on one machine) to discard them, or choose "
+        "another --output-prefix."
     )
 
 
 # Work-folder files that are not a shard's: kept by the clean-up of unfinished shards.
-RUN_FILES = ("lock", "manifest.json", "merge.claim")
+RUN_FILES = ("lock", "manifest.json")  # and the claims
 PUBLISHED = "published."  # published.HASH.json: an output merged, renamed and recorded
 
 
 def is_run_file(name: str) -> bool:
-    return name in RUN_FILES or name.startswith(PUBLISHED)
+    return name in RUN_FILES or name.startswith(PUBLISHED) or name.endswith(CLAIM_SUFFIX)
 
 
 def reset_work_dir(work_dir: str) -> None:
+    """Remove every shard and record; the lock and the claims (of processes working now) stay."""
     for name in os.listdir(work_dir):
-        if name != "lock":
+        if name != "lock" and not name.endswith(CLAIM_SUFFIX):
             os.remove(os.path.join(work_dir, name))
+
+
+def task_claim_path(work_dir: str, cfg: PreprocessConfig) -> str:
+    return os.path.join(work_dir, f"task.{cfg.task_index}{CLAIM_SUFFIX}")
+
+
+def claim_task(work_dir: str, cfg: PreprocessConfig) -> str:
+    """Claim this task index (a second instance of it, e.g. a resubmission, would delete this one's
+    files); returns the claim's path. Raises ClaimError while a live process holds it."""
+    path = task_claim_path(work_dir, cfg)
+    what = (
+        f"task {cfg.task_index} of {cfg.num_tasks}" if cfg.num_tasks > 1 else "a run of this --output-prefix"
+    )
+    if not take(path, what):
+        thing = f"Task {cfg.task_index} of {cfg.num_tasks}" if cfg.num_tasks > 1 else "This --output-prefix"
+        raise ClaimError(describe(thing, path, read_claim(path) or {}))
+    return path
 
 
 def published_outputs(work_dir: str, plan_hash: str) -> dict[tuple[str | None, str], dict]:
@@ -119,17 +151,19 @@ def finished_shards(work_dir: str, shards: Sequence[ShardSpec], published) -> di
     return results
 
 
+def merge_claim_path(work_dir: str) -> str:
+    return os.path.join(work_dir, "merge" + CLAIM_SUFFIX)
+
+
 def claim_merge(work_dir: str, cfg: PreprocessConfig) -> bool:
     """Whether this task merges: the first to create `merge.claim` (O_EXCL, atomic), or the same task
-    requeued after dying mid-merge, or an explicit --merge-only."""
-    path = os.path.join(work_dir, "merge.claim")
+    index again (requeued after dying mid-merge: its task claim says the old one is gone), or the
+    claimant is gone (`claims.is_stale`). --merge-only takes over only a stale claim: it raises
+    ClaimError while the claimant may still be merging."""
+    path = merge_claim_path(work_dir)
     me = "merge-only" if cfg.merge_only else f"task {cfg.task_index}"
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        with open(path) as f:
-            owner = f.read().strip()
-        return owner == me or cfg.merge_only
-    with os.fdopen(fd, "w") as f:
-        f.write(me)
-    return True
+    if take(path, me, take_over=lambda record: record.get("what") == me and not cfg.merge_only):
+        return True
+    if cfg.merge_only:
+        raise ClaimError("--merge-only: " + describe("the merge", path, read_claim(path) or {}))
+    return False
