@@ -206,3 +206,19 @@ def test_stale_temporaries_are_only_those_of_dead_processes_of_this_prefix(tmp_p
     assert remove_stale_temporaries(str(work), str(tmp_path / "red"), said.append) == 4
     assert {p: p.exists() for p in names} == names
     assert len(said) == 2 and f"(pid {dead})" in said[0]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_mid_tokenise_stops_the_workers_cleanly(tmp_path, spm_model, corpora):
+    """As a time limit sends it: to every process of the job. The workers drop their shards' files."""
+    prefix = tmp_path / "out"
+    work = Path(str(prefix) + ".shards")
+    args = _args(corpora[None], spm_model, prefix, "--shard-size-mb", "0.01", "--debug-batch-delay", "1")
+    proc = run_cli([*args[: args.index("--workers") + 1], "2", *args[args.index("--workers") + 2 :]],
+                   start_new_session=True)  # fmt: skip
+    wait_for(proc, lambda: any(work.glob("*.bin.tmp.*")), "a shard under way")
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "interrupted (signal 15)" in out and "Traceback" not in out, out
+    assert _temporaries(prefix) == [] and not list(work.glob("*.claim"))

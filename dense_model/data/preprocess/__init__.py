@@ -17,9 +17,10 @@ How a run goes (`preprocess`):
 2. Work folder `OUTPUT_PREFIX.shards/` holds `manifest.json` (tokenizer fingerprint, keys, EOD,
    subset mode), a lock, and per finished shard its datasets plus `ID.done.json` (its counts and
    line count), written last. A shard's ID hashes its file, byte or row range, size and mtime.
-3. Workers (`--workers` processes; forked, or spawned if this process runs other threads) take
+3. Workers (`--workers` processes; forked, or spawned if this process runs other threads: see
+   `pool.start_method`) take
    whole shards, largest first (with `--subset-from layout`: subset by subset, largest subset
-   first, see `_dispatch_order`), and write their datasets themselves (`ShardJob`): read records,
+   first, see `plan.dispatch_order`), and write their datasets themselves (`ShardJob`): read records,
    encode in batches of ~1 MB of text with `encode_batch`, write tokens with numpy. Nothing but
    small counters travels between processes. Memory per worker: one batch of text and its tokens,
    plus 4 bytes per document of the shard.
@@ -41,17 +42,23 @@ How a run goes (`preprocess`):
 Several tasks (`--task-index I --num-tasks N`, e.g. a SLURM job array): every task plans the same
 shards; task I takes every N-th of them, largest first, into the shared work folder. The task that
 then finds every shard done merges; `merge.claim`, created with O_EXCL, lets only one do so (the same
-task requeued, or `--merge-only`, takes the claim over).
+task index requeued takes it over; `--merge-only` only if its claimant is gone). Each task index is
+held by one process at a time (`task.I.claim`: host, pid, start time, SLURM job; see `claims.py`):
+a second instance exits with a line naming the holder.
 
-Resume: rerunning the same command after a crash, a kill or Ctrl-C reuses every finished shard
-and every output already published, and redoes the rest. Changed input files (size or mtime) redo
-only their own shards. A different tokenizer, key, --append-eod or --split-by-subset is refused (or
-restarted with `--restart`).
+Resume: rerunning the same command after a crash, a kill, Ctrl-C or SIGTERM reuses every finished
+shard and every output already published, and redoes the rest; it first removes the temporaries a
+killed run of this prefix left (`claims.remove_stale_temporaries`). Ctrl-C and SIGTERM stop the
+workers and the merges under way, which remove their temporaries. Changed input files (size or
+mtime) redo only their own shards. A different tokenizer, key, --append-eod, --split-by-subset,
+--strict or task count is refused, naming both values (or restarted with `--restart`). What survives
+what: docs/safety.md.
 
 The stages, each a module below this package (a stage imports only the ones above it in this list):
-`config` (settings, errors, summary), `plan` (files, shards, dispatch order, output names), `shard`
-(one shard tokenised), `progress`, `pool` (worker processes), `workdir` (lock, manifest, claims,
-finished shards, published outputs), `merge`, `run` (`preprocess`), `cli` (the command line,
+`config` (settings, errors, summary), `claims` (task and merge claims, stale temporaries), `plan`
+(files, shards, dispatch order, output names), `shard` (one shard tokenised), `progress`, `pool`
+(worker processes), `workdir` (lock, manifest, finished shards, published outputs), `merge`, `run`
+(`preprocess`), `cli` (the command line,
 also `python -m dense_model.data.preprocess`).
 """
 

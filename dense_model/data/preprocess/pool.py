@@ -23,22 +23,20 @@ from dense_model.procutil import die_with_parent
 
 
 def _raise_terminated(signum, _frame) -> None:
+    """Once: the clean-up it starts is not cut short by a second SIGTERM (a job's whole process group
+    gets one, and a worker another from its parent's stop)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated(signum)
 
 
 @contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM raises `Terminated` (a KeyboardInterrupt) in the main thread, once: the clean-up it
-    starts is not interrupted by a second one. Elsewhere than the main thread, nothing changes."""
+    """SIGTERM raises `Terminated` (a KeyboardInterrupt) in the main thread, once. Elsewhere than the
+    main thread, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def once(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _raise_terminated(signum, frame)
-
-    previous = signal.signal(signal.SIGTERM, once)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
