@@ -100,7 +100,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Every field checked before launch: `python -m dense_model.config` (what run_pretrain.sh runs
+# Every field checked before launch: `python -m dense_model.launcher` (what run_pretrain.sh runs
 # before torchrun) exits 2 with one line naming the field or file and the fix.
 
 
@@ -192,7 +192,7 @@ BAD_FILES = [
 
 
 def check_cli(capsys, args, expect):
-    from dense_model.config import main
+    from dense_model.launcher import main
 
     code = main(args)
     err = capsys.readouterr().err
@@ -202,7 +202,7 @@ def check_cli(capsys, args, expect):
 
 
 def test_good_config_passes(capsys, data_files):
-    from dense_model.config import main
+    from dense_model.launcher import main
 
     assert main([*base_overrides(data_files), "--world-size", "1"]) == 0
     blend = [o for o in base_overrides(data_files) if not o.startswith("data.paths")]

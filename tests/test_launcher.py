@@ -79,7 +79,7 @@ def test_multi_node_command_from_environment(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     check, call = calls(tools["record"])
-    assert check["argv"][:2] == ["-m", "dense_model.config"]  # validated before torchrun
+    assert check["argv"][:2] == ["-m", "dense_model.launcher"]  # validated before torchrun
     assert check["argv"][2:] == [
         "configs/1b/polynorm.yaml",
         "training.lr=1e-4",
