@@ -20,6 +20,7 @@ from dense_model.config import (
     ConfigError,
     config_to_dict,
     load_config,
+    resolve_vocab_size,
     split_config_argument,
     train_and_warmup_steps,
     validate,
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     if args.dry_run:
+        cfg.model.vocab_size = resolve_vocab_size(cfg)  # the tokenizer's, as the trainer resolves it
         print(describe_job(cfg, args.world_size or 1))
     return 0
 

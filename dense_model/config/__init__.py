@@ -35,7 +35,7 @@ from dense_model.config.loading import (
     save_config,
     split_config_argument,
 )
-from dense_model.config.rules import validate
+from dense_model.config.rules import resolve_vocab_size, validate
 from dense_model.config.schema import (
     CheckpointConfig,
     Config,
@@ -71,6 +71,7 @@ __all__ = [
     "parse_overrides",
     "positive",
     "read_yaml_mapping",
+    "resolve_vocab_size",
     "save_config",
     "sections",
     "split_config_argument",

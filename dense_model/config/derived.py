@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from dense_model.activations import is_gated
+from dense_model.config.checks import ConfigError
 from dense_model.config.schema import Config, ModelConfig, ParallelConfig
 
 
@@ -38,6 +39,12 @@ def expert_tensor_parallel_size(parallel: ParallelConfig) -> int:
 
 
 def padded_vocab_size(model: ModelConfig, tp: int) -> int:
+    if model.vocab_size is None:
+        raise ConfigError(
+            "model.vocab_size is not resolved: it is the tokenizer's, filled in by "
+            "dense_model.config.resolve_vocab_size(cfg) (the trainer and the launcher do); set "
+            "model.vocab_size=N to build a model without a tokenizer"
+        )
     multiple = model.make_vocab_size_divisible_by * tp
     return -(-model.vocab_size // multiple) * multiple
 

@@ -19,6 +19,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     """Raise ConfigError with the field and the fix if ``cfg`` cannot run on ``world_size`` ranks."""
     for _, section in sections(cfg):
         section.validate()
+    resolve_vocab_size(cfg)  # loads the tokenizer (data.tokenizer_model) once
     m, p, t = cfg.model, cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     groups = m.num_query_groups or m.num_attention_heads
@@ -129,3 +130,21 @@ def _validate_moe(cfg: Config, world_size: int | None) -> None:
             f"expert_model_parallel_size x pipeline_model_parallel_size = {etp} x {ep} x {pp}; "
             "launch a multiple of that many processes or change parallel.expert_*"
         )
+
+
+def resolve_vocab_size(cfg: Config, tokenizer_vocab: int | None = None) -> int:
+    """The model's vocabulary: model.vocab_size, or the tokenizer's when it is unset (``tokenizer_vocab``,
+    or data's tokenizer loaded). ConfigError if an explicit model.vocab_size is below the tokenizer's:
+    token ids past the embedding fail only after launch (a device-side assert on GPUs)."""
+    data = cfg.data
+    vocab = data.tokenizer_vocab_size() if tokenizer_vocab is None else tokenizer_vocab
+    explicit = cfg.model.vocab_size
+    if explicit is None:
+        return vocab
+    if explicit < vocab:
+        tokenizer = "the demo's tokenizer" if data.demo else f"the tokenizer {data.tokenizer_model}"
+        raise ConfigError(
+            f"model.vocab_size={explicit} is below the {vocab} tokens of {tokenizer}; leave "
+            f"model.vocab_size unset (the tokenizer's, padded) or set it to at least {vocab}"
+        )
+    return explicit

@@ -74,8 +74,9 @@ class ModelConfig:
     """FFN width; None = derived from swiglu_ffn_hidden_size, parameter-matched to the activation."""
     swiglu_ffn_hidden_size: int = 5504
     """SwiGLU width the FFN is matched to when ffn_hidden_size is None (non-gated: 1.5x, 5504 -> 8256)."""
-    vocab_size: int = 32000
-    """Tokenizer vocabulary size (the embedding is padded to make_vocab_size_divisible_by x TP)."""
+    vocab_size: int | None = None
+    """Vocabulary size; None = the tokenizer's (data.tokenizer_model, or the demo's). The embedding is
+    padded to make_vocab_size_divisible_by x TP; an explicit value below the tokenizer's is refused."""
     make_vocab_size_divisible_by: int = 128
     """Pad the vocabulary to a multiple of this times TP (Megatron's default)."""
     seq_length: int = 4096
@@ -263,6 +264,12 @@ class DataConfig:
             if self.weights and sum(self.weights) <= 0:
                 raise ConfigError("data.weights sum to 0; give at least one dataset a positive weight")
         if self.demo:
+            given = [f"data.{name}" for name in ("blend", "paths") if getattr(self, name)]
+            if given:  # the demo would replace them with its own blend: say so instead of training on it
+                raise ConfigError(
+                    f"data.demo=true trains on the demo sample, but {' and '.join(given)} is also set; "
+                    f"set data.demo=false to train on your data, or leave {' and '.join(given)} unset"
+                )
             return  # the demo fills in its own blend and tokenizer
         if not self.blend and not self.paths:
             raise ConfigError(
@@ -283,9 +290,19 @@ class DataConfig:
                     )
         if not self.tokenizer_model:
             raise ConfigError("data.tokenizer_model is not set: give the tokenizer the data was made with")
+        # The tokenizer itself is loaded once, by rules.validate (its vocabulary is the model's).
 
+    def tokenizer_vocab_size(self) -> int:
+        """The tokenizer's vocabulary: the demo's, or data.tokenizer_model's (loaded); ConfigError
+        naming the field if it cannot load."""
+        if self.demo:
+            from dense_model.data.demo import DEMO_VOCAB_SIZE
+
+            return DEMO_VOCAB_SIZE
+        if not self.tokenizer_model:
+            raise ConfigError("data.tokenizer_model is not set: give the tokenizer the data was made with")
         try:
-            build_tokenizer(self.tokenizer_type, self.tokenizer_model)
+            return build_tokenizer(self.tokenizer_type, self.tokenizer_model).vocab_size
         except Exception as err:  # noqa: BLE001 - any library's failure to parse the file
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(
