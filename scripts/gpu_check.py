@@ -45,8 +45,6 @@ GOLDEN_20 = {10: 7.115847110748291, 20: 6.199575424194336}  # bash run_pretrain.
 CPU_TINY = ["model.num_layers=2", "model.hidden_size=64", "model.swiglu_ffn_hidden_size=96"]
 CPU_TINY += ["training.micro_batch_size=4", "training.global_batch_size=8"]
 GOLDEN_20_TINY = {10: 8.030385971069336, 20: 7.393928527832031}
-# The 1B config's vocabulary (the Llama tokenizer's, whose file the benchmarks do without).
-LLAMA_VOCAB = "model.vocab_size=32000"
 DEMO = ["training.train_iters=20", "logging.log_interval=1", "checkpoint.save_interval=10"]
 DEMO += ["logging.eval_interval=1000", "checkpoint.keep_last=3"]
 
@@ -215,7 +213,7 @@ def main(argv=None) -> int:
     if cpu:
         step += ["--device", "cpu", "--warmup", "0", "--steps", "1", "--no-isolate", "model.num_layers=1"]
     else:
-        step += ["--config", "configs/1b/polynorm.yaml", "--num-layers", "4", "--fit-layers", LLAMA_VOCAB]
+        step += ["--config", "configs/1b/polynorm.yaml", "--num-layers", "4", "--fit-layers"]
     check.run("bench_step", step)
 
     optim = [
@@ -227,7 +225,7 @@ def main(argv=None) -> int:
     if cpu:
         optim += ["--device", "cpu", "--warmup", "1", "--steps", "2"]
     else:
-        optim += ["--config", "configs/1b/polynorm.yaml", "model.num_layers=4", LLAMA_VOCAB]
+        optim += ["--config", "configs/1b/polynorm.yaml", "model.num_layers=4"]
     if check.run("optim_step", optim):
         rows = json.loads((out / "bench_optimizer_step.json").read_text())["results"]
         check.parts["optim_step"].update(
