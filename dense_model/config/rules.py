@@ -19,7 +19,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     """Raise ConfigError with the field and the fix if ``cfg`` cannot run on ``world_size`` ranks."""
     for _, section in sections(cfg):
         section.validate()
-    resolve_vocab_size(cfg)  # loads the tokenizer (data.tokenizer_model) once
     m, p, t = cfg.model, cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     groups = m.num_query_groups or m.num_attention_heads
@@ -67,6 +66,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 f"training.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}; "
                 f"use a multiple of {t.micro_batch_size * dp}"
             )
+    resolve_vocab_size(cfg)  # last (the layout's messages first): loads the tokenizer, once
 
 
 def _validate_moe(cfg: Config, world_size: int | None) -> None:

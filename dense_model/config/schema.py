@@ -25,6 +25,8 @@ from dense_model.config.checks import (
 from dense_model.data.blend import load_blend
 from dense_model.data.tokenizers import build_tokenizer
 
+NO_TOKENIZER = "data.tokenizer_model is not set: give the tokenizer the data was made with"
+
 
 @dataclass
 class MoEConfig:
@@ -289,7 +291,7 @@ class DataConfig:
                         "written by preprocess_data.py (PREFIX_text_document, without .bin/.idx)"
                     )
         if not self.tokenizer_model:
-            raise ConfigError("data.tokenizer_model is not set: give the tokenizer the data was made with")
+            raise ConfigError(NO_TOKENIZER)
         # The tokenizer itself is loaded once, by rules.validate (its vocabulary is the model's).
 
     def tokenizer_vocab_size(self) -> int:
@@ -300,7 +302,7 @@ class DataConfig:
 
             return DEMO_VOCAB_SIZE
         if not self.tokenizer_model:
-            raise ConfigError("data.tokenizer_model is not set: give the tokenizer the data was made with")
+            raise ConfigError(NO_TOKENIZER)
         try:
             return build_tokenizer(self.tokenizer_type, self.tokenizer_model).vocab_size
         except Exception as err:  # noqa: BLE001 - any library's failure to parse the file
