@@ -73,7 +73,7 @@ CMD=("$PYTHON" -m torch.distributed.run
 
 # Validate once here, with no process group and no GPU (the job checks again); only node 0 checks
 # that no other job holds the run directory (the other nodes' checks could see their own job's).
-CHECK=("$PYTHON" -m dense_model.config "$CONFIG" "$@" --world-size "$(( NNODES * GPUS_PER_NODE ))")
+CHECK=("$PYTHON" -m dense_model.launcher "$CONFIG" "$@" --world-size "$(( NNODES * GPUS_PER_NODE ))")
 if (( DRY_RUN )); then
     "${CHECK[@]}" --dry-run || exit $?
     echo "${CMD[@]}"

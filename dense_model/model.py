@@ -16,50 +16,16 @@ with megatron's [gate, up] layout and checkpoint resharding across TP sizes stay
 from __future__ import annotations
 
 import copy
-import functools
 import math
-import os
 import zlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from dense_model.activations import build_activation, get_activation_entry, import_activation_modules
+from dense_model.backends import Kernels, installed_kernels, transformer_engine_available
 from dense_model.config import Config, ModelConfig, ffn_hidden_size, moe_enabled, padded_vocab_size
-
-
-def transformer_engine_available() -> bool:
-    return installed_kernels().transformer_engine and torch.cuda.is_available()
-
-
-def _imports(module: str) -> bool:
-    try:
-        __import__(module)
-    except Exception:  # ImportError, or a CUDA extension whose shared library cannot load
-        return False
-    return True
-
-
-@dataclass(frozen=True)
-class Kernels:
-    """Which optional fused-kernel packages import on this machine (the fusions depend on them)."""
-
-    transformer_engine: bool = False
-    apex_softmax: bool = False  # apex's scaled_(upper_triang_)masked_softmax_cuda extensions
-    apex_grad_accum: bool = False  # apex's fused_weight_gradient_mlp_cuda extension
-    triton: bool = False
-
-
-@functools.cache
-def installed_kernels() -> Kernels:
-    softmax = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda", "scaled_softmax_cuda")
-    return Kernels(
-        transformer_engine=_imports("transformer_engine.pytorch"),
-        apex_softmax=all(_imports(m) for m in softmax),
-        apex_grad_accum=_imports("fused_weight_gradient_mlp_cuda"),
-        triton=_imports("triton"),
-    )
+from dense_model.mlp import RegistryActivation
 
 
 def model_device() -> torch.device:
@@ -100,41 +66,6 @@ def activation_entry(m: ModelConfig):
     """The registry entry of ``m.activation``, once the modules in ``m.activation_modules`` are imported."""
     import_activation_modules(m.activation_modules)
     return get_activation_entry(m.activation)
-
-
-class RegistryActivation(torch.nn.Module):
-    """The MLP's activation_func submodule: the registry activation, built as its entry declares.
-
-    megatron-core's MLP calls it on fc1's whole output (``use_te_activation_func`` is the flag that
-    makes MLP build and call the spec's activation module instead of a bare function).
-    """
-
-    def __init__(self, config, name: str, kwargs: dict, fused: bool, tp_group=None):
-        super().__init__()
-        from megatron.core import parallel_state
-
-        entry = get_activation_entry(name)
-        kwargs = dict(kwargs)
-        if entry.takes_tp_group:
-            if tp_group is None:  # MoE experts pass their expert-TP group (dense_model.moe)
-                tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
-            kwargs["tp_group"] = tp_group
-        if entry.fused is not None:
-            # The fused kernels run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, as the
-            # tests run them): elsewhere Triton is not even imported.
-            use = fused and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-            kwargs["fused_kernel"] = entry.fused() if use else None
-        self.act = build_activation(name, **kwargs)
-
-    def forward(self, x):  # [s, b, ffn/tp] (gated: [s, b, 2*ffn/tp]) -> [s, b, ffn/tp]
-        return self.act(x)
-
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """Coefficients (if any) as replicated sharded tensors, so distributed checkpoints hold them."""
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
-        state = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(state, prefix, sharded_offsets=sharded_offsets)
 
 
 def layer_spec(cfg: ModelConfig, device: torch.device | None = None):

@@ -26,8 +26,9 @@ import torch.distributed as dist
 
 from dense_model import collectives
 from dense_model.activations import build_activation, get_activation_entry
+from dense_model.backends import transformer_engine_available
 from dense_model.config import Config, ModelConfig, expert_ffn_hidden_size, expert_tensor_parallel_size
-from dense_model.model import RegistryActivation, transformer_engine_available
+from dense_model.mlp import RegistryActivation
 
 
 def prepare_megatron_moe() -> None:

@@ -35,7 +35,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from dense_model.benchmarking import markdown_table, metadata_lines, run_metadata  # noqa: E402
 from dense_model.checkpoint import save_checkpoint  # noqa: E402
-from dense_model.config import load_config  # noqa: E402
+from dense_model.config import load_config, resolve_vocab_size  # noqa: E402
 from dense_model.evaluation import DenseModelLM  # noqa: E402
 from dense_model.model import build_model  # noqa: E402
 from dense_model.parallel import initialize_parallel  # noqa: E402
@@ -97,6 +97,7 @@ def run(args, work: Path) -> int:
         [f"model.seq_length={args.seq}", f"data.tokenizer_model={work / 'tok.model'}", "data.demo=false",
          "training.bf16=false", *args.overrides],
     )  # fmt: skip
+    cfg.model.vocab_size = resolve_vocab_size(cfg)  # the tokenizer's (4096), as the trainer resolves it
     initialize_parallel(1, 1, seed=cfg.training.seed)
     torch.manual_seed(0)
     model = build_model(cfg)

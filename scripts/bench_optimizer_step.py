@@ -38,7 +38,7 @@ from dense_model.parallel import initialize_parallel  # noqa: E402
 from dense_model.testing import tiny_model_overrides  # noqa: E402
 from dense_model.training.optim import build_scheduler, build_training_model  # noqa: E402
 from dense_model.training.step import forward_backward  # noqa: E402
-from scripts.bench_train_step import synthetic_batch  # noqa: E402
+from scripts.bench_train_step import GPU_OVERRIDES, synthetic_batch  # noqa: E402
 
 CPU_OVERRIDES = [
     *tiny_model_overrides(layers=4, seq=64),
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         print("bench_optimizer_step.py: no CUDA device here; use --device cpu", file=sys.stderr)
         return 2
     initialize_parallel(1, 1, seed=1)
-    overrides = (CPU_OVERRIDES if args.device == "cpu" else []) + args.overrides
+    overrides = (CPU_OVERRIDES if args.device == "cpu" else GPU_OVERRIDES) + args.overrides
     cfg = load_config(args.config, overrides)
     rows = {which: run(which, cfg, args.warmup, args.steps, args.device) for which in ("megatron", "foreach")}
     meta = run_metadata(device_arg=args.device)

@@ -64,6 +64,9 @@ from dense_model.training.metrics import flops_per_token, peak_flops  # noqa: E4
 from dense_model.training.optim import build_scheduler, build_training_model  # noqa: E402
 from dense_model.training.step import forward_backward  # noqa: E402
 
+# Benchmarks run without a tokenizer: the 1B model's vocabulary (the Llama tokenizer's) unless an
+# override sets model.vocab_size (a config's tokenizer is not loaded).
+GPU_OVERRIDES = ["model.vocab_size=32000"]
 CPU_SMOKE_OVERRIDES = [*tiny_model_overrides(seq=32), "training.micro_batch_size=2", "training.bf16=false"]
 
 
@@ -205,7 +208,7 @@ def main(argv=None) -> int:
 
 
 def run_in_process(args, runs):
-    base = CPU_SMOKE_OVERRIDES.copy() if args.device == "cpu" else []
+    base = CPU_SMOKE_OVERRIDES.copy() if args.device == "cpu" else GPU_OVERRIDES.copy()
     if args.device == "cuda" and installed_kernels().transformer_engine:
         base.append("model.transformer_impl=transformer_engine")
     base += list(args.overrides)

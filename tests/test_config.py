@@ -100,7 +100,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Every field checked before launch: `python -m dense_model.config` (what run_pretrain.sh runs
+# Every field checked before launch: `python -m dense_model.launcher` (what run_pretrain.sh runs
 # before torchrun) exits 2 with one line naming the field or file and the fix.
 
 
@@ -142,6 +142,7 @@ BAD_VALUES = [
     ("model.hidden_size=-64", "model.hidden_size must be a finite number > 0"),
     ("model.seq_length=0", "model.seq_length must be a finite number > 0"),
     ("model.vocab_size=0", "model.vocab_size must be a finite number > 0"),
+    ("model.vocab_size=500", "model.vocab_size=500 is below the 512 tokens of the tokenizer "),
     ("model.num_query_groups=3", "model.num_attention_heads=4 is not divisible by model.num_query_groups=3"),
     ("model.norm_epsilon=0", "model.norm_epsilon must be a finite number > 0"),
     ("model.init_method_std=.nan", "model.init_method_std must be a finite number > 0, got nan"),
@@ -192,7 +193,7 @@ BAD_FILES = [
 
 
 def check_cli(capsys, args, expect):
-    from dense_model.config import main
+    from dense_model.launcher import main
 
     code = main(args)
     err = capsys.readouterr().err
@@ -202,7 +203,7 @@ def check_cli(capsys, args, expect):
 
 
 def test_good_config_passes(capsys, data_files):
-    from dense_model.config import main
+    from dense_model.launcher import main
 
     assert main([*base_overrides(data_files), "--world-size", "1"]) == 0
     blend = [o for o in base_overrides(data_files) if not o.startswith("data.paths")]
@@ -230,3 +231,27 @@ def test_every_section_validates_its_own_fields():
     assert [name for name, s in sections(Config()) if callable(getattr(s, "validate", None))] == [
         name for name, _ in sections(Config())
     ]
+
+
+def test_vocabulary_is_the_tokenizers_unless_set(data_files):
+    """model.vocab_size unset: the tokenizer's (the SentencePiece model's 512, or the demo's 4096),
+    padded to the multiple x TP; set: at least the tokenizer's. A model is not built from an
+    unresolved config."""
+    import sentencepiece
+
+    from dense_model.config import padded_vocab_size, resolve_vocab_size
+
+    overrides = [o for o in base_overrides(data_files) if not o.startswith("model.vocab_size")]
+    cfg = load_config(None, [*overrides, "model.make_vocab_size_divisible_by=100"])
+    assert cfg.model.vocab_size is None
+    validate(cfg, world_size=4)
+    tokens = sentencepiece.SentencePieceProcessor(model_file=data_files["tokenizer"]).vocab_size()
+    assert resolve_vocab_size(cfg) == tokens == 512
+    with pytest.raises(ConfigError, match=r"model.vocab_size is not resolved: .* set model.vocab_size=N"):
+        padded_vocab_size(cfg.model, 1)
+    cfg.model.vocab_size = resolve_vocab_size(cfg)
+    assert padded_vocab_size(cfg.model, 2) == 600  # multiple of 100 x TP 2
+    assert resolve_vocab_size(load_config(None, [*overrides, "model.vocab_size=1000"])) == 1000
+    assert resolve_vocab_size(tiny()) == 4096  # the demo's tokenizer
+    with pytest.raises(ConfigError, match=r"model.vocab_size=4000 is below the 4096 tokens of the demo's"):
+        validate(tiny("model.vocab_size=4000"))

@@ -79,7 +79,7 @@ def test_multi_node_command_from_environment(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     check, call = calls(tools["record"])
-    assert check["argv"][:2] == ["-m", "dense_model.config"]  # validated before torchrun
+    assert check["argv"][:2] == ["-m", "dense_model.launcher"]  # validated before torchrun
     assert check["argv"][2:] == [
         "configs/1b/polynorm.yaml",
         "training.lr=1e-4",
@@ -149,6 +149,21 @@ def real_launcher_env() -> dict:
         ("model.activation=polynrom", "config error: model.activation: unknown activation 'polynrom'"),
         ("training.train_iters=12", "config error: the learning-rate warm-up (15 steps,"),  # demo: 15
         ("data.split=a,b,c", "config error: data.split='a,b,c' is not a list of numbers"),
+        # The vocabulary is the tokenizer's: a smaller one would fail only in the embedding, after launch.
+        (
+            "model.vocab_size=10",
+            "config error: model.vocab_size=10 is below the 4096 tokens of the demo's tokenizer",
+        ),
+        # The demo does not silently replace the user's data: one line naming both fields.
+        (
+            "data.blend=/nonexistent/blend.json",
+            "config error: data.demo=true trains on the demo sample, but data.blend is also set; "
+            "set data.demo=false to train on your data",
+        ),
+        (
+            "data.paths=[/data/x_text_document]",
+            "config error: data.demo=true trains on the demo sample, but data.paths",
+        ),
     ],
 )
 def test_config_error_is_one_line_and_starts_nothing(override, message):
@@ -174,9 +189,12 @@ def test_dry_run_describes_the_job_and_starts_nothing():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     cfg = load_config(REPO / "configs/demo.yaml", ["parallel.tensor_model_parallel_size=2"])
+    assert cfg.model.vocab_size is None  # unset: the demo tokenizer's 4096 (tests/data/test_demo.py)
+    cfg.model.vocab_size = 4096
     params = count_parameters(cfg.model)["total"]
     *resolved, layout, command = proc.stdout.strip().splitlines()
     assert "  tensor_model_parallel_size: 2" in resolved and "run_dir: runs/demo" in resolved
+    assert "  vocab_size: 4096" in resolved  # resolved from the tokenizer, as the trainer saves it
     assert layout.startswith("world 2 = TP 2 x PP 1 x DP 1 | micro-batches per step 2 of 8 per DP rank")
     assert "| 2,048 tokens per step | 150 steps (15 warm-up), 307,200 tokens |" in layout
     assert f"| {params:,} parameters" in layout

@@ -126,7 +126,8 @@ def _count_1b(rank, world_size, out_file):
     initialize_parallel(1, 1)
     counts = {}
     for activation in ("swiglu", "polynorm", "polyrelu", "gelu"):
-        cfg = load_config(None, [f"model.activation={activation}"])  # the defaults are the 1B model
+        # The defaults are the 1B model; its vocabulary (the Llama tokenizer's) is given: no tokenizer here.
+        cfg = load_config(None, [f"model.activation={activation}", "model.vocab_size=32000"])
         model = build_model(cfg, allocate_only=True)  # untouched memory: 1.3B fp32 params allocate lazily
         built = sum(p.numel() for p in model.parameters())
         mlp = model.decoder.layers[0].mlp

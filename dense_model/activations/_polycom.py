@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-INNER_FUNCTIONS = ("relu", "norm")
+from dense_model.activations._polycom_common import INNER_FUNCTIONS, tp_world_size
 
 
 class _AllReduceSumBothWays(torch.autograd.Function):
@@ -60,13 +60,6 @@ class _SumGradOverGroup(torch.autograd.Function):
         grad = grad.clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad, None
-
-
-def tp_world_size(group) -> int:
-    """Ranks in the TP group; 1 without a group or outside torch.distributed."""
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
 
 
 def load_fused_kernel():

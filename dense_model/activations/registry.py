@@ -7,7 +7,7 @@ Adding an activation is one decorated class in one file::
         def forward(self, x):  # [..., ffn]  (gated: [..., 2 * ffn] -> [..., ffn])
             ...
 
-The decorator is the whole protocol: the model (``dense_model.model.RegistryActivation``) builds
+The decorator is the whole protocol: the model (``dense_model.mlp.RegistryActivation``) builds
 ``cls(**model.activation_kwargs)`` plus ``tp_group=`` if ``takes_tp_group`` (the output needs the
 whole FFN row, or parameters are replicated over TP ranks) and ``fused_kernel=`` if ``fused`` is
 given: a loader called at model build on GPU machines that returns the fast path, or None where its

@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+from dense_model.config import resolve_vocab_size
 from dense_model.model import count_parameters
 from dense_model.studies.runner import EVAL_DIR, expected_steps, is_trained
 from dense_model.studies.spec import Study, StudyRun
@@ -52,6 +53,7 @@ def read_lm_eval(run_dir: Path) -> dict[str, float]:
 
 def collect_run(study: Study, run: StudyRun) -> dict:
     cfg = study.run_config(run)
+    cfg.model.vocab_size = resolve_vocab_size(cfg)  # the tokenizer's, as the run's trainer resolves it
     steps = expected_steps(study, run)
     train, valid = read_metrics(run.run_dir)
     row = {

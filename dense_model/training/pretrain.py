@@ -36,6 +36,7 @@ from dense_model.config import (
     ConfigError,
     load_config,
     moe_enabled,
+    resolve_vocab_size,
     save_config,
     split_config_argument,
     validate,
@@ -101,11 +102,8 @@ class Trainer:
         if not cfg.data.tokenizer_model:
             raise ConfigError("data.tokenizer_model is not set: give the tokenizer the data was made with")
         self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(
-                f"the tokenizer {cfg.data.tokenizer_model} has {self.tokenizer.vocab_size} tokens but "
-                f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={self.tokenizer.vocab_size}"
-            )
+        # The tokenizer's vocabulary unless set (then at least that): the saved config holds the number.
+        cfg.model.vocab_size = resolve_vocab_size(cfg, self.tokenizer.vocab_size)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         if self.rank == 0:

@@ -157,10 +157,11 @@ def test_activation_modules_from_outside_the_package():
     from pathlib import Path
 
     code = """
-from dense_model.config import ConfigError, load_config, validate
+from dense_model.config import ConfigError, load_config, resolve_vocab_size, validate
 from dense_model.model import count_parameters
 cfg = load_config(None, ["data.demo=true", "model.activation=test_scaled_tanh", "model.activation_modules=[tests.export.scaled_tanh_activation]"])
 validate(cfg)
+cfg.model.vocab_size = resolve_vocab_size(cfg)  # the demo tokenizer's
 assert count_parameters(cfg.model)["total"] > 0
 try:
     validate(load_config(None, ["data.demo=true", "model.activation_modules=[no_such_pkg.act]"]))

@@ -187,7 +187,8 @@ def test_paper_moe_configs_validate_on_64_gpus(activation, expert_width):
 
     # The blend's datasets are not on this machine: the demo data stands in (the layout is what is checked).
     cfg = load_config(
-        Path(__file__).resolve().parents[2] / "configs" / "moe" / f"{activation}.yaml", ["data.demo=true"]
+        Path(__file__).resolve().parents[2] / "configs" / "moe" / f"{activation}.yaml",
+        ["data.demo=true", "data.blend=null"],
     )
     validate(cfg, world_size=64)
     assert (cfg.model.num_layers, cfg.model.hidden_size) == (16, 2048)

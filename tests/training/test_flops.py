@@ -12,7 +12,8 @@ from dense_model.testing import spawn_workers, tiny_model_overrides
 def test_1b_flops_per_token_by_hand(activation):
     from dense_model.training.metrics import flops_per_token
 
-    cfg = load_config("configs/1b/base.yaml", [f"model.activation={activation}"])
+    # The Llama tokenizer's vocabulary, given: its file (the vocabulary's source) is not on this machine.
+    cfg = load_config("configs/1b/base.yaml", [f"model.activation={activation}", "model.vocab_size=32000"])
     h, s, layers, vocab = 2048, 4096, 24, 32000
     qkv, proj, scores = 2 * h * (3 * h), 2 * h * h, 2 * 2 * s * h  # no GQA; QK^T and PV over all s
     mlp = 4 * h * 8256 if activation == "polynorm" else 2 * h * (2 * 5504) + 2 * 5504 * h

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import triton  # ImportError here is load_fused_kernel's signal to fall back to the torch reference
 
-from dense_model.activations._polycom import INNER_FUNCTIONS, tp_world_size
+from dense_model.activations._polycom_common import INNER_FUNCTIONS, tp_world_size
 from dense_model.activations.kernels import polycom_triton as K
 
 

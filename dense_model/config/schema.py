@@ -1,0 +1,384 @@
+"""The config's schema: nested dataclasses, one per section, every field with a one-line docstring.
+
+Each section's ``validate()`` checks its own fields (ranges, files); the settings that span sections
+are ``rules.validate``'s. A new section brings its own ``validate()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dense_model.activations import get_activation_entry, import_activation_modules
+from dense_model.config.checks import (
+    ConfigError,
+    check_split,
+    divisors_near,
+    fraction,
+    non_negative,
+    positive,
+)
+from dense_model.data.blend import load_blend
+from dense_model.data.tokenizers import build_tokenizer
+
+NO_TOKENIZER = "data.tokenizer_model is not set: give the tokenizer the data was made with"
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts in every layer's MLP (megatron-core's MoELayer); num_experts unset = dense."""
+
+    num_experts: int | None = None
+    """Routed experts per layer; None or 0 = a dense MLP."""
+    router_topk: int = 2
+    """Experts each token is sent to."""
+    ffn_hidden_size: int | None = None
+    """Expert FFN width; None = parameter-matched from swiglu_ffn_hidden_size (non-gated: 1.5x)."""
+    swiglu_ffn_hidden_size: int = 1024
+    """SwiGLU expert width the expert FFN is matched to when ffn_hidden_size is None (OLMoE: 1024)."""
+    aux_loss_coeff: float = 0.01
+    """Load-balancing (switch) auxiliary loss coefficient; 0 disables it."""
+    z_loss_coeff: float | None = None
+    """Router z-loss coefficient (OLMoE: 0.001); None disables it."""
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """How tokens reach experts on other expert-parallel ranks."""
+    capacity_factor: float | None = None
+    """Expert capacity as a multiple of the even share (tokens over it are dropped); None = dropless."""
+    shared_expert_ffn_hidden_size: int | None = None
+    """Width of an always-on shared expert (same activation); None = no shared expert."""
+    grouped_gemm: bool = True
+    """Transformer Engine grouped-GEMM experts when TE is installed (GPU); local experts otherwise."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 24
+    """Transformer layers."""
+    hidden_size: int = 2048
+    """Model width."""
+    num_attention_heads: int = 16
+    """Attention heads (query heads)."""
+    num_query_groups: int | None = None
+    """Key/value heads for GQA; None = as many as attention heads (no GQA, as in the paper)."""
+    activation: str = "swiglu"
+    """MLP activation, a name from dense_model.activations.list_activations()."""
+    activation_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the activation, e.g. {order: 3} for polynorm/polyrelu."""
+    activation_modules: list[str] = field(default_factory=list)
+    """Modules imported before model.activation is looked up: activations registered outside dense_model."""
+    fused_activation: bool = True
+    """Use the activation's fused Triton kernel on GPUs when it has one (the torch reference otherwise)."""
+    ffn_hidden_size: int | None = None
+    """FFN width; None = derived from swiglu_ffn_hidden_size, parameter-matched to the activation."""
+    swiglu_ffn_hidden_size: int = 5504
+    """SwiGLU width the FFN is matched to when ffn_hidden_size is None (non-gated: 1.5x, 5504 -> 8256)."""
+    vocab_size: int | None = None
+    """Vocabulary size; None = the tokenizer's (data.tokenizer_model, or the demo's). The embedding is
+    padded to make_vocab_size_divisible_by x TP; an explicit value below the tokenizer's is refused."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this times TP (Megatron's default)."""
+    seq_length: int = 4096
+    """Sequence length in tokens."""
+    rotary_base: int = 10000
+    """RoPE base."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
+    init_method_std: float = 0.013975
+    """Std of the normal init, sqrt(2 / (5 * hidden)); output layers are scaled by depth."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    untie_embeddings: bool = True
+    """Separate input embedding and output layer weights (Llama style)."""
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    """Layer implementation: megatron-core's local modules, or Transformer Engine (GPU, if installed)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture of experts (off unless moe.num_experts is set)."""
+    attention_backend: Literal["auto", "local", "sdpa", "te"] = "auto"
+    """Core attention: auto = Transformer Engine's with transformer_impl=transformer_engine, else torch's
+    scaled_dot_product_attention on GPUs (dense_model.attention), else megatron-core's local module."""
+
+    def validate(self) -> None:
+        try:
+            import_activation_modules(self.activation_modules)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        try:
+            entry = get_activation_entry(self.activation)
+        except ValueError as err:
+            raise ConfigError(f"model.activation: {err}") from None
+        try:
+            entry.cls(**self.activation_kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(
+                f"model.activation_kwargs: {self.activation} rejects {self.activation_kwargs}: {err}"
+            ) from None
+        positive(self, "model", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups")
+        positive(self, "model", "ffn_hidden_size", "swiglu_ffn_hidden_size", "vocab_size")
+        positive(self, "model", "make_vocab_size_divisible_by", "seq_length", "rotary_base")
+        positive(self, "model", "norm_epsilon", "init_method_std")
+        fraction(self, "model", "hidden_dropout", "attention_dropout")
+        if self.attention_backend == "te" and self.transformer_impl != "transformer_engine":
+            raise ConfigError(
+                "model.attention_backend=te needs model.transformer_impl=transformer_engine; "
+                "set model.attention_backend to auto, sdpa or local"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_attention_heads="
+                f"{self.num_attention_heads}; pick a head count that divides it (e.g. "
+                f"{divisors_near(self.hidden_size, self.num_attention_heads)})"
+            )
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_query_groups={groups}; use a group count that divides the head count"
+            )
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    """TP: ranks the attention heads and FFN width are split over."""
+    pipeline_model_parallel_size: int = 1
+    """PP: pipeline stages; num_layers must divide evenly."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs TP > 1)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce with backward (GPU)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with forward (GPU)."""
+    expert_model_parallel_size: int = 1
+    """EP: ranks the MoE experts are spread over (model.moe.num_experts must divide evenly)."""
+    expert_tensor_parallel_size: int | None = None
+    """Expert TP: ranks each expert's FFN width is split over; None = tensor_model_parallel_size."""
+
+    def validate(self) -> None:
+        positive(self, "parallel", "tensor_model_parallel_size", "pipeline_model_parallel_size")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 2
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 64
+    """Sequences per optimizer step over all ranks (gradient accumulation fills the gap)."""
+    train_iters: int | None = None
+    """Optimizer steps; None = derived from train_tokens."""
+    train_tokens: int | None = 100_000_000_000
+    """Tokens to train on when train_iters is None (paper: 100B)."""
+    lr: float = 3.0e-4
+    """Peak learning rate."""
+    min_lr: float = 3.0e-5
+    """Learning rate at the end of the cosine decay."""
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    lr_warmup_tokens: int | None = 620_000_000
+    """Warmup length in tokens (paper: 620M); lr_warmup_iters overrides it when set."""
+    lr_warmup_iters: int | None = None
+    """Warmup length in steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to 1-D parameters: norms, PolyCom scalars)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1.0e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    bf16: bool = True
+    """bf16 mixed precision (on GPUs; the CPU always runs fp32)."""
+    seed: int = 1234
+    """Random seed (weights, data order, dropout)."""
+    data_seed: int | None = None
+    """Seed of the data order alone; None = training.seed (studies vary init and data separately)."""
+    recompute_granularity: Literal["none", "selective", "full"] = "selective"
+    """Activation recompute: megatron's selective (attention core) or full layers."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """How full recompute picks layers."""
+    recompute_num_layers: int = 1
+    """Layers per recompute chunk (full recompute)."""
+    eod_mask_loss: bool = False
+    """Mask the loss on end-of-document tokens."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """A NaN/Inf loss or gradient: stop with a message naming the step, or skip the step."""
+    peak_flops: float | None = None
+    """Peak FLOP/s per device for MFU; None = detected from the GPU name (A100/H100/H200 bf16)."""
+
+    def validate(self) -> None:
+        positive(self, "training", "micro_batch_size", "global_batch_size", "train_iters", "train_tokens")
+        positive(self, "training", "lr", "adam_eps", "recompute_num_layers", "peak_flops")
+        non_negative(self, "training", "min_lr", "weight_decay", "clip_grad")
+        non_negative(self, "training", "lr_warmup_tokens", "lr_warmup_iters")
+        fraction(self, "training", "adam_beta1", "adam_beta2")
+        if self.train_iters is None and self.train_tokens is None:
+            raise ConfigError("set training.train_iters or training.train_tokens")
+        if self.min_lr > self.lr:
+            raise ConfigError(
+                f"training.min_lr={self.min_lr} is above training.lr={self.lr}; set it at or below lr"
+            )
+
+
+@dataclass
+class DataConfig:
+    blend: str | None = None
+    """Blend file (JSON) written by preprocess_data.py --split-by-subset."""
+    paths: list[str] = field(default_factory=list)
+    """Megatron mmap prefixes (PREFIX_text_document) when no blend file is given."""
+    weights: list[float] | None = None
+    """Weights for paths (None = proportional to size, Megatron's behaviour)."""
+    tokenizer_type: Literal["sentencepiece", "huggingface"] = "sentencepiece"
+    """Tokenizer library."""
+    tokenizer_model: str | None = None
+    """SentencePiece .model file or Hugging Face tokenizer folder."""
+    split: str = "969,30,1"
+    """Train/valid/test split of each dataset, in parts."""
+    cache_dir: str | None = None
+    """Where megatron-core caches its sample indices; None = RUN_DIR/data_cache."""
+    num_workers: int = 2
+    """DataLoader workers."""
+    demo: bool = False
+    """Use the RedPajama-format sample shipped in examples/ (tokenised on first use)."""
+
+    def validate(self) -> None:
+        non_negative(self, "data", "num_workers")
+        check_split(self.split)
+        if self.weights is not None:
+            if len(self.weights) != len(self.paths):
+                raise ConfigError(
+                    f"data.weights has {len(self.weights)} entries but data.paths has {len(self.paths)}; "
+                    "give one weight per path"
+                )
+            for i, w in enumerate(self.weights):
+                if not (math.isfinite(w) and w >= 0):
+                    raise ConfigError(f"data.weights[{i}]={w}: weights must be finite and >= 0")
+            if self.weights and sum(self.weights) <= 0:
+                raise ConfigError("data.weights sum to 0; give at least one dataset a positive weight")
+        if self.demo:
+            given = [f"data.{name}" for name in ("blend", "paths") if getattr(self, name)]
+            if given:  # the demo would replace them with its own blend: say so instead of training on it
+                raise ConfigError(
+                    f"data.demo=true trains on the demo sample, but {' and '.join(given)} is also set; "
+                    f"set data.demo=false to train on your data, or leave {' and '.join(given)} unset"
+                )
+            return  # the demo fills in its own blend and tokenizer
+        if not self.blend and not self.paths:
+            raise ConfigError(
+                "no training data: set data.blend (a blend file from preprocess_data.py) or data.paths "
+                "(mmap prefixes PREFIX_text_document), or data.demo=true"
+            )
+        if self.blend:
+            try:
+                load_blend(self.blend)
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ConfigError(f"data.blend: {err}") from None
+        for i, prefix in enumerate(self.paths):
+            for ext in (".bin", ".idx"):
+                if not os.path.isfile(prefix + ext):
+                    raise ConfigError(
+                        f"data.paths[{i}]: {prefix}{ext} does not exist; give the prefix of a dataset "
+                        "written by preprocess_data.py (PREFIX_text_document, without .bin/.idx)"
+                    )
+        if not self.tokenizer_model:
+            raise ConfigError(NO_TOKENIZER)
+        # The tokenizer itself is loaded once, by rules.validate (its vocabulary is the model's).
+
+    def tokenizer_vocab_size(self) -> int:
+        """The tokenizer's vocabulary: the demo's, or data.tokenizer_model's (loaded); ConfigError
+        naming the field if it cannot load."""
+        if self.demo:
+            from dense_model.data.demo import DEMO_VOCAB_SIZE
+
+            return DEMO_VOCAB_SIZE
+        if not self.tokenizer_model:
+            raise ConfigError(NO_TOKENIZER)
+        try:
+            return build_tokenizer(self.tokenizer_type, self.tokenizer_model).vocab_size
+        except Exception as err:  # noqa: BLE001 - any library's failure to parse the file
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"data.tokenizer_model: cannot load {self.tokenizer_model} as a {self.tokenizer_type} "
+                f"tokenizer ({first}); give the tokenizer file or folder the data was made with"
+            ) from None
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int | None = 1000
+    """Save every N steps (and at the end); None = only at the end."""
+    keep_last: int | None = 3
+    """Keep the last K checkpoints; None keeps all."""
+    load: str | None = None
+    """Checkpoint directory to start from; None = the run's own checkpoints/ (resume)."""
+    fresh: bool = False
+    """Ignore existing checkpoints in the run directory and start from step 0."""
+    fully_parallel_save: bool = True
+    """Spread the save over data-parallel ranks (dist_checkpointing's fully parallel strategy)."""
+    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """Distributed-optimizer state on disk. dp_reshardable: each rank writes its own shard (no
+    gather), resumable at another DP size but the same TP/PP/EP; fully_reshardable: gathered into
+    per-parameter tensors on save, resumable at any layout (costs the whole state on every rank)."""
+
+    def validate(self) -> None:
+        positive(self, "checkpoint", "save_interval", "keep_last")
+        if self.load is not None and not Path(self.load).exists():
+            raise ConfigError(
+                f"checkpoint.load: {self.load} does not exist; give a run directory, its checkpoints/ "
+                "folder or one iter_NNNNNNN folder"
+            )
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    """Steps between log lines / metrics.jsonl entries."""
+    eval_interval: int = 1000
+    """Steps between validation runs."""
+    eval_iters: int = 20
+    """Global batches per validation run (the same batches every time, so runs compare)."""
+    tensorboard: bool = True
+    """Write TensorBoard events in the run directory."""
+    wandb_project: str | None = None
+    """Also log to Weights & Biases under this project (if wandb is installed)."""
+
+    def validate(self) -> None:
+        positive(self, "logging", "log_interval")
+        non_negative(self, "logging", "eval_interval", "eval_iters")
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    """Where config.yaml, metrics.jsonl, TensorBoard events and checkpoints/ go."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor/pipeline/data parallel layout."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Optimizer, schedule, batch, precision."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Datasets and tokenizer."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Log lines, metrics, TensorBoard."""
+
+
+def sections(cfg: Config) -> list[tuple[str, Any]]:
+    """(name, section) for every config section, in declaration order."""
+    return [
+        (f.name, getattr(cfg, f.name))
+        for f in dataclasses.fields(cfg)
+        if dataclasses.is_dataclass(getattr(cfg, f.name))
+    ]

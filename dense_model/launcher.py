@@ -1,0 +1,82 @@
+"""The check before launch: what ``run_pretrain.sh`` runs before torchrun starts (no process group, no GPU).
+
+    python -m dense_model.launcher [CONFIG] [k=v ...] [--world-size N] [--dry-run] [--check-run-dir]
+
+The config loaded and validated for the world size (``dense_model.config``), the run directory not
+held by another job (``--check-run-dir``, ``training.run_lock``), and ``--dry-run``'s report: the
+resolved config, the world layout, the batch arithmetic and the parameter count (``model``). A bad
+value is one line on stderr and exit 2. Above training: it imports the layers below, none imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from dense_model.config import (
+    Config,
+    ConfigError,
+    config_to_dict,
+    load_config,
+    resolve_vocab_size,
+    split_config_argument,
+    train_and_warmup_steps,
+    validate,
+)
+from dense_model.model import count_parameters
+from dense_model.training.run_lock import RunDirBusy, check_free
+
+
+def describe_job(cfg: Config, world_size: int) -> str:
+    """The resolved config, the world layout, the batch arithmetic and the parameter count."""
+    t, p = cfg.training, cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    dp = world_size // (tp * pp)
+    iters, warmup = train_and_warmup_steps(cfg)
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    params = count_parameters(cfg.model)
+    layout = (
+        f"world {world_size} = TP {tp} x PP {pp} x DP {dp} | micro-batches per step "
+        f"{t.global_batch_size // (t.micro_batch_size * dp)} of {t.micro_batch_size} per DP rank | "
+        f"{tokens_per_step:,} tokens per step | {iters:,} steps ({warmup:,} warm-up), "
+        f"{iters * tokens_per_step:,} tokens | {params['total']:,} parameters "
+        f"({params['non_embedding']:,} without embeddings)"
+    )
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False) + layout
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dense_model.launcher [CONFIG] [k=v ...] [--world-size N] [--dry-run] [--check-run-dir]``:
+    exit 2 with a one-line message if the config cannot run; 0 otherwise."""
+    parser = argparse.ArgumentParser(description="Check a training config before launching it.")
+    parser.add_argument("config", nargs="?", help="YAML config (default: the built-in defaults)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument("--world-size", type=int, default=None, help="processes the job will run")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved job and exit")
+    parser.add_argument(
+        "--check-run-dir", action="store_true", help="also fail if another job holds the run directory"
+    )
+    args = parser.parse_intermixed_args(argv)
+    config, overrides = split_config_argument(args.config, args.overrides)
+    try:
+        cfg = load_config(config, overrides)
+        validate(cfg, world_size=args.world_size)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.check_run_dir:
+        try:
+            check_free(cfg.run_dir)
+        except RunDirBusy as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    if args.dry_run:
+        cfg.model.vocab_size = resolve_vocab_size(cfg)  # the tokenizer's, as the trainer resolves it
+        print(describe_job(cfg, args.world_size or 1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
