@@ -113,32 +113,32 @@ def test_a_load_path_that_does_not_resolve_is_refused_before_launch(tiny_config,
 
 
 def test_fresh_over_an_older_run_keeps_its_own_checkpoints_and_a_relaunch_resumes(tiny_config):
-    """The older run's checkpoints (4, 8) are above the fresh run's saves (1, 2): they are moved to
+    """The older run's checkpoints (4, 8) are above the fresh run's saves (1, 2, 3): they are moved to
     checkpoints/stale/, never deleted, and the fresh run's own latest checkpoint is kept."""
     config, run_dir = tiny_config("used", "training.train_iters=8", "logging.eval_interval=0")
     run_ok(config)
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000004", "iter_0000008"]
 
-    fresh = ["training.train_iters=2", "checkpoint.save_interval=1", "checkpoint.keep_last=2"]
+    fresh = ["training.train_iters=3", "checkpoint.save_interval=1", "checkpoint.keep_last=2"]
     out = run_ok(config, "checkpoint.fresh=true", *fresh)
     assert f"checkpoint.fresh=true: not resuming {ckpts} (tracker at step 8)" in out, out
     assert f"moved {ckpts}/iter_0000008 aside to {ckpts}/stale/iter_0000008." in out, out
-    assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "2"
-    assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000001", "iter_0000002"]
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "3"
+    assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000002", "iter_0000003"]
     stale = sorted(p.name.split(".")[0] for p in (ckpts / "stale").iterdir())
     assert stale == ["iter_0000004", "iter_0000008"]
     for folder in (ckpts / "stale").iterdir():  # intact: each still loads
         assert (folder / "dense_model.json").is_file() and (folder / "common.pt").is_file()
 
-    out = run_ok(config, *fresh[:1], "training.train_iters=3")
-    assert f"resumed from {ckpts}/iter_0000002 at step 2 (its own checkpoint" in out, out
-    assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "3"
+    out = run_ok(config, "training.train_iters=4")
+    assert f"resumed from {ckpts}/iter_0000003 at step 3 (its own checkpoint" in out, out
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "4"
 
 
 def test_fresh_from_the_runs_own_checkpoint_as_weights_keeps_what_it_loads(tiny_config):
     """checkpoint.load=<the run's own iter_N> with fresh=true and load_mode=weights: the run starts
-    at step 0 from those weights; its saves (1, 2) never delete the folder it loaded from."""
+    at step 0 from those weights; its saves (1, 2, 3) never delete the folder it loaded from."""
     config, run_dir = tiny_config("own", "training.train_iters=4", "logging.eval_interval=0")
     run_ok(config)
     ckpts = run_dir / "checkpoints"
@@ -148,13 +148,13 @@ def test_fresh_from_the_runs_own_checkpoint_as_weights_keeps_what_it_loads(tiny_
         "checkpoint.fresh=true",
         f"checkpoint.load={own}",
         "checkpoint.load_mode=weights",
-        "training.train_iters=2",
+        "training.train_iters=3",
         "checkpoint.save_interval=1",
         "checkpoint.keep_last=1",
     )
     assert f"loaded the model weights of {own} (its step 4; load_mode=weights)" in out, out
-    assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "2"
-    assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000002"]  # keep_last=1
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "3"
+    assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000003"]  # keep_last=1
     (aside,) = (ckpts / "stale").glob("iter_0000004.*")
     assert (aside / "common.pt").is_file()
 
