@@ -25,6 +25,7 @@ from dense_model.config import (
     train_and_warmup_steps,
     validate,
 )
+from dense_model.checkpoint.layout import CheckpointError, plan_load
 from dense_model.model import count_parameters
 from dense_model.training.run_lock import RunDirBusy, check_free
 
@@ -63,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config, overrides)
         validate(cfg, world_size=args.world_size)
-    except ConfigError as err:
+        c = cfg.checkpoint  # checkpoint.load resolves, the run's own tracker is sound
+        plan_load(cfg.run_dir, c.load, c.load_mode, c.fresh)
+    except (ConfigError, CheckpointError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     if args.check_run_dir:

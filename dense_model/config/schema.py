@@ -320,9 +320,17 @@ class CheckpointConfig:
     keep_last: int | None = 3
     """Keep the last K checkpoints; None keeps all."""
     load: str | None = None
-    """Checkpoint directory to start from; None = the run's own checkpoints/ (resume)."""
+    """A checkpoint to start from while the run has none of its own: a run directory, its
+    checkpoints/ folder or one iter_NNNNNNN folder (refused before launch if it does not resolve).
+    Once the run has saved, a relaunch resumes its own latest checkpoint and says load is unused."""
+    load_mode: Literal["resume", "weights"] = "resume"
+    """How checkpoint.load is loaded. resume: its step, optimizer, scheduler and data position
+    continue (Megatron-LM's --load); weights: the model weights only, from step 0 with a fresh
+    optimizer and schedule (Megatron-LM's --finetune). A weights-only checkpoint (an import) always
+    loads as weights."""
     fresh: bool = False
-    """Ignore existing checkpoints in the run directory and start from step 0."""
+    """Do not resume the run directory's own checkpoints: start from step 0 (or checkpoint.load).
+    They stay until this run's first save, which moves those above its step to checkpoints/stale/."""
     fully_parallel_save: bool = True
     """Spread the save over data-parallel ranks (dist_checkpointing's fully parallel strategy)."""
     optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
@@ -332,11 +340,8 @@ class CheckpointConfig:
 
     def validate(self) -> None:
         positive(self, "checkpoint", "save_interval", "keep_last")
-        if self.load is not None and not Path(self.load).exists():
-            raise ConfigError(
-                f"checkpoint.load: {self.load} does not exist; give a run directory, its checkpoints/ "
-                "folder or one iter_NNNNNNN folder"
-            )
+        # checkpoint.load is checked where it is used (checkpoint.layout.plan_load, before launch):
+        # a run with checkpoints of its own does not use it.
 
 
 @dataclass
