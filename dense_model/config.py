@@ -205,6 +205,8 @@ class TrainingConfig:
     """AdamW epsilon."""
     clip_grad: float = 1.0
     """Gradient clipping by global norm (0 disables)."""
+    fused_adam: bool | Literal["auto"] = "auto"
+    """torch's fused AdamW kernel (without TE/apex): auto = on GPUs, true = also on the CPU, false = foreach."""
     bf16: bool = True
     """bf16 mixed precision (on GPUs; the CPU always runs fp32)."""
     seed: int = 1234
