@@ -214,7 +214,7 @@ class TrainingConfig:
     data_seed: int | None = None
     """Seed of the data order alone; None = training.seed (studies vary init and data separately)."""
     recompute_granularity: Literal["none", "selective", "full"] = "selective"
-    """Activation recompute: megatron's selective (attention core) or full layers."""
+    """Activation recompute: selective (the local core attention; none with SDPA/TE, whose fused kernels keep no scores) or full layers."""
     recompute_method: Literal["uniform", "block"] = "uniform"
     """How full recompute picks layers."""
     recompute_num_layers: int = 1
