@@ -50,4 +50,4 @@ def test_tp2_fused_matches_tp1_and_reference():
                 proc.kill()
     for rank, (code, out, err) in enumerate(outputs):
         assert code == 0, f"rank {rank} failed:\n{out}\n{err[-4000:]}"
-        assert "8 TP=2 cases match" in out, out
+        assert "12 TP=2 cases match" in out, out
