@@ -71,7 +71,9 @@ def parse_args(argv=None):
         "--sweep", action="store_true", help="also time launch configs of the fused kernels per width"
     )
     p.add_argument(
-        "--sweep-widths", default=None, help="comma-separated widths (default 8256,4128,2064,1032,5504; 40,77 on cpu)"
+        "--sweep-widths",
+        default=None,
+        help="comma-separated widths (default 8256,4128,2064,1032,5504; 40,77 on cpu)",
     )
     p.add_argument("--no-check", action="store_true", help="skip the fused-vs-reference parity check")
     p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON ('-' for stdout)")
@@ -329,7 +331,14 @@ def sweep_markdown(results) -> str:
             [r["activation"], str(r["width"]), str(len(r["configs"])), str(b.get("block", "n/a")),
              str(b.get("num_warps", "n/a")), str(b.get("programs_per_sm", "n/a")), fmt(b.get("fwd_bwd_ms"), ".3f")]
         )  # fmt: skip
-    return "\n".join(["", "Sweep of the fused kernels' launch configuration (fastest per width):", "", markdown_table(columns, cells)])
+    return "\n".join(
+        [
+            "",
+            "Sweep of the fused kernels' launch configuration (fastest per width):",
+            "",
+            markdown_table(columns, cells),
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -99,7 +99,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per run")
     p.add_argument("--steps", type=int, default=30, help="timed steps per run (interleaved)")
     p.add_argument(
-        "--dp-size", type=int, default=32, help="data-parallel size the optimizer's share is divided by (default 32)"
+        "--dp-size",
+        type=int,
+        default=32,
+        help="data-parallel size the optimizer's share is divided by (default 32)",
     )
     p.add_argument("--num-layers", type=int, default=None, help="override model.num_layers")
     p.add_argument("--fit-layers", action="store_true", help="on OOM, halve the layers and retry")
@@ -266,12 +269,19 @@ def sdpa_backend(cfg) -> str | None:
 
     m = cfg.model
     heads, dim = m.num_attention_heads, m.hidden_size // m.num_attention_heads
-    q = torch.randn(cfg.training.micro_batch_size, heads, m.seq_length, dim, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(
+        cfg.training.micro_batch_size, heads, m.seq_length, dim, device="cuda", dtype=torch.bfloat16
+    )
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
         torch.cuda.synchronize()
     names = " ".join(e.name.lower() for e in prof.events())
-    for key, label in (("cudnn", "cudnn"), ("flash", "flash"), ("efficient", "efficient"), ("fmha", "efficient")):
+    for key, label in (
+        ("cudnn", "cudnn"),
+        ("flash", "flash"),
+        ("efficient", "efficient"),
+        ("fmha", "efficient"),
+    ):
         if key in names:
             return label
     return "math"
@@ -346,7 +356,12 @@ def run_in_process(args, runs):
     )
     meta["gpu_clocks_before"] = gpu_clocks() if args.device == "cuda" else None
     meta["sdpa_backend"] = sdpa_backend(first) if args.device == "cuda" else None
-    meta.update(warmup=args.warmup, steps=args.steps, dp_size=args.dp_size, timer="cuda events" if args.device == "cuda" else "perf_counter")
+    meta.update(
+        warmup=args.warmup,
+        steps=args.steps,
+        dp_size=args.dp_size,
+        timer="cuda events" if args.device == "cuda" else "perf_counter",
+    )
     cfgs, rows, per_run = [], [], []
     for act, fused, attention in runs:
         overrides = [*base, f"model.activation={act}", f"model.attention_backend={attention}"]

@@ -63,7 +63,9 @@ def closure(names: list[str], python_version: str, with_numpy: bool = False) -> 
         try:
             dist = md.distribution(name)
         except md.PackageNotFoundError as err:
-            raise SystemExit(f"build_wheelhouse: {name} is not installed here; install requirements.txt first") from err
+            raise SystemExit(
+                f"build_wheelhouse: {name} is not installed here; install requirements.txt first"
+            ) from err
         found[name] = dist.version
         for spec in dist.requires or []:
             req = Requirement(spec)
@@ -89,13 +91,23 @@ def main(argv=None) -> int:
         default=None,
         help="pip platform tag, repeatable (default: manylinux_2_28_x86_64, manylinux2014_x86_64, linux_x86_64)",
     )
-    p.add_argument("--out", default="wheelhouse", help="folder for the wheels and the list (default: %(default)s)")
-    p.add_argument("--no-dev", action="store_true", help="leave out requirements-dev.txt (pytest: the GPU check needs it)")
+    p.add_argument(
+        "--out", default="wheelhouse", help="folder for the wheels and the list (default: %(default)s)"
+    )
+    p.add_argument(
+        "--no-dev",
+        action="store_true",
+        help="leave out requirements-dev.txt (pytest: the GPU check needs it)",
+    )
     p.add_argument("--with-numpy", action="store_true", help="include numpy (default: the machine's is kept)")
-    p.add_argument("--dry-run", action="store_true", help="write the list, print the commands, download nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="write the list, print the commands, download nothing"
+    )
     args = p.parse_args(argv)
     if not re.fullmatch(r"3\.\d+", args.python_version):
-        print(f"build_wheelhouse: --python-version {args.python_version!r}: write it as 3.11", file=sys.stderr)
+        print(
+            f"build_wheelhouse: --python-version {args.python_version!r}: write it as 3.11", file=sys.stderr
+        )
         return 2
     platforms = args.platform or ["manylinux_2_28_x86_64", "manylinux2014_x86_64", "linux_x86_64"]
     files = [REPO / f for f in REQUIREMENT_FILES[: 1 if args.no_dev else 2]]
@@ -121,7 +133,16 @@ def main(argv=None) -> int:
     for name, version in pins.items():
         one = download_command(pins_file, out, args.python_version, platforms)[:-2] + [f"{name}=={version}"]
         if subprocess.run(one, capture_output=True).returncode != 0:
-            wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out), f"{name}=={version}"]
+            wheel = [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--wheel-dir",
+                str(out),
+                f"{name}=={version}",
+            ]
             if subprocess.run(wheel).returncode != 0:
                 missing.append(f"{name}=={version}")
     if missing:

@@ -145,7 +145,11 @@ class Check:
         blob = {"meta": self.meta, "ok": self.ok(), "finished": finished, "parts": self.parts}
         write_json(str(self.out / "gpu_check.json"), blob)
         rows = [[name, part["status"], part["seconds"], _details(part)] for name, part in self.parts.items()]
-        summary = [metadata_lines(self.meta), "", markdown_table(["part", "status", "seconds", "details"], rows)]
+        summary = [
+            metadata_lines(self.meta),
+            "",
+            markdown_table(["part", "status", "seconds", "details"], rows),
+        ]
         if not finished:
             summary += ["", "**Not finished** (cut off, or still running)."]
         logs = {
@@ -213,7 +217,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true", help="only the parts a CPU can run, at tiny sizes")
     p.add_argument("--out", default="gpu_check_out", help="output folder (default: %(default)s)")
-    p.add_argument("--budget", type=float, default=None, help="seconds for all parts (default 420; --cpu: 4200)")
+    p.add_argument(
+        "--budget", type=float, default=None, help="seconds for all parts (default 420; --cpu: 4200)"
+    )
     p.add_argument("--parts", default=None, help=f"comma-separated subset of {','.join(CAPS)}")
     p.add_argument("--cap", action="append", default=[], metavar="PART=SECONDS", help="a part's time cap")
     args = p.parse_args(argv)
@@ -225,12 +231,18 @@ def main(argv=None) -> int:
     for item in args.cap:
         name, _, seconds = item.partition("=")
         if name not in CAPS or not seconds.replace(".", "", 1).isdigit():
-            print(f"gpu_check: --cap {item!r}: write PART=SECONDS with PART one of {', '.join(CAPS)}", file=sys.stderr)
+            print(
+                f"gpu_check: --cap {item!r}: write PART=SECONDS with PART one of {', '.join(CAPS)}",
+                file=sys.stderr,
+            )
             return 2
         caps[name] = float(seconds)
     wanted = set(CAPS) if args.parts is None else set(args.parts.split(","))
     if wanted - set(CAPS):
-        print(f"gpu_check: --parts: unknown {sorted(wanted - set(CAPS))}; choose from {', '.join(CAPS)}", file=sys.stderr)
+        print(
+            f"gpu_check: --parts: unknown {sorted(wanted - set(CAPS))}; choose from {', '.join(CAPS)}",
+            file=sys.stderr,
+        )
         return 2
     cpu = args.cpu
     if not cpu and not torch.cuda.is_available():
@@ -262,7 +274,12 @@ def main(argv=None) -> int:
             check.run("kernels", [sys.executable, "-m", "pytest", "-q", "-rA", "tests/activations/kernels"])
 
     if check.wants("bench_act"):
-        bench = [sys.executable, "scripts/bench_activations.py", "--json", str(out / "bench_activations.json")]
+        bench = [
+            sys.executable,
+            "scripts/bench_activations.py",
+            "--json",
+            str(out / "bench_activations.json"),
+        ]
         bench += ["--device", "cpu", "--sweep"] if cpu else ["--tokens", "8192", "--ffn", "8256", "--sweep"]
         check.run("bench_act", bench)
 
@@ -278,7 +295,12 @@ def main(argv=None) -> int:
         check.run("bench_step", step)
 
     if check.wants("optim_step"):
-        optim = [sys.executable, "scripts/bench_optimizer_step.py", "--json", str(out / "bench_optimizer_step.json")]
+        optim = [
+            sys.executable,
+            "scripts/bench_optimizer_step.py",
+            "--json",
+            str(out / "bench_optimizer_step.json"),
+        ]
         if cpu:
             optim += ["--device", "cpu", "--warmup", "1", "--steps", "2"]
         else:
@@ -292,7 +314,10 @@ def main(argv=None) -> int:
                     for ops, row in rows.items()
                     for k in ("host_reads_per_optimizer_step", "step_ms")
                 }
-                | {f"{ops}_optimizer_share": row["optimizer_ms"] / row["step_ms"] for ops, row in rows.items()},
+                | {
+                    f"{ops}_optimizer_share": row["optimizer_ms"] / row["step_ms"]
+                    for ops, row in rows.items()
+                },
             )
 
     if check.wants("demo_bf16"):
@@ -314,12 +339,15 @@ def main(argv=None) -> int:
         how = kill_after_checkpoint(
             check, pretrain(resumed, *fp32_overrides), resumed / "checkpoints" / "iter_0000010"
         )
-        if check.run("kill_resume", pretrain(resumed, *fp32_overrides), kill=how) and check.parts.get(
-            "demo_fp32", {}
-        ).get("status") == "ok":
+        if (
+            check.run("kill_resume", pretrain(resumed, *fp32_overrides), kill=how)
+            and check.parts.get("demo_fp32", {}).get("status") == "ok"
+        ):
             want, got = losses(fp32), losses(resumed)
             diff = max(abs(got[s] - want[s]) for s in range(11, 21))
-            check.update("kill_resume", seconds=round(time.perf_counter() - start, 1), max_loss_diff_steps_11_20=diff)
+            check.update(
+                "kill_resume", seconds=round(time.perf_counter() - start, 1), max_loss_diff_steps_11_20=diff
+            )
 
     if check.wants("moe_demo"):
         if cpu:
@@ -338,8 +366,22 @@ def main(argv=None) -> int:
             check.skip("moe_step", "GPU only")
         else:
             step = [sys.executable, "scripts/bench_train_step.py", "--json", str(out / "bench_moe_step.json")]
-            step += ["--config", "configs/moe/polynorm.yaml", "--num-layers", "2", "--runs", "swiglu:na,polynorm:on"]
-            step += ["--attention", "sdpa", "--steps", "10", "--fit-layers", "parallel.expert_model_parallel_size=1"]
+            step += [
+                "--config",
+                "configs/moe/polynorm.yaml",
+                "--num-layers",
+                "2",
+                "--runs",
+                "swiglu:na,polynorm:on",
+            ]
+            step += [
+                "--attention",
+                "sdpa",
+                "--steps",
+                "10",
+                "--fit-layers",
+                "parallel.expert_model_parallel_size=1",
+            ]
             check.run("moe_step", step)
 
     if check.wants("kernel_errors"):

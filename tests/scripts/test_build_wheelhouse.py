@@ -19,16 +19,25 @@ def _run(*args):
 
 
 def test_dry_run_lists_everything_but_the_machines_torch(tmp_path):
-    proc = _run("--dry-run", "--out", str(tmp_path), "--python-version", "3.12", "--platform", "manylinux_2_28_x86_64")
+    proc = _run(
+        "--dry-run", "--out", str(tmp_path), "--python-version", "3.12", "--platform", "manylinux_2_28_x86_64"
+    )
     assert proc.returncode == 0, proc.stderr
-    lines = [line for line in (tmp_path / "requirements-keep-torch.txt").read_text().splitlines() if "==" in line]
+    lines = [
+        line for line in (tmp_path / "requirements-keep-torch.txt").read_text().splitlines() if "==" in line
+    ]
     pins = dict(line.split("==") for line in lines)
     assert not [n for n in pins if n in ("torch", "triton", "numpy") or n.startswith(("nvidia-", "cuda-"))]
     for name in ("megatron-core", "lm-eval", "transformers", "pytest", "sentencepiece", "psutil"):
         assert pins[name] == md.version(name), name  # the versions installed (and tested) here
     assert "pyarrow" in pins and "packaging" in pins  # dependencies of dependencies too
     command = proc.stdout.splitlines()[-1]
-    for flag in ("--only-binary=:all:", "--python-version 3.12", "--platform manylinux_2_28_x86_64", "--no-deps"):
+    for flag in (
+        "--only-binary=:all:",
+        "--python-version 3.12",
+        "--platform manylinux_2_28_x86_64",
+        "--no-deps",
+    ):
         assert flag in command, flag
     assert not list(tmp_path.glob("*.whl"))
 

@@ -87,7 +87,9 @@ def _worker(rank, world_size, root, out_file):
                 "losses": losses,
                 "params": params,
                 "fused_flags": [g["fused"] for opt in torch_adams(optimizer) for g in opt.param_groups],
-                "steps": sorted({float(s["step"]) for opt in torch_adams(optimizer) for s in opt.state.values()}),
+                "steps": sorted(
+                    {float(s["step"]) for opt in torch_adams(optimizer) for s in opt.state.values()}
+                ),
             }
     torch.save(results, out_file)
 

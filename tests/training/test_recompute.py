@@ -39,7 +39,9 @@ def _calls_worker(rank, world_size, out_file):
         calls = []
         for layer in model.decoder.layers:
             core = layer.self_attention.core_attention
-            core.register_forward_hook(lambda module, args, out: calls.append(type(module).__name__))
+            core.register_forward_hook(
+                lambda module, args, out, calls=calls: calls.append(type(module).__name__)
+            )
         batch = random_lm_batches(1, 2, 16, cfg.model.vocab_size)[0]
         loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
         forward_calls = len(calls)

@@ -141,7 +141,16 @@ def _row_sumsq(x_row, n_cols, lanes, ORDER: tl.constexpr, BLOCK: tl.constexpr, T
 
 
 @triton.jit
-def _row_moments(x_row, g_row, n_cols, lanes, RELU: tl.constexpr, ORDER: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr):
+def _row_moments(
+    x_row,
+    g_row,
+    n_cols,
+    lanes,
+    RELU: tl.constexpr,
+    ORDER: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TAIL: tl.constexpr,
+):
     """[PAD] vector m_k = sum_j g_j u_j^k over one row, u = x (PolyNorm) or relu(x) (PolyReLU)."""
     mom = tl.zeros(lanes.shape, tl.float32)
     cols = tl.arange(0, BLOCK)
@@ -162,7 +171,9 @@ def _row_moments(x_row, g_row, n_cols, lanes, RELU: tl.constexpr, ORDER: tl.cons
 
 
 @triton.jit
-def _poly_chunk(x_row, y_row, offs, n_cols, coef, lanes, RELU: tl.constexpr, ORDER: tl.constexpr, MASKED: tl.constexpr):
+def _poly_chunk(
+    x_row, y_row, offs, n_cols, coef, lanes, RELU: tl.constexpr, ORDER: tl.constexpr, MASKED: tl.constexpr
+):
     """y = P(x) (PolyNorm, coef already scaled by inv) or P(relu(x)) on one chunk."""
     u = _load(x_row, offs, n_cols, MASKED)
     if RELU:
@@ -171,7 +182,17 @@ def _poly_chunk(x_row, y_row, offs, n_cols, coef, lanes, RELU: tl.constexpr, ORD
 
 
 @triton.jit
-def _row_poly(x_row, y_row, n_cols, coef, lanes, RELU: tl.constexpr, ORDER: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr):
+def _row_poly(
+    x_row,
+    y_row,
+    n_cols,
+    coef,
+    lanes,
+    RELU: tl.constexpr,
+    ORDER: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TAIL: tl.constexpr,
+):
     cols = tl.arange(0, BLOCK)
     n_full = n_cols // BLOCK
     for c in range(0, n_full):
@@ -182,7 +203,9 @@ def _row_poly(x_row, y_row, n_cols, coef, lanes, RELU: tl.constexpr, ORDER: tl.c
 
 
 @triton.jit
-def _norm_dx_chunk(x_row, g_row, dx_row, offs, n_cols, coef, e, lanes, ORDER: tl.constexpr, MASKED: tl.constexpr):
+def _norm_dx_chunk(
+    x_row, g_row, dx_row, offs, n_cols, coef, e, lanes, ORDER: tl.constexpr, MASKED: tl.constexpr
+):
     x = _load(x_row, offs, n_cols, MASKED)
     g = _load(g_row, offs, n_cols, MASKED)
     dx = g * _poly_deriv(x, coef, lanes, ORDER) - _norm_correction(x, e, lanes, ORDER)
@@ -190,7 +213,9 @@ def _norm_dx_chunk(x_row, g_row, dx_row, offs, n_cols, coef, e, lanes, ORDER: tl
 
 
 @triton.jit
-def _row_norm_dx(x_row, g_row, dx_row, n_cols, coef, e, lanes, ORDER: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr):
+def _row_norm_dx(
+    x_row, g_row, dx_row, n_cols, coef, e, lanes, ORDER: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr
+):
     cols = tl.arange(0, BLOCK)
     n_full = n_cols // BLOCK
     for c in range(0, n_full):
@@ -201,7 +226,9 @@ def _row_norm_dx(x_row, g_row, dx_row, n_cols, coef, e, lanes, ORDER: tl.constex
 
 
 @triton.jit
-def _relu_dx_chunk(x_row, g_row, dx_row, offs, n_cols, coef, lanes, ORDER: tl.constexpr, MASKED: tl.constexpr):
+def _relu_dx_chunk(
+    x_row, g_row, dx_row, offs, n_cols, coef, lanes, ORDER: tl.constexpr, MASKED: tl.constexpr
+):
     """dx = g P'(relu(x)) [x > 0] on one chunk; returns the chunk's moments of g against relu(x)^k."""
     x = _load(x_row, offs, n_cols, MASKED)
     g = _load(g_row, offs, n_cols, MASKED)
@@ -403,7 +430,18 @@ def polynorm_bwd_apply_kernel(
         mom = tl.load(MOM + row * (ORDER + 1) + lanes, mask=lanes <= ORDER, other=0.0)
         coef = tl.where(lanes == 0, coef0, coef0 * inv)
         e = _norm_e(coef, inv, mom, lanes, inv_width)
-        _row_norm_dx(X + row * stride_x, G + row * stride_g, DX + row * stride_dx, n_cols, coef, e, lanes, ORDER, BLOCK, TAIL)
+        _row_norm_dx(
+            X + row * stride_x,
+            G + row * stride_g,
+            DX + row * stride_dx,
+            n_cols,
+            coef,
+            e,
+            lanes,
+            ORDER,
+            BLOCK,
+            TAIL,
+        )
         acc += _param_grads(mom, inv, lanes)
     tl.store(PART + tl.program_id(0) * (ORDER + 1) + lanes, acc, mask=lanes <= ORDER)
 
