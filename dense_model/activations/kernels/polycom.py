@@ -91,7 +91,7 @@ def _launch(kernel, rows: int, x2, cfg: PolyComKernelConfig, order: int, *args) 
     return programs
 
 
-def _param_grads(x2, rows: int, cfg, order: int):
+def _partials(x2, rows: int, cfg, order: int):
     """[programs, r + 1] fp32 partials buffer (every program writes its row)."""
     return torch.empty(_programs(rows, x2.device, cfg), order + 1, device=x2.device, dtype=torch.float32)
 
@@ -140,7 +140,7 @@ def polynorm_backward(g2, x2, inv, weight, bias, tp_group, cfg):
     if rows == 0 or n_cols == 0 and tp == 1:
         grads = torch.zeros(order + 1, device=x2.device, dtype=torch.float32)
         return dx2, grads[1:], grads[:1]
-    part = _param_grads(x2, rows, cfg, order)
+    part = _partials(x2, rows, cfg, order)
     if tp == 1 and not cfg.force_split:
         _launch(
             K.polynorm_bwd_fused_kernel, rows, x2, cfg, order,
@@ -185,7 +185,7 @@ def polyrelu_backward(g2, x2, weight, bias, tp_group, cfg):
     order = weight.numel()
     dx2 = torch.empty_like(x2)
     if rows > 0 and n_cols > 0:
-        part = _param_grads(x2, rows, cfg, order)
+        part = _partials(x2, rows, cfg, order)
         _launch(
             K.polyrelu_bwd_kernel, rows, x2, cfg, order,
             x2, g2, dx2, part, weight, bias, rows, n_cols, x2.stride(0), g2.stride(0), dx2.stride(0),
