@@ -120,6 +120,23 @@ def layer_spec(cfg: ModelConfig, device: torch.device | None = None):
     return spec
 
 
+def recompute_granularity(cfg: Config, device: torch.device) -> str | None:
+    """megatron's recompute granularity for ``cfg`` on ``device``. Selective recompute re-runs the
+    core attention in backward (megatron's only selective module in a dense model): worth it with
+    the local module, which saves the [b*h, s, s] scores, waste with SDPA's and TE's fused kernels,
+    which save only the output and its log-sum-exp; with those, selective means no recompute."""
+    from dense_model.attention import select_attention_backend
+
+    granularity = cfg.training.recompute_granularity
+    if granularity == "none":
+        return None
+    if granularity == "selective":
+        m = cfg.model
+        if select_attention_backend(m.attention_backend, m.transformer_impl, device) in ("sdpa", "te"):
+            return None
+    return granularity
+
+
 def transformer_config(
     cfg: Config,
     perform_initialization: bool = True,
@@ -137,7 +154,7 @@ def transformer_config(
     bf16 = dtype == torch.bfloat16
     kernels = installed_kernels() if kernels is None else kernels
     gated = activation_entry(m).gated
-    recompute = None if t.recompute_granularity == "none" else t.recompute_granularity
+    recompute = recompute_granularity(cfg, device)
     if moe_enabled(m):
         from dense_model.moe import moe_transformer_config_kwargs
 

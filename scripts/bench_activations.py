@@ -18,10 +18,17 @@ tensor.copy_ (read + write). Fused outputs are checked against the torch referen
 
     python scripts/bench_activations.py                        # H100/H200: markdown table
     python scripts/bench_activations.py --json results.json    # also machine-readable
-    python scripts/bench_activations.py --sweep                # try tile configs of the fused kernels
+    python scripts/bench_activations.py --sweep                # pick the kernels' tile per width (below)
     python scripts/bench_activations.py --device cpu           # smoke run: tiny shapes, Triton interpreter
 
 Timings use triton.testing.do_bench (CUDA events, L2 flushed before each run, median).
+
+``--sweep`` times the fused PolyNorm and PolyReLU forward+backward over launch configurations
+(column chunk ``block``, ``num_warps``, ``programs_per_sm`` of ``PolyComKernelConfig``) at each width
+of ``--sweep-widths`` (default: 8256 = the 1B PolyCom width at TP=1, its TP=2/4/8 shards 4128, 2064,
+1032, and 5504) and reports the fastest per width: the values to put in ``PolyComKernelConfig``.
+On the CPU it runs one configuration per width through the interpreter (code paths only).
+Liger's kernels are left out on the CPU (they are not written for the interpreter).
 """
 
 from __future__ import annotations
@@ -61,7 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     p.add_argument("--rep", type=int, default=200, help="do_bench repetitions (ms)")
     p.add_argument(
-        "--sweep", action="store_true", help="also time tile configs of the fused PolyNorm kernels"
+        "--sweep", action="store_true", help="also time launch configs of the fused kernels per width"
+    )
+    p.add_argument(
+        "--sweep-widths",
+        default=None,
+        help="comma-separated widths (default 8256,4128,2064,1032,5504; 40,77 on cpu)",
     )
     p.add_argument("--no-check", action="store_true", help="skip the fused-vs-reference parity check")
     p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON ('-' for stdout)")
@@ -276,18 +288,72 @@ def parity(activation, x, weight, bias):
     return errors
 
 
-SWEEP = [  # PolyComKernelConfig variants tried by --sweep (the first is the default)
-    dict(),
-    dict(row_num_warps=32),
-    dict(max_fused_block=0, loop_block=2048, row_num_warps=8),
-    dict(max_fused_block=0, loop_block=4096, row_num_warps=8),
-    dict(max_fused_block=0, loop_block=8192, row_num_warps=16),
-]
+SWEEP_GRID = dict(block=(512, 1024, 2048, 4096), num_warps=(4, 8), programs_per_sm=(2, 4, 8))
 
 
-def sweep_label(config) -> str:
-    tiles = "row in registers" if config.max_fused_block > 0 else f"{config.loop_block}-column tiles"
-    return f"({tiles}, {config.row_num_warps or 'default'} warps)"
+def sweep_configs(cpu: bool) -> list[dict]:
+    """Every combination of SWEEP_GRID (the first value of each on the CPU: one smoke config)."""
+    import itertools
+
+    names = list(SWEEP_GRID)
+    grid = [values[:1] if cpu else values for values in SWEEP_GRID.values()]
+    return [dict(zip(names, combo)) for combo in itertools.product(*grid)]
+
+
+def do_bench_short(fn) -> float:
+    """Median ms of ``fn`` over ~50 ms of repetitions (the sweep times many configurations)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def sweep(args, rows: int, widths: list[int], dtype) -> list[dict]:
+    """Per (activation, width): every config's fwd+bwd ms (None on the CPU) and the fastest."""
+    from dense_model.activations.kernels.polycom import PolyComKernelConfig
+
+    out = []
+    for activation in ("polynorm", "polyrelu"):
+        for width in widths:
+            x, weight, bias = make_inputs(rows, width, dtype, args.device)
+            nbytes = ideal_bytes(activation, rows, width, x.element_size())
+            timings = []
+            dy = torch.randn_like(x)
+            for params in sweep_configs(args.device == "cpu"):
+                fn = build_variants(activation, {"fused"}, PolyComKernelConfig(**params))["fused"]
+
+                def fwd_bwd(fn=fn, leaves=(x, weight, bias), dy=dy):
+                    torch.autograd.grad(fn(*leaves), list(leaves), dy)
+
+                fwd_bwd()  # compiles this configuration (or runs it once in the interpreter)
+                ms = do_bench_short(fwd_bwd) if args.device == "cuda" else None
+                gbs = (nbytes["fwd"] + nbytes["bwd"]) / ms / 1e6 if ms else None
+                timings.append({**params, "fwd_bwd_ms": ms, "achieved_gbs": gbs})
+            timed = [t for t in timings if t["fwd_bwd_ms"] is not None]
+            best = min(timed, key=lambda t: t["fwd_bwd_ms"]) if timed else None
+            out.append({"activation": activation, "width": width, "configs": timings, "best": best})
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    return out
+
+
+def sweep_markdown(results) -> str:
+    columns = ["activation", "width", "configs", "best block", "warps", "programs/SM", "fwd+bwd ms", "GB/s"]
+    cells = []
+    for r in results:
+        b = r["best"] or {}
+        cells.append(
+            [r["activation"], str(r["width"]), str(len(r["configs"])), str(b.get("block", "n/a")),
+             str(b.get("num_warps", "n/a")), str(b.get("programs_per_sm", "n/a")), fmt(b.get("fwd_bwd_ms"), ".3f"),
+             fmt(b.get("achieved_gbs"), ".0f")]
+        )  # fmt: skip
+    return "\n".join(
+        [
+            "",
+            "Sweep of the fused kernels' launch configuration (fastest per width):",
+            "",
+            markdown_table(columns, cells),
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,8 +375,8 @@ def main(argv=None) -> int:
     swiglu_ffn = args.swiglu_ffn or (64 if cpu else 5504)
     dtype = getattr(torch, DTYPES[args.dtype])
     names = set(args.variants.split(","))
-    # Imports triton: after TRITON_INTERPRET is set.
-    from dense_model.activations.kernels.polycom import PolyComKernelConfig
+    if cpu:
+        names.discard("liger")  # Liger's kernels are not written for Triton's interpreter
 
     meta = run_metadata(dtype=args.dtype, shapes={"polycom": [rows, ffn], "swiglu": [rows, 2 * swiglu_ffn]})
     copy_gbs = copy_bandwidth_gbs(args)
@@ -324,21 +390,20 @@ def main(argv=None) -> int:
         if activation != "swiglu" and "fused" in names and not args.no_check:
             checks[activation] = parity(activation, x, weight, bias)
         nbytes = ideal_bytes(activation, rows, width, x.element_size())
-        configs = [None] + ([PolyComKernelConfig(**c) for c in SWEEP[1:]] if args.sweep else [])
-        for config in configs if activation == "polynorm" else [None]:
-            variants = build_variants(activation, names, config)
-            for variant, fn in variants.items():
-                if config is not None and variant != "fused":
-                    continue
-                label = variant if config is None else f"fused {sweep_label(config)}"
-                res = measure(fn, x, weight, bias, args, nbytes)
-                res["ideal_bytes"] = nbytes["fwd"] + nbytes["bwd"]
-                res["pct_of_copy_bw"] = 100 * res["achieved_gbs"] / copy_gbs if copy_gbs else None
-                rows_out.append({"activation": activation, "variant": label, **res})
-                if args.device == "cuda":
-                    torch.cuda.empty_cache()
-    print(markdown(meta, rows_out, checks))
-    write_json(args.json, {"meta": meta, "checks": checks, "results": rows_out})
+        for variant, fn in build_variants(activation, names).items():
+            res = measure(fn, x, weight, bias, args, nbytes)
+            res["ideal_bytes"] = nbytes["fwd"] + nbytes["bwd"]
+            res["pct_of_copy_bw"] = 100 * res["achieved_gbs"] / copy_gbs if copy_gbs else None
+            rows_out.append({"activation": activation, "variant": variant, **res})
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    sweep_results = []
+    if args.sweep:
+        default = "40,77" if cpu else "8256,4128,2064,1032,5504"
+        widths = [int(w) for w in (args.sweep_widths or default).split(",")]
+        sweep_results = sweep(args, rows, widths, dtype)
+    print(markdown(meta, rows_out, checks) + (sweep_markdown(sweep_results) if args.sweep else ""))
+    write_json(args.json, {"meta": meta, "checks": checks, "results": rows_out, "sweep": sweep_results})
     return 0
 
 

@@ -197,6 +197,8 @@ class TrainingConfig:
     """AdamW epsilon."""
     clip_grad: float = 1.0
     """Gradient clipping by global norm (0 disables)."""
+    fused_adam: bool | Literal["auto"] = "auto"
+    """torch's fused AdamW kernel (without TE/apex): auto = on GPUs, true = also on the CPU, false = foreach."""
     bf16: bool = True
     """bf16 mixed precision (on GPUs; the CPU always runs fp32)."""
     seed: int = 1234
@@ -204,7 +206,7 @@ class TrainingConfig:
     data_seed: int | None = None
     """Seed of the data order alone; None = training.seed (studies vary init and data separately)."""
     recompute_granularity: Literal["none", "selective", "full"] = "selective"
-    """Activation recompute: megatron's selective (attention core) or full layers."""
+    """Activation recompute: selective (the local core attention; none with SDPA/TE, whose fused kernels keep no scores) or full layers."""
     recompute_method: Literal["uniform", "block"] = "uniform"
     """How full recompute picks layers."""
     recompute_num_layers: int = 1

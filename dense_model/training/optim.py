@@ -2,8 +2,10 @@
 
 AdamW through ``get_megatron_optimizer`` (no weight decay on 1-D parameters and biases: norms and
 the PolyCom scalars), optionally the distributed optimizer; without TE/apex its gradient norm and
-scale run on torch's foreach kernels (``dense_model.compat.multi_tensor``); ``OptimizerParamScheduler`` for linear
-warmup then cosine (or linear/constant) decay to ``min_lr``; megatron ``DistributedDataParallel``.
+scale run on torch's foreach kernels (``dense_model.compat.multi_tensor``) and its Adam update on
+torch's fused AdamW kernel (``set_fused_adam``: megatron-core builds ``torch.optim.AdamW`` without
+``fused=True``, i.e. the foreach path, ~8 passes over the fp32 state); ``OptimizerParamScheduler``
+for linear warmup then cosine (or linear/constant) decay to ``min_lr``; megatron ``DistributedDataParallel``.
 """
 
 from __future__ import annotations
@@ -75,7 +77,68 @@ def build_optimizer(model_chunks, cfg: Config):
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
-    return get_megatron_optimizer(opt_config, model_chunks)
+    optimizer = get_megatron_optimizer(opt_config, model_chunks)
+    set_fused_adam(optimizer, t.fused_adam)
+    return optimizer
+
+
+def torch_adams(optimizer) -> list:
+    """The torch Adam/AdamW instances inside a megatron optimizer (chained or not): none when
+    megatron-core uses TE's or apex's FusedAdam."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    inner = [getattr(sub, "optimizer", sub) for sub in subs]
+    return [opt for opt in inner if isinstance(opt, torch.optim.Adam | torch.optim.AdamW)]
+
+
+def fused_adam_wanted(setting, devices: set[str]) -> bool:
+    """Whether ``training.fused_adam`` (auto, true, false) asks for torch's fused kernel on these
+    parameter devices: auto = on CUDA only (the CPU keeps the foreach/for-loop path its golden
+    losses were recorded with); true = wherever this torch has the kernel, else a ValueError."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    if setting is False or not devices:
+        return False
+    if setting == "auto":
+        return devices == {"cuda"}
+    missing = devices - set(_get_fused_kernels_supported_devices())
+    if missing:
+        raise ValueError(
+            f"training.fused_adam=true: torch {torch.__version__} has no fused AdamW for "
+            f"{sorted(missing)} parameters; set training.fused_adam=auto"
+        )
+    return True
+
+
+def set_fused_adam(optimizer, setting="auto") -> bool:
+    """Switch the torch AdamW inside ``optimizer`` to its fused kernel (or back); returns whether
+    it is fused. Same update as the foreach path up to fp32 rounding; its step counters live on
+    the parameters' device as fp32 (the foreach path keeps them on the host).
+
+    A checkpoint saves the param groups' ``fused`` flag and torch's ``load_state_dict`` would put
+    the saved one back; a load hook re-applies this optimizer's choice and moves the step counters,
+    so checkpoints load both ways (fused <-> unfused)."""
+    adams = torch_adams(optimizer)
+    devices = {p.device.type for opt in adams for g in opt.param_groups for p in g["params"]}
+    fused = fused_adam_wanted(setting, devices)
+    for opt in adams:
+        _apply_fused(opt, fused)
+        if not getattr(opt, "_dense_model_fused_hook", False):
+            opt.register_load_state_dict_post_hook(lambda o: _apply_fused(o, o._dense_model_fused))
+            opt._dense_model_fused_hook = True
+    return fused
+
+
+def _apply_fused(opt, fused: bool) -> None:
+    opt._dense_model_fused = fused
+    opt.defaults["fused"] = fused or None
+    for group in opt.param_groups:
+        group["fused"] = fused or None  # None: torch's default (foreach where it can)
+        group["foreach"] = None
+        for param in group["params"]:
+            state = opt.state.get(param, {})
+            if "step" in state:  # where torch keeps it: fused on the device, else a host scalar
+                device = param.device if fused else torch.device("cpu")
+                state["step"] = state["step"].detach().to(device=device, dtype=torch.float32).clone()
 
 
 def schedule_steps(cfg: Config) -> tuple[int, int]:

@@ -7,16 +7,18 @@ test oracle, and this function has exactly its semantics, tensor parallelism inc
 What it stores for backward: the input x (already alive: it is fc1's output) and, for PolyNorm,
 the per-row inverse RMS in fp32 ([rows, r], 12 bytes per token at r = 3), never the powers.
 
-Data movement (TP=1, one program per row):
-  * forward: one read of x, one write of y (the row's statistics are reduced in registers, or over
-    column tiles re-read from L2 when a row is longer than ``max_fused_block``);
-  * backward: one read of x and of dy, one write of dx; d weight / d bias come from per-row
-    moments ([rows, r + 1] fp32) summed by torch afterwards (deterministic, no atomics).
+Data movement (TP=1; a persistent grid of a few programs per SM, each looping over rows, a row
+walked in fixed column chunks with one masked tail chunk: ``polycom_triton``'s docstring):
+  * forward: one read of x, one write of y (the row's statistics from a first pass over its
+    chunks, the output from a second pass that re-reads them from L2);
+  * backward: one read of x and of dy, one write of dx; d weight / d bias come from per-program
+    partials ([programs, r + 1] fp32) summed by torch afterwards (deterministic, no atomics).
 Under TP > 1 (the FFN dimension split over ranks) PolyNorm runs split: a statistics kernel, an
 all-reduce (SUM) of the [rows, r] sums over the TP group, then an apply kernel; the backward
 likewise all-reduces the [rows, r + 1] moments between its statistics and apply kernels. Since
-d weight_k = sum_rows inv_k * D_k and d bias = sum_rows D_0 with D the all-reduced moments, every
-rank ends with the full, bitwise identical parameter gradient without another collective.
+d weight_k = sum_rows inv_k * D_k and d bias = sum_rows D_0 with D the all-reduced moments (summed
+by the apply kernel into the same per-program partials on every rank), every rank ends with the
+full, bitwise identical parameter gradient without another collective.
 PolyReLU is elementwise; only its [r + 1] parameter gradient is all-reduced.
 
 Runs on CPU tensors too under ``TRITON_INTERPRET=1`` (how the tests check it); without Triton,
@@ -37,36 +39,61 @@ from dense_model.activations.kernels import polycom_triton as K
 
 @dataclass(frozen=True)
 class PolyComKernelConfig:
-    """Tile sizes of the PolyCom kernels (untuned defaults; ``scripts/bench_activations.py`` sweeps them)."""
+    """Launch shape of the PolyCom kernels (untuned defaults: ``scripts/bench_activations.py
+    --sweep`` times the alternatives at the 1B widths on a GPU)."""
 
-    max_fused_block: int = 16384  # rows up to this many columns are held in registers (one HBM read)
-    loop_block: int = 4096  # column tile of the per-row kernels when a row is longer
-    apply_block: int = 2048  # column tile of the 2-D (rows x tiles) elementwise kernels
-    row_num_warps: int | None = None  # warps of the per-row kernels; None = by tile size
+    block: int = 1024  # column chunk (a power of two); the row's tail is one chunk of next_pow2(rest)
+    num_warps: int = 4  # warps per program
+    programs_per_sm: int = 4  # persistent grid: this many programs per SM, each looping over rows
+    max_programs: int | None = None  # cap on the grid (tests: several rows per program on the CPU)
     force_split: bool = False  # use the TP code path (stats -> all-reduce -> apply) even at TP=1
 
 
 DEFAULT_CONFIG = PolyComKernelConfig()
-
-
-def _num_warps(block: int) -> int:
-    # ~16-32 fp32 values per thread per live row tile: 4 warps at 2048 columns, 16 at 8192+.
-    return max(4, min(16, block // 512))
+CPU_PROGRAMS = 4  # the interpreter's "SMs": enough for several rows per program in the tests
 
 
 def _pad(order: int) -> int:
     return max(2, triton.next_power_of_2(order + 1))
 
 
-def _row_tile(n_cols: int, cfg: PolyComKernelConfig) -> tuple[int, bool, int]:
-    """(BLOCK, SINGLE_TILE, num_warps) for the one-program-per-row kernels."""
-    full = triton.next_power_of_2(max(n_cols, 1))
-    block, single = (full, True) if full <= cfg.max_fused_block else (min(cfg.loop_block, full), False)
-    return block, single, cfg.row_num_warps or _num_warps(block)
+def _tail(n_cols: int, block: int) -> int:
+    """Columns of the masked tail chunk: next_pow2(n_cols % block), 0 when block divides n_cols."""
+    rest = n_cols % block
+    return triton.next_power_of_2(rest) if rest else 0
 
 
-def _apply_tile(n_cols: int, cfg: PolyComKernelConfig) -> int:
-    return min(cfg.apply_block, triton.next_power_of_2(max(n_cols, 1)))
+_SM_COUNT: dict = {}
+
+
+def _programs(rows: int, device: torch.device, cfg: PolyComKernelConfig) -> int:
+    """Size of the persistent grid: programs_per_sm per SM, at most one per row."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _SM_COUNT:
+            _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        programs = _SM_COUNT[index] * cfg.programs_per_sm
+    else:
+        programs = CPU_PROGRAMS
+    if cfg.max_programs is not None:
+        programs = min(programs, cfg.max_programs)
+    return max(1, min(rows, programs))
+
+
+def _launch(kernel, rows: int, x2, cfg: PolyComKernelConfig, order: int, *args) -> int:
+    """Launch a persistent-row kernel over ``rows`` rows; returns the number of programs."""
+    programs = _programs(rows, x2.device, cfg)
+    n_cols = x2.shape[1]
+    kernel[(programs,)](
+        *args, ORDER=order, PAD=_pad(order), BLOCK=cfg.block, TAIL=_tail(n_cols, cfg.block),
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return programs
+
+
+def _partials(x2, rows: int, cfg, order: int):
+    """[programs, r + 1] fp32 partials buffer (every program writes its row)."""
+    return torch.empty(_programs(rows, x2.device, cfg), order + 1, device=x2.device, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,30 +108,25 @@ def polynorm_forward(x2, weight, bias, eps, tp_group, cfg):
     tp = tp_world_size(tp_group)
     y2 = torch.empty_like(x2)
     inv = torch.empty(rows, order, device=x2.device, dtype=torch.float32)
-    if tp == 1 and not cfg.force_split:
-        if rows > 0:
-            block, single, warps = _row_tile(n_cols, cfg)
-            K.polynorm_fwd_fused_kernel[(rows,)](
-                x2, y2, inv, weight, bias, n_cols, x2.stride(0), y2.stride(0), 1.0 / max(n_cols, 1), eps,
-                ORDER=order, PAD=_pad(order), BLOCK=block, SINGLE_TILE=single, num_warps=warps,
-            )  # fmt: skip
+    inv_width = 1.0 / max(n_cols * tp, 1)
+    if rows == 0:
         return y2, inv
-    sumsq = torch.zeros(rows, order, device=x2.device, dtype=torch.float32)
-    if rows > 0 and n_cols > 0:
-        block = min(cfg.loop_block, triton.next_power_of_2(n_cols))
-        K.polynorm_fwd_stats_kernel[(rows,)](
-            x2, sumsq, n_cols, x2.stride(0),
-            ORDER=order, PAD=_pad(order), BLOCK=block, num_warps=_num_warps(block),
+    if tp == 1 and not cfg.force_split:
+        if n_cols == 0:  # nothing to normalise: the statistics are 0
+            return y2, inv.fill_(eps**-0.5)
+        _launch(
+            K.polynorm_fwd_fused_kernel, rows, x2, cfg, order,
+            x2, y2, inv, weight, bias, rows, n_cols, x2.stride(0), y2.stride(0), inv_width, eps,
         )  # fmt: skip
+        return y2, inv
+    sumsq = torch.empty(rows, order, device=x2.device, dtype=torch.float32)
+    _launch(K.polynorm_fwd_stats_kernel, rows, x2, cfg, order, x2, sumsq, rows, n_cols, x2.stride(0))
     if tp > 1:
         dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=tp_group)
-    torch.rsqrt(sumsq / (n_cols * tp) + eps, out=inv)  # [rows, r]
-    if rows > 0 and n_cols > 0:
-        block = _apply_tile(n_cols, cfg)
-        K.polynorm_fwd_apply_kernel[(rows, triton.cdiv(n_cols, block))](
-            x2, y2, inv, weight, bias, n_cols, x2.stride(0), y2.stride(0),
-            ORDER=order, PAD=_pad(order), BLOCK=block, num_warps=_num_warps(block),
-        )  # fmt: skip
+    _launch(
+        K.polynorm_fwd_apply_kernel, rows, x2, cfg, order,
+        x2, y2, sumsq, inv, weight, bias, rows, n_cols, x2.stride(0), y2.stride(0), inv_width, eps,
+    )  # fmt: skip
     return y2, inv
 
 
@@ -114,34 +136,36 @@ def polynorm_backward(g2, x2, inv, weight, bias, tp_group, cfg):
     order = weight.numel()
     tp = tp_world_size(tp_group)
     dx2 = torch.empty_like(x2)
-    mom = torch.zeros(rows, order + 1, device=x2.device, dtype=torch.float32)  # m_k = sum g x^k
     inv_width = 1.0 / max(n_cols * tp, 1)
+    if rows == 0 or n_cols == 0 and tp == 1:
+        grads = torch.zeros(order + 1, device=x2.device, dtype=torch.float32)
+        return dx2, grads[1:], grads[:1]
+    part = _partials(x2, rows, cfg, order)
     if tp == 1 and not cfg.force_split:
-        if rows > 0:
-            block, single, warps = _row_tile(n_cols, cfg)
-            K.polynorm_bwd_fused_kernel[(rows,)](
-                x2, g2, dx2, inv, mom, weight, bias, n_cols, x2.stride(0), g2.stride(0), dx2.stride(0),
-                inv_width, ORDER=order, PAD=_pad(order), BLOCK=block, SINGLE_TILE=single, num_warps=warps,
-            )  # fmt: skip
+        _launch(
+            K.polynorm_bwd_fused_kernel, rows, x2, cfg, order,
+            x2, g2, dx2, inv, part, weight, bias, rows, n_cols, x2.stride(0), g2.stride(0), dx2.stride(0),
+            inv_width,
+        )  # fmt: skip
     else:
-        if rows > 0 and n_cols > 0:
-            block = min(cfg.loop_block, triton.next_power_of_2(n_cols))
-            K.polynorm_bwd_stats_kernel[(rows,)](
-                x2, g2, mom, n_cols, x2.stride(0), g2.stride(0),
-                ORDER=order, PAD=_pad(order), BLOCK=block, num_warps=_num_warps(block),
+        mom = torch.empty(rows, order + 1, device=x2.device, dtype=torch.float32)  # m_k = sum g x^k
+        if n_cols > 0:
+            _launch(
+                K.polynorm_bwd_stats_kernel, rows, x2, cfg, order,
+                x2, g2, mom, rows, n_cols, x2.stride(0), g2.stride(0),
             )  # fmt: skip
+        else:
+            mom.zero_()
         if tp > 1:
             dist.all_reduce(mom, op=dist.ReduceOp.SUM, group=tp_group)
-        if rows > 0 and n_cols > 0:
-            block = _apply_tile(n_cols, cfg)
-            K.polynorm_bwd_apply_kernel[(rows, triton.cdiv(n_cols, block))](
-                x2, g2, dx2, inv, mom, weight, bias, n_cols, x2.stride(0), g2.stride(0), dx2.stride(0),
-                inv_width, ORDER=order, PAD=_pad(order), BLOCK=block, num_warps=_num_warps(block),
-            )  # fmt: skip
-    # dL/dw_k = sum_rows sum_j g x^k inv_k = sum_rows inv_k D_k; dL/db = sum_rows D_0.
-    d_weight = (inv * mom[:, 1:]).sum(dim=0)  # [r]
-    d_bias = mom[:, :1].sum(dim=0)  # [1]
-    return dx2, d_weight, d_bias
+        # dL/dw_k = sum_rows inv_k D_k; dL/db = sum_rows D_0, in per-program partials.
+        _launch(
+            K.polynorm_bwd_apply_kernel, rows, x2, cfg, order,
+            x2, g2, dx2, inv, mom, part, weight, bias, rows, n_cols, x2.stride(0), g2.stride(0),
+            dx2.stride(0), inv_width,
+        )  # fmt: skip
+    grads = part.sum(dim=0)  # [r + 1]: d bias, d w_1..d w_r (a fixed order: deterministic)
+    return dx2, grads[1:], grads[:1]
 
 
 def polyrelu_forward(x2, weight, bias, cfg):
@@ -149,10 +173,9 @@ def polyrelu_forward(x2, weight, bias, cfg):
     order = weight.numel()
     y2 = torch.empty_like(x2)
     if rows > 0 and n_cols > 0:
-        block = _apply_tile(n_cols, cfg)
-        K.polyrelu_fwd_kernel[(rows, triton.cdiv(n_cols, block))](
-            x2, y2, weight, bias, n_cols, x2.stride(0), y2.stride(0),
-            ORDER=order, PAD=_pad(order), BLOCK=block, num_warps=_num_warps(block),
+        _launch(
+            K.polyrelu_fwd_kernel, rows, x2, cfg, order,
+            x2, y2, weight, bias, rows, n_cols, x2.stride(0), y2.stride(0),
         )  # fmt: skip
     return y2
 
@@ -161,15 +184,15 @@ def polyrelu_backward(g2, x2, weight, bias, tp_group, cfg):
     rows, n_cols = x2.shape
     order = weight.numel()
     dx2 = torch.empty_like(x2)
-    block = _apply_tile(n_cols, cfg)
-    n_tiles = triton.cdiv(n_cols, block)
-    part = torch.zeros(rows, n_tiles, order + 1, device=x2.device, dtype=torch.float32)
     if rows > 0 and n_cols > 0:
-        K.polyrelu_bwd_kernel[(rows, n_tiles)](
-            x2, g2, dx2, part, weight, bias, n_cols, n_tiles, x2.stride(0), g2.stride(0), dx2.stride(0),
-            ORDER=order, PAD=_pad(order), BLOCK=block, num_warps=_num_warps(block),
+        part = _partials(x2, rows, cfg, order)
+        _launch(
+            K.polyrelu_bwd_kernel, rows, x2, cfg, order,
+            x2, g2, dx2, part, weight, bias, rows, n_cols, x2.stride(0), g2.stride(0), dx2.stride(0),
         )  # fmt: skip
-    grads = part.sum(dim=(0, 1))  # [r + 1]: d bias, d w_1..d w_r
+        grads = part.sum(dim=0)  # [r + 1]: d bias, d w_1..d w_r
+    else:
+        grads = torch.zeros(order + 1, device=x2.device, dtype=torch.float32)
     if tp_world_size(tp_group) > 1:
         dist.all_reduce(grads, op=dist.ReduceOp.SUM, group=tp_group)
     return dx2, grads[1:], grads[:1]

@@ -45,22 +45,25 @@ def signature(fn, data: str, params: str, consts: dict) -> dict:
     return sig
 
 
+KERNELS = (
+    "polynorm_fwd_fused_kernel",
+    "polynorm_bwd_fused_kernel",
+    "polynorm_fwd_stats_kernel",
+    "polynorm_bwd_stats_kernel",
+    "polynorm_fwd_apply_kernel",
+    "polynorm_bwd_apply_kernel",
+    "polyrelu_fwd_kernel",
+    "polyrelu_bwd_kernel",
+)
+
+
 def cases():
-    # The launcher's choices at the 1B shape (8256 columns at TP=1, 4128 at TP=2), order 3.
-    per_row = [(16384, True, 16), (4096, False, 8)]
+    # The launcher's choices at the 1B shape, order 3: 8256 columns at TP=1 (8 x 1024 + a 64-column
+    # tail), 4128 at TP=2 (4 x 1024 + 32), and a 2048-column chunk variant the sweep tries.
     for data in ("bf16", "fp32"):
-        for block, single, warps in per_row:
-            for name in ("polynorm_fwd_fused_kernel", "polynorm_bwd_fused_kernel"):
-                yield name, data, dict(ORDER=3, PAD=4, BLOCK=block, SINGLE_TILE=single), warps
-        for name in ("polynorm_fwd_stats_kernel", "polynorm_bwd_stats_kernel"):
-            yield name, data, dict(ORDER=3, PAD=4, BLOCK=4096), 8
-        for name in (
-            "polynorm_fwd_apply_kernel",
-            "polynorm_bwd_apply_kernel",
-            "polyrelu_fwd_kernel",
-            "polyrelu_bwd_kernel",
-        ):
-            yield name, data, dict(ORDER=3, PAD=4, BLOCK=2048), 4
+        for block, tail, warps in ((1024, 64, 4), (1024, 32, 4), (2048, 64, 8)):
+            for name in KERNELS:
+                yield name, data, dict(ORDER=3, PAD=4, BLOCK=block, TAIL=tail), warps
 
 
 def ptxas_report(ptx: str) -> str:

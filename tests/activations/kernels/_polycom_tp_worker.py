@@ -17,10 +17,12 @@ from dense_model.activations._polycom import polycom_reference
 from dense_model.activations.kernels.polycom import PolyComKernelConfig, polycom_fused
 from tests.activations.kernels._polycom_helpers import assert_close_rel, relative_tolerance, run
 
-# (rows, local columns, config): a row in registers, and small tiles so the split kernels loop.
+# (rows, local columns, config): the default chunks (a row shorter than one), and 32-column chunks
+# with 2 programs (several chunks, a tail, several rows per program); 4128 = half of 8256.
 CASES = [
     (5, 37, PolyComKernelConfig()),
-    (3, 129, PolyComKernelConfig(loop_block=32, apply_block=32)),
+    (3, 129, PolyComKernelConfig(block=32, max_programs=2)),
+    (2, 4128, PolyComKernelConfig(max_programs=1)),
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,12 @@ def run_script(name: str, *args: str, interpret: bool = False) -> subprocess.Com
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    return subprocess.run(
+    proc = subprocess.run(
         [sys.executable, str(SCRIPTS / name), *args], env=env, capture_output=True, text=True, timeout=600
     )
+    if proc.returncode != 0:  # the whole output in the report (the GPU check keeps pytest's log)
+        print(f"{name} exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}", file=sys.stderr)
+    return proc
 
 
 def test_bench_activations_cpu_smoke(tmp_path):
@@ -51,6 +55,11 @@ def test_bench_activations_cpu_smoke(tmp_path):
     # scalars over 8 rows); the torch reference keeps fp32 powers of the whole row.
     assert saved[("polynorm", "fused")] < 16 < saved[("polynorm", "torch")]
     assert saved[("polyrelu", "fused")] < 4 < saved[("polyrelu", "torch")]
+    # The sweep ran one launch configuration per width through the interpreter (nothing timed).
+    swept = {(r["activation"], r["width"]): r for r in blob["sweep"]}
+    assert set(swept) == {(a, w) for a in ("polynorm", "polyrelu") for w in (40, 77)}
+    assert all(len(r["configs"]) == 1 and r["best"] is None for r in swept.values())
+    assert "| polynorm | 77 | 1 |" in proc.stdout
 
 
 def test_kernel_error_table_cpu(tmp_path):
@@ -94,9 +103,11 @@ def test_bench_train_step_cpu_smoke(tmp_path):
         "--device",
         "cpu",
         "--warmup",
-        "0",
-        "--steps",
         "1",
+        "--steps",
+        "3",
+        "--dp-size",
+        "8",
         "--runs",
         "swiglu:na,polynorm:on",
         "--json",
@@ -105,7 +116,20 @@ def test_bench_train_step_cpu_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     blob = json.loads(out.read_text())
-    assert [(r["activation"], r["fused"], r["status"]) for r in blob["results"]] == [
+    results = blob["results"]
+    assert [(r["activation"], r["fused"], r["status"]) for r in results] == [
         ("swiglu", "na", "ok"),
         ("polynorm", "on", "ok"),
     ]
+    meta = blob["meta"]
+    assert meta["schedule"] == [0, 1, 0, 1, 0, 1]  # interleaved: A B A B A B after the warm-up
+    assert meta["timer"] == "perf_counter" and meta["dp_size"] == 8
+    for r in results:
+        st, opt, dp = r["step_ms"], r["optimizer_ms"], r["step_ms_dp"]
+        assert st["n"] == 3 and len(r["step_ms_all"]) == 3
+        assert st["min"] <= st["q1"] <= st["median"] <= st["q3"] and st["iqr"] == st["q3"] - st["q1"]
+        assert 0 < opt["median"] < st["median"]
+        # Per step: the step less 7/8 of its optimizer part (the optimizer's share over DP = 8).
+        shared = [s - o * 7 / 8 for s, o in zip(r["step_ms_all"], r["optimizer_ms_all"], strict=True)]
+        assert dp["median"] == pytest.approx(statistics.median(shared)) and dp["median"] < st["median"]
+    assert "step ms min / median / IQR" in proc.stdout and "interleaved in one process" in proc.stdout

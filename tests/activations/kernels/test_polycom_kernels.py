@@ -17,12 +17,13 @@ from dense_model.activations._polycom import polycom_reference
 from dense_model.activations.kernels.parity import parity_inputs as inputs
 from tests.activations.kernels._polycom_helpers import assert_close_rel, relative_tolerance, run
 
-# Tile configurations: the default (a row in registers), per-row kernels walking 32-column tiles
-# (two passes over the row), and the TP code path (stats kernel -> apply kernel) at TP=1.
+# Launch configurations: the default (1024-column chunks, up to 4 programs on the CPU), 32-column
+# chunks with 3 programs (several rows per program, many chunks and a tail), and the TP code path
+# (stats kernel -> apply kernel) at TP=1 with 64-column chunks and 2 programs.
 CONFIGS = {
     "fused": {},
-    "tiled": dict(max_fused_block=32, loop_block=32, apply_block=32),
-    "split": dict(force_split=True, loop_block=64, apply_block=64),
+    "tiled": dict(block=32, max_programs=3),
+    "split": dict(force_split=True, block=64, max_programs=2),
 }
 
 
@@ -53,6 +54,37 @@ def test_matches_reference(polycom_kernels, device, inner, dtype, rows, cols):
 def test_tiled_and_split_paths(polycom_kernels, device, inner, path, dtype):
     # 257 columns: 9 tiles of 32 (last one holds 1 column) / 5 tiles of 64.
     check_parity(polycom_kernels, (5, 257), 3, dtype, inner, device, seed=7, config=CONFIGS[path])
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("inner", ["norm", "relu"])
+@pytest.mark.parametrize("cols", [1, 7, 77, 1000, 4097, 5504, 8256])
+def test_widths_that_are_not_powers_of_two(polycom_kernels, device, cols, inner, order, path):
+    """The 1B widths (8256 = 8 x 1024 + 64 at TP=1, 5504 SwiGLU-matched, 4097 = 4 x 1024 + 1) and
+    ragged small ones: full chunks, a tail chunk, and rows shorter than one chunk; 2 rows in one
+    program (it loops over both). Against the reference in float64: at width 1
+    PolyNorm's dx is ill-conditioned (each N(x^k) is +-1 up to eps: dx is a difference of two large
+    terms), and the fp32 reference itself is ~2e-5 off there, so that width gets 1e-4."""
+    cfg = polycom_kernels.PolyComKernelConfig(force_split=path == "split", max_programs=1)
+    x, weight, bias, grad = inputs((2, cols), order, torch.float32, device, seed=cols + order)
+    fused = run(polycom_kernels.polycom_fused, x, weight, bias, grad, inner=inner, eps=1e-6, config=cfg)
+    ref64 = run(polycom_reference, *(t.double() for t in (x, weight, bias, grad)), inner=inner, eps=1e-6)
+    rtol = 1e-4 if cols == 1 else 1e-5
+    for name, a, e in zip(("y", "dx", "d_weight", "d_bias"), fused, ref64):
+        assert a.dtype == torch.float32 and a.shape == e.shape, name
+        assert_close_rel(a, e, rtol, f"{inner} width {cols} r={order} {path} {name}")
+
+
+def test_coefficient_gradients_are_deterministic(polycom_kernels, device):
+    """Per-program partials summed in a fixed order: the same bits on every call."""
+    x, weight, bias, grad = inputs((5, 130), 3, torch.float32, device, seed=21)
+    cfg = polycom_kernels.PolyComKernelConfig(block=64, max_programs=2)
+    for inner in ("norm", "relu"):
+        first = run(polycom_kernels.polycom_fused, x, weight, bias, grad, inner=inner, config=cfg)
+        again = run(polycom_kernels.polycom_fused, x, weight, bias, grad, inner=inner, config=cfg)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("inner", ["norm", "relu"])
