@@ -312,9 +312,17 @@ class CheckpointConfig:
     keep_last: int | None = 3
     """Keep the last K checkpoints; None keeps all."""
     load: str | None = None
-    """Checkpoint directory to start from; None = the run's own checkpoints/ (resume)."""
+    """A checkpoint to start from while the run has none of its own: a run directory, its
+    checkpoints/ folder or one iter_NNNNNNN folder (refused before launch if it does not resolve).
+    Once the run has saved, a relaunch resumes its own latest checkpoint and says load is unused."""
+    load_mode: Literal["resume", "weights"] = "resume"
+    """How checkpoint.load is loaded. resume: its step, optimizer, scheduler and data position
+    continue (Megatron-LM's --load); weights: the model weights only, from step 0 with a fresh
+    optimizer and schedule (Megatron-LM's --finetune). A weights-only checkpoint (an import) always
+    loads as weights."""
     fresh: bool = False
-    """Ignore existing checkpoints in the run directory and start from step 0."""
+    """Do not resume the run directory's own checkpoints: start from step 0 (or checkpoint.load).
+    They stay until this run's first save, which moves those above its step to checkpoints/stale/."""
     fully_parallel_save: bool = True
     """Spread the save over data-parallel ranks (dist_checkpointing's fully parallel strategy)."""
     optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
@@ -324,11 +332,8 @@ class CheckpointConfig:
 
     def validate(self) -> None:
         positive(self, "checkpoint", "save_interval", "keep_last")
-        if self.load is not None and not Path(self.load).exists():
-            raise ConfigError(
-                f"checkpoint.load: {self.load} does not exist; give a run directory, its checkpoints/ "
-                "folder or one iter_NNNNNNN folder"
-            )
+        # checkpoint.load is checked where it is used (checkpoint.layout.plan_load, before launch):
+        # a run with checkpoints of its own does not use it.
 
 
 @dataclass
@@ -791,10 +796,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_intermixed_args(argv)
     config, overrides = split_config_argument(args.config, args.overrides)
+    from dense_model.checkpoint.layout import CheckpointError, plan_load
+
     try:
         cfg = load_config(config, overrides)
         validate(cfg, world_size=args.world_size)
-    except ConfigError as err:
+        c = cfg.checkpoint  # checkpoint.load resolves, the run's own tracker is sound
+        plan_load(cfg.run_dir, c.load, c.load_mode, c.fresh)
+    except (ConfigError, CheckpointError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     if args.check_run_dir:

@@ -187,7 +187,7 @@ BAD_FILES = [
     ("data.tokenizer_model={dir}/missing.model", "data.tokenizer_model: cannot load {dir}/missing.model as a sentencepiece tokenizer"),
     ("data.tokenizer_model={dir}/broken.model", "data.tokenizer_model: cannot load {dir}/broken.model as a sentencepiece tokenizer"),
     ("data.tokenizer_model=", "data.tokenizer_model is not set"),
-    ("checkpoint.load={dir}/no_such_run", "checkpoint.load: {dir}/no_such_run does not exist; give a run directory"),
+    ("checkpoint.load={dir}/no_such_run", "checkpoint.load={dir}/no_such_run does not exist; give a run directory"),
 ]  # fmt: skip
 
 

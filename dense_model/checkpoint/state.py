@@ -39,8 +39,10 @@ import torch.distributed as dist
 from dense_model import collectives
 from dense_model.checkpoint.layout import (
     CheckpointError,
+    fsync_tree,
     iteration_dir,
     publish,
+    read_metadata,
     resolve_checkpoint,
     write_metadata,
 )
@@ -128,8 +130,13 @@ def save_checkpoint(
     extra: dict | None = None,
     keep_last: int | None = None,
     fully_parallel: bool = False,
+    weights_only: bool = False,
 ) -> Path:
-    """Save on every rank (collective). Returns the final iteration folder."""
+    """Save on every rank (collective). Returns the final iteration folder.
+
+    ``weights_only``: the model's sharded state alone (no optimizer, scheduler or RNG state), with
+    ``"weights_only": true`` in its metadata, e.g. for imported weights (loads as weights, step 0).
+    Every node's first local rank fsyncs what its ranks wrote before rank 0 publishes the folder."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -144,12 +151,11 @@ def save_checkpoint(
 
     finish_param_gather(model)
     model_state = _unwrap(model).sharded_state_dict()
-    state = {
-        "model": model_state,
-        "iteration": iteration,
-        "layout": _layout(),
-        "rng_state": _rng_state_object(),
-    }
+    state = {"model": model_state, "iteration": iteration, "layout": _layout()}
+    if not weights_only:
+        state["rng_state"] = _rng_state_object()
+    elif optimizer is not None or scheduler is not None or extra:
+        raise ValueError("a weights_only checkpoint holds the model only")
     metadata = {}
     if optimizer is not None:
         metadata = optimizer_metadata(optimizer, cfg.checkpoint.optimizer_format)
@@ -160,10 +166,14 @@ def save_checkpoint(
     dist_checkpointing.save(
         state, str(tmp), sharded_strategy=_save_strategy(fully_parallel), content_metadata=metadata
     )
+    # dist_checkpointing fsyncs its tensor files but not common.pt, .metadata, metadata.json or the
+    # sharded objects (rng_state/): each node flushes what was written there (rank 0 again below).
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        fsync_tree(tmp)
     _barrier()
 
     if _rank() == 0:
-        write_metadata(tmp, iteration, cfg)
+        write_metadata(tmp, iteration, cfg, weights_only=weights_only)
         publish(tmp, final, root, iteration, keep_last)
     _barrier()
     return final
@@ -201,10 +211,13 @@ def load_checkpoint(
     folder: str | os.PathLike, model, optimizer=None, scheduler=None, load_rng: bool = True
 ) -> dict:
     """Load into an already-built model (any TP/PP layout). Returns the common state
-    (iteration, consumed samples, ...)."""
+    (iteration, consumed samples, ...). A weights-only checkpoint (``"weights_only": true`` in its
+    metadata) loads the model alone: ``optimizer``, ``scheduler`` and ``load_rng`` are ignored."""
     from megatron.core import dist_checkpointing
 
     folder = resolve_checkpoint(folder)
+    if read_metadata(folder).get("weights_only"):
+        optimizer, scheduler, load_rng = None, None, False
     common = dist_checkpointing.load_common_state_dict(str(folder))
     saved_layout, layout = common.get("layout"), _layout()
     same_layout = saved_layout == layout

@@ -7,6 +7,9 @@ tokenizer, model, DDP, optimizer, schedule, resume, data), then runs ``train_ste
 
 Relaunching the same command resumes from the run directory's latest checkpoint and continues
 exactly (same data order, same losses, dropout included); ``checkpoint.fresh=true`` starts over.
+``checkpoint.load`` starts a run that has no checkpoint of its own from another one, continuing it
+(``checkpoint.load_mode=resume``) or from its weights at step 0 (``weights``); see
+``checkpoint.layout.plan_load``.
 SIGTERM (a SLURM preemption) saves a checkpoint at the end of the current step and exits 0.
 
 A job lives and dies as one: each worker is SIGKILLed when its torchrun agent dies
@@ -29,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 from dense_model import collectives
-from dense_model.checkpoint import CheckpointError, load_checkpoint, read_latest_iteration, save_checkpoint
+from dense_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dense_model.checkpoint.layout import LoadPlan, plan_load
 from dense_model.compat.quiet import filter_known_warnings
 from dense_model.config import (
     Config,
@@ -119,17 +123,7 @@ class Trainer:
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
 
         self.state = TrainState()
-        load_from = Path(cfg.checkpoint.load) if cfg.checkpoint.load else self.ckpt_dir
-        if not cfg.checkpoint.fresh and read_latest_iteration(load_from) is not None:
-            common = load_checkpoint(load_from, self.ddp, self.optimizer, self.scheduler)
-            self.state = TrainState(
-                iteration=common["iteration"],
-                consumed_samples=common.get(
-                    "consumed_train_samples", common["iteration"] * t.global_batch_size
-                ),
-                skipped_steps=common.get("skipped_steps", 0),
-            )
-            self._print(f"resumed from {load_from} at step {self.state.iteration}")
+        self._load(plan_job_load(cfg))
 
         self.train_ds, self.valid_ds = build_datasets(cfg, self.train_iters, self.tokenizer)
         self.train_iter = batch_iterator(self.train_ds, cfg, self.state.consumed_samples, wrap=True)
@@ -147,6 +141,34 @@ class Trainer:
             f"model: {cfg.model.activation}, {n_params:,} parameters on rank 0 | "
             f"TP {p.tensor_model_parallel_size} PP {p.pipeline_model_parallel_size} DP {self.dp_size} | "
             f"{self.train_iters} steps of {t.global_batch_size} x {cfg.model.seq_length} tokens | run dir {self.run_dir}"
+        )
+
+    def _load(self, plan: LoadPlan) -> None:
+        """Load what ``plan`` names (every rank) and say so in one line (rank 0)."""
+        if plan.note:
+            self._print(plan.note)
+        if plan.folder is None:
+            return
+        if plan.mode == "weights":
+            load_checkpoint(plan.folder, self.ddp, load_rng=False)
+            self._print(
+                f"loaded the model weights of {plan.folder} (its step {plan.iteration}; load_mode=weights): "
+                "training starts at step 0 with a fresh optimizer, schedule and data position"
+            )
+            return
+        common = load_checkpoint(plan.folder, self.ddp, self.optimizer, self.scheduler)
+        t = self.cfg.training
+        self.state = TrainState(
+            iteration=common["iteration"],
+            consumed_samples=common.get("consumed_train_samples", common["iteration"] * t.global_batch_size),
+            skipped_steps=common.get("skipped_steps", 0),
+        )
+        source = (
+            "its own checkpoint" if plan.source == "own" else f"checkpoint.load={self.cfg.checkpoint.load}"
+        )
+        self._print(
+            f"resumed from {plan.folder} at step {self.state.iteration} ({source}; load_mode=resume: "
+            "step, optimizer, schedule and data position continue)"
         )
 
     def _print(self, msg: str) -> None:
@@ -313,6 +335,16 @@ class Trainer:
         self.metrics.close()
 
 
+def plan_job_load(cfg: Config) -> LoadPlan:
+    """What this job loads; a path that does not resolve or a broken tracker is a ConfigError
+    (exit 2, before anything is written)."""
+    c = cfg.checkpoint
+    try:
+        return plan_load(cfg.run_dir, c.load, c.load_mode, c.fresh)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Pretrain a dense LLM on megatron-core. CONFIG is a YAML file (configs/); "
@@ -344,6 +376,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        plan_job_load(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
