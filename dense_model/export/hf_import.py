@@ -52,6 +52,8 @@ from dense_model.checkpoint.layout import (
     CHECKPOINTS,
     METADATA,
     TRACKER,
+    fsync_dir,
+    fsync_tree,
     fsync_write,
     iteration_dir,
     read_metadata,
@@ -468,7 +470,9 @@ def build_empty_model(plan: ImportPlan):
     from dense_model.model import build_model
     from dense_model.parallel import initialize_parallel
 
-    initialize_parallel(1, 1, seed=plan.cfg.training.seed)
+    cfg = config_from_dict(config_to_dict(plan.cfg))
+    cfg.training.recompute_granularity = "none"  # (no training here: megatron warns otherwise)
+    initialize_parallel(1, 1, seed=cfg.training.seed)
     if parallel_state.get_tensor_model_parallel_world_size() != 1 or (
         parallel_state.get_pipeline_model_parallel_world_size() != 1
     ):
@@ -476,7 +480,7 @@ def build_empty_model(plan: ImportPlan):
             "the import builds the model at TP=1, PP=1; run import_hf.py as a plain python process"
         )
     model = build_model(
-        plan.cfg, initialize=False, allocate_only=True, device=torch.device("cpu"), dtype=plan.dtype
+        cfg, initialize=False, allocate_only=True, device=torch.device("cpu"), dtype=plan.dtype
     )
     params = {
         k: v
@@ -570,7 +574,7 @@ def import_hf(
             shutil.copy2(plan.tokenizer_files[0], tok_dir)
         staged = config_from_dict(config_to_dict(cfg))
         staged.data.tokenizer_model = str(tok_dir)
-        _write_weights_only_metadata(folder, staged)
+        write_metadata(folder, 0, staged, weights_only=True)
         # the metadata names the final paths (the tokenizer copy above was made from the staging one)
         meta = read_metadata(folder)
         meta["config"] = config_to_dict(cfg)
@@ -584,26 +588,18 @@ def import_hf(
     return out
 
 
-def _write_weights_only_metadata(folder: Path, cfg: Config) -> None:
-    try:
-        write_metadata(folder, 0, cfg, weights_only=True)
-    except TypeError:  # TODO(h21c): write_metadata takes weights_only once h21c is merged
-        write_metadata(folder, 0, cfg)
-        meta = read_metadata(folder)
-        meta["weights_only"] = True
-        fsync_write(folder / METADATA, json.dumps(meta, indent=2))
-
-
 def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; an existing ``out`` (empty, or --overwrite) is moved
-    aside first and deleted only once the new one is in place."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
-    os.replace(out, old)
+    """Rename the finished (fsynced) ``tmp`` to ``out``; an existing ``out`` (empty, or --overwrite)
+    is moved aside first and deleted only once the new one is in place."""
+    fsync_tree(tmp)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
     os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

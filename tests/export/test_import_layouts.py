@@ -32,7 +32,11 @@ def _instances():
 def _global_state(model) -> dict:
     from dense_model.model import _global_name
 
-    return {_global_name(model, k): v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    return {
+        _global_name(model, k): v.clone()
+        for k, v in model.state_dict().items()
+        if isinstance(v, torch.Tensor)
+    }
 
 
 def _tp1_job(rank, world_size, out_dir):

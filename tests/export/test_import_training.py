@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dense_model.testing import spawn_workers
-from tests.export.test_import_hf import IMPORT_CLI, import_cli, llama_config
+from tests.export.test_import_hf import import_cli, llama_config
 from tests.training.pretrain_jobs import finish, launch, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,9 @@ def _first_batch_job(rank, world_size, run_dir, out):
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     train, _ = build_datasets(cfg, cfg.training.train_iters, tokenizer)
     samples = [train[i] for i in range(cfg.training.global_batch_size)]
-    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask")}
+    batch = {
+        k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask")
+    }
     torch.save(batch, out)
 
 
@@ -69,12 +71,14 @@ def test_training_continues_from_an_import(tmp_path):
     result = import_cli([hf, tmp_path / "imported"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     imported = tmp_path / "imported"
-    assert json.loads((imported / "checkpoints/iter_0000000/dense_model.json").read_text())["tokenizer"]["type"] == (
-        "sentencepiece"
-    )
+    assert json.loads((imported / "checkpoints/iter_0000000/dense_model.json").read_text())["tokenizer"][
+        "type"
+    ] == ("sentencepiece")
 
     new = tmp_path / "new"
-    code, out = finish(launch(imported / "config.yaml", f"run_dir={new}", f"data.blend={demo['blend']}", *TRAIN))
+    code, out = finish(
+        launch(imported / "config.yaml", f"run_dir={new}", f"data.blend={demo['blend']}", *TRAIN)
+    )
     assert code == 0, out
     assert f"loaded the model weights of {imported}/checkpoints/iter_0000000" in out, out
     assert "training starts at step 0 with a fresh optimizer" in out, out
@@ -100,4 +104,3 @@ def test_training_continues_from_an_import(tmp_path):
     assert code == 0, out
     assert f"resumed from {new}/checkpoints/iter_0000010 at step 10 (its own checkpoint" in out, out
     assert sorted(read_metrics(new)[0]) == list(range(1, 12))
-    assert IMPORT_CLI.is_file()
