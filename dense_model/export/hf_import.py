@@ -172,6 +172,7 @@ class Layout:
     """How one Hugging Face architecture maps onto our model. The tensors are named as Llama's
     (``mapping.weight_rules``); ``ignored``: tensors that carry nothing of the model (regexes)."""
 
+    model_type: str  # config.json's model_type: the key when architectures names none of ours
     config_class: Callable[[], type]
     model: Callable[[object], dict]
     ignored: tuple[str, ...] = field(default=())
@@ -180,10 +181,10 @@ class Layout:
 # Buffers some older Llama checkpoints saved: RoPE's frequencies, recomputed from rope_theta.
 _ROTARY_BUFFERS = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 LAYOUTS: dict[str, Layout] = {
-    "LlamaForCausalLM": Layout(_config_class("LlamaConfig"), _llama_model, _ROTARY_BUFFERS),
-    "MistralForCausalLM": Layout(_config_class("MistralConfig"), _mistral_model, _ROTARY_BUFFERS),
-    "Qwen2ForCausalLM": Layout(_config_class("Qwen2Config"), _qwen2_model),
-    "DenseModelForCausalLM": Layout(_dense_model_config_class, _dense_model_model),
+    "LlamaForCausalLM": Layout("llama", _config_class("LlamaConfig"), _llama_model, _ROTARY_BUFFERS),
+    "MistralForCausalLM": Layout("mistral", _config_class("MistralConfig"), _mistral_model, _ROTARY_BUFFERS),
+    "Qwen2ForCausalLM": Layout("qwen2", _config_class("Qwen2Config"), _qwen2_model),
+    "DenseModelForCausalLM": Layout("dense_model", _dense_model_config_class, _dense_model_model),
 }
 
 
@@ -202,6 +203,8 @@ def read_hf_config(hf_dir: Path):
         raise HFImportError(f"{path} is not valid JSON: {err}") from None
     archs = raw.get("architectures") or []
     arch = next((a for a in archs if a in LAYOUTS), None)
+    if arch is None and not archs:  # no architectures (a bare config.save_pretrained): model_type
+        arch = next((a for a, lay in LAYOUTS.items() if lay.model_type == raw.get("model_type")), None)
     if arch is None:
         raise HFImportError(
             f"{path}: architectures={archs!r} (model_type={raw.get('model_type')!r}) is none of "
@@ -274,6 +277,12 @@ class TensorSource:
 
     def names(self) -> list[str]:
         return list(self.file_of)
+
+    def file_order(self, names) -> int:
+        """Index (in file-name order) of the first file holding one of ``names``: filling the
+        parameters file by file releases each .bin file's mapping as early as possible."""
+        files = sorted(set(self.file_of.values()))
+        return min(files.index(self.file_of[n]) for n in names)
 
     def shape(self, name: str) -> tuple[int, ...]:
         path = self.file_of[name]
@@ -547,7 +556,7 @@ def import_hf(
     if bad:
         raise HFImportError(f"{hf_dir}: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
     filled: set[str] = set()
-    for rule in plan.rules:
+    for rule in sorted(plan.rules, key=lambda r: plan.source.file_order(r.hf)):  # stable: table order
         name = next(n for n in rule.ours if n in params)
         target = params[name]
         tensors = [plan.source.get(n) for n in rule.hf]

@@ -1,7 +1,8 @@
-"""The import streams: importing a 94M-parameter Llama (376 MB of fp32 weights in one safetensors
-file) raises the peak RSS of the CLI by about one copy of the model over its --dry-run (which
-imports the same libraries, reads the same headers and allocates the same untouched model), not
-two; the .bin path (memory-mapped shards, dropped after their last tensor) stays under two copies.
+"""The import streams: importing a 94M-parameter Llama (375 MB of fp32 weights in one safetensors
+file) raises the peak RSS of the CLI over its --dry-run (which imports the same libraries, reads
+the same headers and allocates the same untouched model) by the model plus transients (measured
+1.39x the weights), not two copies; from two pytorch_model-*.bin shards (memory-mapped, each
+dropped after its last tensor) by the model plus about one shard's pages (measured 1.55x).
 
 The peak is the import process's (and its children's) ``ru_maxrss``, read by a small parent process.
 """
@@ -65,7 +66,7 @@ def test_import_holds_one_copy_of_the_model(tmp_path, spm_model):
         hf / "model.safetensors",
         metadata={"format": "pt"},
     )
-    config.save_pretrained(hf)
+    config.save_pretrained(hf)  # no architectures: the import goes by model_type "llama"
     export_tokenizer("sentencepiece", spm_model, hf, model_max_length=128)
     model_bytes = (hf / "model.safetensors").stat().st_size
     assert model_bytes > 350e6
@@ -74,7 +75,7 @@ def test_import_holds_one_copy_of_the_model(tmp_path, spm_model):
     full = peak_rss([hf, tmp_path / "run"], tmp_path)
     figures = {"model_mb": model_bytes / 1e6, "dry_run_peak_mb": dry / 1e6, "import_peak_mb": full / 1e6}
     print(json.dumps(figures))
-    assert full - dry < 1.3 * model_bytes, figures
+    assert full - dry < 1.6 * model_bytes, figures  # loading it all first, then the model: >= 2x
 
     # the same weights as pytorch_model.bin shards
     from safetensors.torch import load_file
@@ -88,4 +89,4 @@ def test_import_holds_one_copy_of_the_model(tmp_path, spm_model):
     figures["bin_import_peak_mb"] = bin_peak / 1e6
     print(json.dumps(figures))
     (Path(tmp_path) / "figures.json").write_text(json.dumps(figures))
-    assert bin_peak - dry < 2 * model_bytes, figures
+    assert bin_peak - dry < 1.8 * model_bytes, figures  # + the pages of the shard being read

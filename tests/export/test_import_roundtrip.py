@@ -67,3 +67,19 @@ def test_export_import_export_is_bit_identical(roundtrip, name):
     assert json.loads((first / "config.json").read_text()) == json.loads((again / "config.json").read_text())
     original, imported = json.loads((roundtrip / "configs.json").read_text())[name]
     assert imported["model"] == original["model"]  # padding multiple, MoE settings ... kept
+
+
+def test_export_whose_config_json_was_edited_is_refused(roundtrip, tmp_path, capsys):
+    """dense_model.json's model section is used only where config.json agrees with it."""
+    import shutil
+
+    from dense_model.export.hf_import import main
+
+    folder = Path(shutil.copytree(roundtrip / "hf" / "polynorm_order4", tmp_path / "edited"))
+    config = json.loads((folder / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main([str(folder), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "dense_model.json: model.norm_epsilon is 1e-05 but config.json says 0.001" in err, err
+    assert not (tmp_path / "out").exists()
