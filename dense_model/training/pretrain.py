@@ -151,6 +151,10 @@ class Trainer:
             return
         if plan.mode == "weights":
             load_checkpoint(plan.folder, self.ddp, load_rng=False)
+            # With bf16 the optimizer holds fp32 main copies of the parameters made when it was
+            # built: refresh them from the loaded weights (as Megatron-LM does for --finetune), or
+            # the first step would write the initialisation back.
+            self.optimizer.reload_model_params()
             self._print(
                 f"loaded the model weights of {plan.folder} (its step {plan.iteration}; load_mode=weights): "
                 "training starts at step 0 with a fresh optimizer, schedule and data position"
