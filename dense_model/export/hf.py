@@ -17,33 +17,13 @@ swapped, see modeling_dense_model.py): configuration_dense_model.py, modeling_de
 activation's own source from the registry (``remote_code_files``), so the exported model runs the
 same math.
 
-Weight mapping (megatron-core local spec -> Llama names), per layer N:
-
-    input_layernorm.weight                    -> model.layers.N.input_layernorm.weight
-    self_attention.linear_qkv.weight          -> self_attn.{q,k,v}_proj.weight
-        rows are [groups x (q heads of the group, k, v) x head_dim]: de-interleaved per group
-    self_attention.linear_proj.weight         -> self_attn.o_proj.weight
-    pre_mlp_layernorm.weight                  -> post_attention_layernorm.weight
-    mlp.linear_fc1.weight                     -> mlp.gate_proj + mlp.up_proj (gated: [gate; up])
-                                                 or mlp.up_proj (not gated)
-    mlp.linear_fc2.weight                     -> mlp.down_proj.weight
-    mlp.activation_func.act.{weight,bias}     -> mlp.act_fn.{weight,bias} (PolyCom scalars)
-
-A mixture-of-experts layer (megatron-core's MoELayer with SequentialMLP experts) maps to
-``DenseModelSparseMoeBlock`` (always the ``trust_remote_code`` model, SwiGLU experts too):
-
-    mlp.router.weight                                    -> mlp.gate.weight
-    mlp.experts.local_experts.E.{linear_fc1,linear_fc2}  -> mlp.experts.E.{gate_proj,up_proj,down_proj}
-    mlp.experts.local_experts.E.activation_func.act.*    -> mlp.experts.E.act_fn.* (per expert)
-    mlp.shared_experts.{linear_fc1,linear_fc2,activation_func.act.*} -> mlp.shared_expert.*
+The weight mapping (our names -> Llama's, MoE included) is the table in mapping.py, which the
+import (hf_import.py) reads in the other direction.
 
 The router settings the HF block implements are checked on the loaded model's TransformerConfig
 (``MOE_ROUTER_AS_EXPORTED``); a checkpoint with any other (token dropping by capacity, ...) is refused.
 
-plus embedding.word_embeddings -> model.embed_tokens, decoder.final_layernorm -> model.norm,
-output_layer -> lm_head. The vocabulary padding (``padded_vocab_size``) is cut back to
-``model.vocab_size``. RoPE needs no permutation: megatron's default (not interleaved) is the
-``rotate_half`` convention transformers' Llama uses. Every parameter of the checkpoint must be
+The vocabulary padding (``padded_vocab_size``) is cut back to ``model.vocab_size``. Every parameter of the checkpoint must be
 placed (an unknown one is an error), and the result is checked name by name and shape by shape
 against the transformers model built on the meta device before anything is written.
 """
@@ -60,12 +40,13 @@ from pathlib import Path
 
 import torch
 
-from dense_model.activations import get_activation_entry, is_gated
+from dense_model.activations import get_activation_entry
 from dense_model.checkpoint import CheckpointError, read_metadata, resolve_checkpoint
 from dense_model.checkpoint.inference import load_model_for_inference
 from dense_model.config import Config, expert_ffn_hidden_size, ffn_hidden_size, moe_enabled
 from dense_model.data.tokenizers import build_tokenizer
 from dense_model.export.configuration_dense_model import DenseModelConfig
+from dense_model.export.mapping import to_hf, weight_rules
 from dense_model.export.tokenizer import export_tokenizer, tokenizer_mismatch
 from dense_model.parallel import destroy_parallel
 
@@ -145,65 +126,18 @@ def hf_config(cfg: Config, special_ids: dict, dtype: torch.dtype):
 
 
 def convert_state_dict(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """Megatron GPTModel state (TP=1, PP=1) -> transformers Llama names. Raises on leftovers."""
+    """Megatron GPTModel state (TP=1, PP=1) -> transformers Llama names (``mapping.weight_rules``,
+    the table the import reads backwards). Raises on leftovers."""
     m = cfg.model
     state = {k: v for k, v in state.items() if not k.endswith("._extra_state")}
     used: set[str] = set()
-
-    def take(*names: str) -> torch.Tensor:
-        for name in names:
-            if name in state:
-                used.add(name)
-                return state[name]
-        raise ExportError(f"the checkpoint has no parameter {' or '.join(names)}")
-
-    hidden, heads = m.hidden_size, m.num_attention_heads
-    groups = m.num_query_groups or heads
-    head_dim = hidden // heads
-    q_per_group = heads // groups
-    vocab = m.vocab_size
     out: dict[str, torch.Tensor] = {}
-    out["model.embed_tokens.weight"] = take("embedding.word_embeddings.weight")[:vocab]
-
-    def mlp(src_mlp: str, dst_mlp: str) -> None:  # one megatron MLP -> DenseModelMLP / LlamaMLP
-        fc1 = take(src_mlp + "linear_fc1.weight")  # [(2 x) ffn, hidden]
-        if is_gated(m.activation):
-            gate, up = torch.chunk(fc1, 2, dim=0)
-            out[dst_mlp + "gate_proj.weight"] = gate
-            out[dst_mlp + "up_proj.weight"] = up
-        else:
-            out[dst_mlp + "up_proj.weight"] = fc1
-        out[dst_mlp + "down_proj.weight"] = take(src_mlp + "linear_fc2.weight")
-        act_prefix = src_mlp + "activation_func.act."
-        for name in [k for k in state if k.startswith(act_prefix)]:
-            out[dst_mlp + "act_fn." + name[len(act_prefix) :]] = take(name)
-
-    for i in range(m.num_layers):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        # Transformer Engine's spec fuses the norms into the next linear (layer_norm_weight).
-        out[dst + "input_layernorm.weight"] = take(
-            src + "input_layernorm.weight", src + "self_attention.linear_qkv.layer_norm_weight"
-        )
-        qkv = take(src + "self_attention.linear_qkv.weight")  # [groups * (q_per_group + 2) * d, hidden]
-        qkv = qkv.reshape(groups, q_per_group + 2, head_dim, hidden)
-        out[dst + "self_attn.q_proj.weight"] = qkv[:, :q_per_group].reshape(heads * head_dim, hidden)
-        out[dst + "self_attn.k_proj.weight"] = qkv[:, q_per_group].reshape(groups * head_dim, hidden)
-        out[dst + "self_attn.v_proj.weight"] = qkv[:, q_per_group + 1].reshape(groups * head_dim, hidden)
-        out[dst + "self_attn.o_proj.weight"] = take(src + "self_attention.linear_proj.weight")
-        out[dst + "post_attention_layernorm.weight"] = take(
-            src + "pre_mlp_layernorm.weight", src + "mlp.linear_fc1.layer_norm_weight"
-        )
-        if not moe_enabled(m):
-            mlp(src + "mlp.", dst + "mlp.")
-            continue
-        out[dst + "mlp.gate.weight"] = take(src + "mlp.router.weight")  # [experts, hidden]
-        for e in range(m.moe.num_experts):
-            mlp(src + f"mlp.experts.local_experts.{e}.", dst + f"mlp.experts.{e}.")
-        if m.moe.shared_expert_ffn_hidden_size:
-            mlp(src + "mlp.shared_experts.", dst + "mlp.shared_expert.")
-    out["model.norm.weight"] = take("decoder.final_layernorm.weight")
-    if m.untie_embeddings:
-        out["lm_head.weight"] = take("output_layer.weight")[:vocab]
+    for rule in weight_rules(m):
+        name = next((n for n in rule.ours if n in state), None)
+        if name is None:
+            raise ExportError(f"the checkpoint has no parameter {' or '.join(rule.ours)}")
+        used.add(name)
+        out.update(zip(rule.hf, to_hf(rule, state[name], m), strict=True))
     leftover = sorted(set(state) - used)
     if leftover:
         raise ExportError(
