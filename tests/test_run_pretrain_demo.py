@@ -28,6 +28,10 @@ def test_demo_runs_end_to_end(tmp_path):
         "PYTHON": sys.executable,
         "DENSE_MODEL_CACHE": str(tmp_path / "cache"),
         "MASTER_PORT": str(free_port()),
+        # One OpenMP thread, as every other launch in the suite: under pytest-xdist each core has a
+        # worker already, and a second thread per process only adds spin-waiting (on a busy 2-core
+        # machine the default 2 threads spent 6 CPU minutes on the first 40 of the 150 steps).
+        "OMP_NUM_THREADS": "1",
     }
     proc = subprocess.run(
         ["bash", "run_pretrain.sh", f"run_dir={run_dir}"],

@@ -299,6 +299,7 @@ def test_adapter_at_tp2_matches(checkpoint, hand):
     assert tp2["generate_long"] == hand["generate_long"]
 
 
+@pytest.mark.slow
 def test_kv_cache_generation_equals_recomputing(checkpoint, hand):
     """generate_until (megatron's KV cache, batches of 3 with unequal prompts) gives the tokens that
     re-running the whole sequence for each new token gives (hand_generate)."""
@@ -362,7 +363,7 @@ def test_hf_model_on_export_scores_the_same(checkpoint, cli_run, monkeypatch):
     assert compared >= 10
 
 
-def test_clear_errors(checkpoint, tmp_path, capsys):
+def test_clear_errors(tmp_path, capsys):
     missing = run_cli([tmp_path / "nope", "tiny_python_mc"], tmp_path)  # the real script: exit status 2
     assert missing.returncode == 2
     assert "checkpoint path" in missing.stderr and "does not exist" in missing.stderr

@@ -101,6 +101,7 @@ def read_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_finished_runs_are_skipped_and_interrupted_ones_resumed(study):
     runs = study["runs"]
     assert "polynorm_s1: finished, skipped" in study["out"]
@@ -110,6 +111,7 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(study):
     assert steps == [2, 4]  # step 3 was never logged; step 4 after the resume
 
 
+@pytest.mark.slow
 def test_seeds_change_initialisation_and_data_order(study):
     import yaml
 
@@ -123,6 +125,7 @@ def test_seeds_change_initialisation_and_data_order(study):
     assert first_loss["polynorm_s1"] != first_loss["polynorm_s2"]
 
 
+@pytest.mark.slow
 def test_report_numbers_match_the_runs_metrics(study):
     out = study["tmp"] / "out"
     report = json.loads((out / "report.json").read_text())
@@ -150,6 +153,7 @@ def test_report_numbers_match_the_runs_metrics(study):
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_coefficients_are_logged_and_plotted(study):
     polynorm = [
         r["activation_stats"] for r in read_records(study["runs"] / "polynorm_s2") if "activation_stats" in r
@@ -259,6 +263,7 @@ def test_slurm_array_with_stand_in_sbatch_srun_scontrol(tmp_path):
     assert "before the last step" in log
 
 
+@pytest.mark.slow
 def test_lm_eval_tasks_are_run_on_trained_runs_and_reported(study):
     """The same study with a (local) lm-eval task: training is skipped, each run is scored, and the
     scores land in the report next to lm-eval's own results JSON."""

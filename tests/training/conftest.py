@@ -31,19 +31,28 @@ def tiny_overrides(run_dir, prefix, spm_model, *extra):
     ]
 
 
-@pytest.fixture
-def tiny_config(tmp_path, mmap_dataset, spm_model):
-    """Write the tiny model's config as a YAML file; returns (config_path, run_dir)."""
+def config_writer(folder, prefix, spm_model):
+    """make(name, *extra) writes the tiny model's config as folder/name.yaml -> (config_path, run_dir)."""
     import yaml
 
     from dense_model.config import parse_overrides
 
     def make(name="run", *extra):
-        run_dir = tmp_path / name
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(
-            yaml.safe_dump(parse_overrides(tiny_overrides(run_dir, mmap_dataset, spm_model, *extra)))
-        )
+        run_dir = folder / name
+        path = folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(parse_overrides(tiny_overrides(run_dir, prefix, spm_model, *extra))))
         return path, run_dir
 
     return make
+
+
+@pytest.fixture
+def tiny_config(tmp_path, mmap_dataset, spm_model):
+    """Write the tiny model's config as a YAML file; returns (config_path, run_dir)."""
+    return config_writer(tmp_path, mmap_dataset, spm_model)
+
+
+@pytest.fixture(scope="module")
+def module_tiny_config(tmp_path_factory, mmap_dataset, spm_model):
+    """tiny_config for runs that several tests of a module share (e.g. one reference run)."""
+    return config_writer(tmp_path_factory.mktemp("shared_runs"), mmap_dataset, spm_model)

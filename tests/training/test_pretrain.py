@@ -169,6 +169,17 @@ def _first_losses(run_dir, n=4):
     return [train[s] for s in range(1, n + 1)]
 
 
+SHORT = ["training.train_iters=4", "checkpoint.save_interval=1000", "logging.eval_interval=0"]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(module_tiny_config):
+    """The one-process reference of the two-process layouts (one run for all of them)."""
+    config, ref_dir = module_tiny_config("single")
+    run_ok(config, *SHORT, "parallel.use_distributed_optimizer=false")
+    return ref_dir
+
+
 @pytest.mark.parametrize(
     "layout",
     [
@@ -178,13 +189,11 @@ def _first_losses(run_dir, n=4):
     ],
     ids=lambda x: x[0],
 )
-def test_two_process_layouts_match_single_process(tiny_config, layout):
+def test_two_process_layouts_match_single_process(tiny_config, single_process_run, layout):
     name, overrides = layout
-    short = ["training.train_iters=4", "checkpoint.save_interval=1000", "logging.eval_interval=0"]
-    config, ref_dir = tiny_config("single")
-    run_ok(config, *short, "parallel.use_distributed_optimizer=false")
+    ref_dir = single_process_run
     config, run_dir = tiny_config(name)
-    run_ok(config, *short, *overrides, nproc=2)
+    run_ok(config, *SHORT, *overrides, nproc=2)
     for ours, ref in zip(_first_losses(run_dir), _first_losses(ref_dir)):
         assert ours == pytest.approx(ref, rel=1e-5)
 
