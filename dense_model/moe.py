@@ -89,6 +89,12 @@ def uses_grouped_gemm(cfg: ModelConfig) -> bool:
     return cfg.moe.grouped_gemm and transformer_engine_available() and not has_params
 
 
+def uses_torch_grouped_experts(cfg: ModelConfig) -> bool:
+    """``model.moe.grouped_gemm`` where TE's grouped GEMM is not used (no Transformer Engine, or
+    experts with learnable coefficients): ``dense_model.moe_experts.GroupedExperts``."""
+    return cfg.moe.grouped_gemm and not uses_grouped_gemm(cfg)
+
+
 def moe_layer_spec(cfg: ModelConfig, dense_activation):
     """The stock MoE layer spec with ExpertActivation in the experts and ``dense_activation`` (the
     dense MLP's activation spec) in the shared expert."""
@@ -113,6 +119,10 @@ def moe_layer_spec(cfg: ModelConfig, dense_activation):
         module=ExpertActivation, params=dense_activation.params
     )
     moe.shared_experts.submodules.activation_func = dense_activation
+    if uses_torch_grouped_experts(cfg):  # SequentialMLP's modules and checkpoint keys, grouped GEMMs
+        from dense_model.moe_experts import GroupedExperts
+
+        moe.experts.module = GroupedExperts
     return spec
 
 
