@@ -6,6 +6,8 @@ The stock GPT layer spec with ``num_experts`` is kept whole (router, token dispa
 optional shared expert); only the ``activation_func`` slot of the experts' ``MLPSubmodules`` is
 filled, with ``ExpertActivation``. megatron-core's ``SequentialMLP`` builds one MLP per local
 expert, so each expert gets its own activation module and PolyCom experts their own a0..ar.
+With ``model.moe.grouped_gemm`` and no TE grouped GEMM, the experts are
+``dense_model.moe_experts.GroupedExperts``: the same modules, run as torch grouped GEMMs.
 
 Expert tensor parallelism splits each expert's FFN width over the *expert* TP group, which need not
 be the dense TP group: PolyNorm's row statistics and the coefficient gradients are reduced over

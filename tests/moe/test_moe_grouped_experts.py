@@ -16,7 +16,6 @@ import torch
 
 from dense_model.activations import get_activation_entry, list_activations
 from dense_model.config import load_config
-from dense_model.moe_experts import grouped_linear, grouped_mm_runs
 from dense_model.testing import spawn_workers
 from tests.moe.test_moe_model import moe_overrides
 from tests.test_sequence_parallel import _train, assert_trains_like, moe_training_overrides, step_batches
@@ -27,6 +26,9 @@ SEQUENTIAL = "model.moe.grouped_gemm=false"
 @pytest.mark.parametrize("width_in, width_out, grouped", [(16, 24, True), (6, 10, False)])
 def test_grouped_linear_equals_one_matmul_per_expert(width_in, width_out, grouped):
     """16-byte aligned fp32 rows take torch's grouped_mm on the CPU, others the per-expert loop."""
+    # Imported here: megatron-core imports Triton, which the kernel tests' conftest must import first.
+    from dense_model.moe_experts import grouped_linear, grouped_mm_runs
+
     gen = torch.Generator().manual_seed(0)
     counts = [3, 0, 5, 2]
     x = torch.randn(sum(counts), width_in, generator=gen, requires_grad=True)
