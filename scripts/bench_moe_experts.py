@@ -5,7 +5,7 @@ grouped, ...) so a machine whose load drifts treats both alike:
 
 ``demo``: the CPU MoE demo (configs/moe/demo.yaml: 8 PolyNorm experts, top-2) trained through
 ``run_pretrain.sh`` with ``model.moe.grouped_gemm`` true and false, ``--rounds`` times each, for
-``--iters`` steps (after one 2-step job, not counted, that prepares the demo data). Reports the trainer's logged tokens/s (each log interval after the first; the
+``--iters`` steps (after one 8-step job, not counted, that prepares the demo data). Reports the trainer's logged tokens/s (each log interval after the first; the
 first holds start-up) and the wall time of the whole job, and the largest loss difference between
 the two implementations at any logged step (the losses must agree: same math).
 
@@ -64,7 +64,7 @@ def run_demo(args) -> dict:
 
     results = {impl: {"tokens_per_sec": [], "wall_s": [], "losses": []} for impl in IMPLS}
     with tempfile.TemporaryDirectory() as tmp:
-        # Not counted: a 2-step job first (the demo's tokenizer and data are prepared on first use).
+        # Not counted: a short job first (the demo's tokenizer and data are prepared on first use).
         for i, impl in [(-1, "grouped"), *enumerate(alternating(args.rounds))]:
             run_dir = Path(tmp, f"{impl}{i}")
             cmd = [
@@ -72,7 +72,7 @@ def run_demo(args) -> dict:
                 str(ROOT / "run_pretrain.sh"),
                 args.config,
                 f"run_dir={run_dir}",
-                f"training.train_iters={args.iters if i >= 0 else 2}",
+                f"training.train_iters={args.iters if i >= 0 else 8}",
                 f"logging.log_interval={args.log_interval}",
                 "logging.eval_interval=0",
                 f"checkpoint.save_interval={args.iters + 1}",
@@ -83,7 +83,8 @@ def run_demo(args) -> dict:
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             wall = time.perf_counter() - start
             if proc.returncode != 0:
-                sys.exit(f"bench_moe_experts: {impl} run failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+                tail = (proc.stdout + proc.stderr)[-3000:]
+                sys.exit(f"bench_moe_experts: {impl} run failed ({proc.returncode}):\n{tail}")
             if i < 0:
                 continue
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
     layer.add_argument("--config", default="configs/moe/polynorm.yaml")
     layer.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     layer.add_argument("--seq", type=int, default=4096)
-    layer.add_argument("--mbs", type=int, default=1)
+    layer.add_argument("--mbs", type=int, default=2)  # the paper config's micro-batch
     layer.add_argument("--warmup", type=int, default=3)
     layer.add_argument("--iters", type=int, default=10)
     layer.add_argument("overrides", nargs="*", help="config overrides, key=value")
