@@ -6,6 +6,8 @@ The stock GPT layer spec with ``num_experts`` is kept whole (router, token dispa
 optional shared expert); only the ``activation_func`` slot of the experts' ``MLPSubmodules`` is
 filled, with ``ExpertActivation``. megatron-core's ``SequentialMLP`` builds one MLP per local
 expert, so each expert gets its own activation module and PolyCom experts their own a0..ar.
+With ``model.moe.grouped_gemm`` and no TE grouped GEMM, the experts are
+``dense_model.moe_experts.GroupedExperts``: the same modules, run as torch grouped GEMMs.
 
 Expert tensor parallelism splits each expert's FFN width over the *expert* TP group, which need not
 be the dense TP group: PolyNorm's row statistics and the coefficient gradients are reduced over
@@ -90,6 +92,12 @@ def uses_grouped_gemm(cfg: ModelConfig) -> bool:
     return cfg.moe.grouped_gemm and transformer_engine_available() and not has_params
 
 
+def uses_torch_grouped_experts(cfg: ModelConfig) -> bool:
+    """``model.moe.grouped_gemm`` where TE's grouped GEMM is not used (no Transformer Engine, or
+    experts with learnable coefficients): ``dense_model.moe_experts.GroupedExperts``."""
+    return cfg.moe.grouped_gemm and not uses_grouped_gemm(cfg)
+
+
 def moe_layer_spec(cfg: ModelConfig, dense_activation):
     """The stock MoE layer spec with ExpertActivation in the experts and ``dense_activation`` (the
     dense MLP's activation spec) in the shared expert."""
@@ -114,6 +122,10 @@ def moe_layer_spec(cfg: ModelConfig, dense_activation):
         module=ExpertActivation, params=dense_activation.params
     )
     moe.shared_experts.submodules.activation_func = dense_activation
+    if uses_torch_grouped_experts(cfg):  # SequentialMLP's modules and checkpoint keys, grouped GEMMs
+        from dense_model.moe_experts import GroupedExperts
+
+        moe.experts.module = GroupedExperts
     return spec
 
 

@@ -83,20 +83,22 @@ def replicated_coefficients(weight, bias, group, dtype=torch.float32):
 def polycom_reference(x, weight, bias, *, inner: str, eps: float = 1e-6, tp_group=None):
     """Torch reference of PolyCom over the last dimension (the local FFN slice under TP).
 
-    x: [..., ffn / tp]; weight: [r]; bias: [1]. Returns a tensor like x.
+    x: [..., ffn / tp]; weight: [r]; bias: [1]. Returns a tensor like x. Per-row coefficients
+    (grouped MoE experts, ``dense_model.moe_experts``): weight [..., r] and bias [..., 1] with x's
+    leading dimensions; each row's coefficient gradient is then its own.
     """
     out_dtype = x.dtype
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 at least
     x32 = x.to(compute)  # [..., f]
     w, b = replicated_coefficients(weight, bias, tp_group, compute)
-    order = w.shape[0]
+    order = w.shape[-1]
     if inner == "relu":
         r = F.relu(x32)
         power = r
-        out = b + w[0] * power
+        out = b + w[..., 0:1] * power
         for i in range(1, order):
             power = power * r
-            out = out + w[i] * power
+            out = out + w[..., i : i + 1] * power
         return out.to(out_dtype)
     if inner == "norm":
         powers = [x32]
@@ -109,7 +111,7 @@ def polycom_reference(x, weight, bias, *, inner: str, eps: float = 1e-6, tp_grou
         inv_rms = torch.rsqrt(sumsq / width + eps)  # [..., r]
         out = b
         for i, p in enumerate(powers):
-            out = out + w[i] * (p * inv_rms[..., i : i + 1])
+            out = out + w[..., i : i + 1] * (p * inv_rms[..., i : i + 1])
         return out.to(out_dtype)
     raise ValueError(f"unknown PolyCom inner function {inner!r}; choose one of {INNER_FUNCTIONS}")
 

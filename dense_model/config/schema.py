@@ -51,7 +51,8 @@ class MoEConfig:
     shared_expert_ffn_hidden_size: int | None = None
     """Width of an always-on shared expert (same activation); None = no shared expert."""
     grouped_gemm: bool = True
-    """Transformer Engine grouped-GEMM experts when TE is installed (GPU); local experts otherwise."""
+    """Grouped-GEMM experts: Transformer Engine's where TE is installed (GPU) and the activation has no
+    coefficients, else torch's grouped_mm (dense_model.moe_experts); false = one MLP after another."""
 
 
 @dataclass

@@ -134,11 +134,15 @@ def test_spec_puts_registry_activation_in_every_expert():
 
     from dense_model.model import RegistryActivation, layer_spec
     from dense_model.moe import ExpertActivation
+    from dense_model.moe_experts import GroupedExperts
 
     cfg = moe_config()
     spec = layer_spec(cfg.model)
     moe = spec.submodules.mlp
-    assert moe.module is MoELayer and moe.submodules.experts.module is SequentialMLP
+    # model.moe.grouped_gemm (the default) without Transformer Engine: torch grouped-GEMM experts
+    assert moe.module is MoELayer and moe.submodules.experts.module is GroupedExperts
+    cfg.model.moe.grouped_gemm = False
+    assert layer_spec(cfg.model).submodules.mlp.submodules.experts.module is SequentialMLP
     expert_act = moe.submodules.experts.submodules.activation_func
     assert expert_act.module is ExpertActivation and expert_act.params["name"] == "polynorm"
     assert moe.submodules.shared_experts.submodules.activation_func.module is RegistryActivation
