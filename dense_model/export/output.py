@@ -102,7 +102,9 @@ def staged_output(output: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     try:
         _recover(output)
         if output.exists() and any(output.iterdir()) and not overwrite:
-            raise OutputError(f"output folder {output} exists and is not empty; remove it or pass --overwrite")
+            raise OutputError(
+                f"output folder {output} exists and is not empty; remove it or pass --overwrite"
+            )
         tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-export-", dir=output.parent))
         try:
             yield tmp

@@ -284,7 +284,9 @@ class RunDirClaim:
         while not self._stop.wait(wait):
             try:
                 if not self._owned():
-                    self._set_lost(f"the claim {self.path} is no longer this job's: another job took it over", True)
+                    self._set_lost(
+                        f"the claim {self.path} is no longer this job's: another job took it over", True
+                    )
                     return
                 _touch(self._fd)
             except OSError as err:
@@ -316,7 +318,9 @@ class RunDirClaim:
             try:
                 if self._owned():
                     return True
-                self._set_lost(f"the claim {self.path} is no longer this job's: another job took it over", True)
+                self._set_lost(
+                    f"the claim {self.path} is no longer this job's: another job took it over", True
+                )
                 return False
             except OSError as err:
                 error = err

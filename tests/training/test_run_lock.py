@@ -145,7 +145,10 @@ def test_suspended_holder_taken_over_does_not_touch_the_new_claim(tmp_path):
     import signal
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", OLD_HOLDER, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", OLD_HOLDER, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert holder.stdout.readline() == "claimed\n"
     holder.send_signal(signal.SIGSTOP)
@@ -159,7 +162,11 @@ def test_suspended_holder_taken_over_does_not_touch_the_new_claim(tmp_path):
     assert out.splitlines()[-2:] == ["verify False lost True", "released"], out
     assert f"warning: the claim {lock} is no longer this job's: another job took it over" in out
     after = os.stat(lock)
-    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        before.st_size,
+    )
     assert json.loads(lock.read_text()) == claim.record
     assert claim.verify() and not claim.lost()
     claim.release()
@@ -247,5 +254,7 @@ def test_training_stops_after_saving_when_the_heartbeat_cannot_write(tiny_config
     latest = int((run_dir / "checkpoints/latest_checkpointed_iteration.txt").read_text())
     assert 1 <= latest < 40
     assert f"claim lost: saved step {latest} and stopping" in out0
-    assert f"error: could not refresh the claim {run_dir / LOCK_NAME}" in out0 and "relaunch to resume" in out0
+    assert (
+        f"error: could not refresh the claim {run_dir / LOCK_NAME}" in out0 and "relaunch to resume" in out0
+    )
     assert not list(run_dir.glob(f"{LOCK_NAME}*"))
