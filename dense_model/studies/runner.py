@@ -3,8 +3,9 @@
 Every run goes through ``run_pretrain.sh`` with the study's base config and the run's overrides, so
 a run of a study is an ordinary run: it resumes from its own ``checkpoints/`` when relaunched. A run
 is finished when its latest checkpoint is at the run's last step (and, when the study names lm-eval
-tasks, its ``lm_eval/`` results exist); finished runs are skipped, so rerunning the study command
-after an interruption only trains what is missing.
+tasks, ``lm_eval/`` holds readable results stamped with that checkpoint's iteration and the study's
+task list: ``publish_results`` writes them atomically); finished runs are skipped, so rerunning the
+study command after an interruption only trains and evaluates what is missing.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def current_results(study: Study, run: StudyRun, say=print) -> list[dict]:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            say(f"{run.name}: {path} is unreadable ({err.__class__.__name__}); the run counts as not evaluated")
+            say(
+                f"{run.name}: {path} is unreadable ({err.__class__.__name__}); the run counts as not evaluated"
+            )
             continue
         if isinstance(data, dict) and data.get(STAMP) == stamp:
             found.append(data)
@@ -71,8 +74,14 @@ def is_evaluated(study: Study, run: StudyRun, say=print) -> bool:
 def publish_results(study: Study, run: StudyRun, staging: Path) -> None:
     """Move lm-eval's output from ``staging`` into ``lm_eval/``: every results file stamped with
     the checkpoint iteration and task list, written to a temporary name, fsynced and renamed (a kill
-    leaves the old results or the new, never a torn file); other files (samples) renamed first."""
+    leaves the old results or the new, never a torn file); other files (samples) renamed first. An
+    unreadable results file already there is renamed to ``*.json.torn``."""
     target = run.run_dir / EVAL_DIR
+    for path in target.rglob("results*.json"):  # a torn file, evaluated again now: set it aside
+        try:
+            json.loads(path.read_text())
+        except ValueError:
+            os.replace(path, path.with_name(path.name + ".torn"))
     results = sorted(staging.rglob("results*.json"))
     for path in sorted(p for p in staging.rglob("*") if p.is_file() and p not in results):
         dest = target / path.relative_to(staging)
@@ -134,7 +143,9 @@ def run_one(study: Study, run: StudyRun, pick_port: bool = True) -> int:
                 return 1
             if status != 0:
                 return status
-        if env.get("SLURM_NODEID", "0") == "0" and not is_evaluated(study, run, say=lambda m: print(m, file=log)):
+        if env.get("SLURM_NODEID", "0") == "0" and not is_evaluated(
+            study, run, say=lambda m: print(m, file=log)
+        ):
             # lm-eval writes into a folder of its own; the results are published when it succeeded
             staging = Path(tempfile.mkdtemp(prefix=f"{EVAL_DIR}.tmp-", dir=run.run_dir))
             try:

@@ -310,6 +310,7 @@ def test_lm_eval_results_are_stamped_and_torn_or_older_ones_do_not_count(study):
     run_study([path, "--task", names.index("gelu_s2")], study["env"])
     assert runner.is_evaluated(spec, run, say=lambda m: None)
     assert "is unreadable" in (run.run_dir / "study.log").read_text()
+    assert results.with_name(results.name + ".torn").is_file() and not results.exists()  # set aside
     run_study([path, "--report-only"], study["env"])
     report = json.loads((study["tmp"] / "out" / "report.json").read_text())
     (row,) = [r for r in report["runs"] if r["name"] == "gelu_s2"]
