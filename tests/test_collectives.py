@@ -104,3 +104,66 @@ def test_helpers_over_gloo(tmp_path):
             "sum": [2.0, 3.0],
             "device": "cpu",
         }
+
+
+# Helpers that stage tensors for a collective, with the call that exercises each. A new helper must
+# be added here (test_every_staging_helper_is_checked), so that its staging device is checked.
+STAGING_CALLS = {
+    "all_reduce_max_tensor": lambda c: c.all_reduce_max_tensor(torch.tensor([1.0])),
+    "all_reduce_max": lambda c: c.all_reduce_max([1.0, 2.0]),
+    "any_rank": lambda c: c.any_rank(True),
+    "sum_over_group": lambda c: c.sum_over_group(torch.tensor([1.0])),
+    "broadcast_from_last_stage": lambda c: c.broadcast_from_last_stage(1.0),
+}
+NOT_STAGING = {"device_for_backend", "communication_device", "barrier", "rank"}
+
+
+def test_every_staging_helper_is_checked():
+    import inspect
+
+    from dense_model import collectives
+
+    public = {
+        name
+        for name, fn in inspect.getmembers(collectives, inspect.isfunction)
+        if fn.__module__ == collectives.__name__ and not name.startswith("_")
+    }
+    assert public - NOT_STAGING == set(STAGING_CALLS)
+
+
+def _staging_devices(rank, world_size, out_dir):
+    """Each helper over a real PP=2 gloo layout, with communication_device(group) saying "meta"
+    (standing in for an NCCL group's GPU) and torch.distributed's collectives replaced by recorders
+    of the devices they are handed (meta tensors cannot be reduced; the helpers fail after the
+    collective when they read the result, which is expected here)."""
+    import torch.distributed as dist
+
+    from dense_model import collectives
+    from dense_model.parallel import initialize_parallel
+
+    initialize_parallel(1, 2)
+    collectives.communication_device = lambda group=None: torch.device("meta")
+    seen = []
+
+    def recorder(tensor, *args, **kwargs):
+        seen.append(tensor.device.type)
+
+    dist.all_reduce = dist.broadcast = recorder
+    devices = {}
+    for name, call in STAGING_CALLS.items():
+        seen.clear()
+        try:
+            call(collectives)
+        except (NotImplementedError, RuntimeError):  # reading a meta tensor's value
+            pass
+        devices[name] = list(seen)
+    torch.save(devices, f"{out_dir}/rank{rank}.pt")
+
+
+def test_helpers_stage_on_the_groups_communication_device(tmp_path):
+    """A helper staging a flag on the CPU passes every gloo test but fails on NCCL (no CPU
+    backend): here the group's device is "meta", and every collective must be handed meta tensors."""
+    spawn_workers(_staging_devices, 2, str(tmp_path))
+    for rank in range(2):
+        devices = torch.load(tmp_path / f"rank{rank}.pt")
+        assert devices == {name: ["meta"] for name in STAGING_CALLS}, devices

@@ -31,6 +31,7 @@ against the transformers model built on the meta device before anything is writt
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import json
 import os
@@ -47,6 +48,7 @@ from dense_model.config import Config, expert_ffn_hidden_size, ffn_hidden_size, 
 from dense_model.data.tokenizers import build_tokenizer
 from dense_model.export.configuration_dense_model import DenseModelConfig
 from dense_model.export.mapping import to_hf, weight_rules
+from dense_model.export.output import OutputError, check_outside_run, staged_output
 from dense_model.export.tokenizer import export_tokenizer, tokenizer_mismatch
 from dense_model.parallel import destroy_parallel
 
@@ -296,16 +298,23 @@ def export_hf(
     ``dtype``: "auto" (the dtype the checkpoint stores: bf16 for GPU runs, fp32 for CPU runs),
     "float32", "bfloat16" or "float16". Starts the process groups (world size 1) if needed.
     """
-    from megatron.core import parallel_state
-
     folder = resolve_checkpoint(checkpoint)  # CheckpointError for a missing or foreign path
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ExportError(
-            f"output folder {output_dir} exists and is not empty; remove it or pass --overwrite"
-        )
+    check_outside_run(folder, output_dir)  # OutputError: the export could delete its own source
     if dtype != "auto" and dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    # rank 0 writes: one export per output (a lock), published by renames (see export/output.py)
+    with staged_output(output_dir, overwrite) if _rank() == 0 else contextlib.nullcontext() as tmp:
+        _export(folder, tmp, dtype, max_shard_size)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return output_dir
+
+
+def _export(folder: Path, tmp: Path | None, dtype: str, max_shard_size: str | int) -> None:
+    """Load ``folder`` and, on rank 0 (``tmp`` not None), write the HF files into ``tmp``."""
+    from megatron.core import parallel_state
+
     target = stored_dtype(folder) if dtype == "auto" else DTYPES[dtype]
 
     loaded = load_model_for_inference(folder, tensor_model_parallel_size=1)
@@ -324,10 +333,7 @@ def export_hf(
     }
     weights = {k: v.to(target) for k, v in convert_state_dict(state, cfg).items()}
 
-    tmp = output_dir.with_name(output_dir.name + ".tmp-export")
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    if tmp is not None:
         special, tokenizer_provenance = {"bos_token_id": None, "eos_token_id": None}, None
         if cfg.data.tokenizer_model:
             tokenizer_provenance, special = _export_checked_tokenizer(cfg, tmp)
@@ -343,12 +349,6 @@ def export_hf(
         if tokenizer_provenance is not None:
             provenance["tokenizer"] = tokenizer_provenance
         (tmp / "dense_model.json").write_text(json.dumps(provenance, indent=2))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return output_dir
 
 
 def _export_checked_tokenizer(cfg: Config, folder: Path) -> tuple[dict, dict]:
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_hf(args.checkpoint, args.output_dir, args.dtype, args.max_shard_size, args.overwrite)
-    except (CheckpointError, ExportError) as err:
+    except (CheckpointError, ExportError, OutputError) as err:
         print(f"export_hf: error: {err}", file=sys.stderr, flush=True)
         return 2
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dense_model.config import resolve_vocab_size
 from dense_model.model import count_parameters
-from dense_model.studies.runner import EVAL_DIR, expected_steps, is_trained
+from dense_model.studies.runner import current_results, expected_steps, is_trained
 from dense_model.studies.spec import Study, StudyRun
 from dense_model.studies.stats import mean_std, paired_difference
 
@@ -38,11 +38,12 @@ def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     return train, valid
 
 
-def read_lm_eval(run_dir: Path) -> dict[str, float]:
-    """task -> its headline score (acc_norm, else acc, else the first number) from lm-eval's JSON."""
+def read_lm_eval(study: Study, run: StudyRun) -> dict[str, float]:
+    """task -> its headline score (acc_norm, else acc, else the first number) from lm-eval's JSON
+    (the results of the run's latest checkpoint with the study's tasks; see runner.current_results)."""
     scores = {}
-    for path in sorted((run_dir / EVAL_DIR).rglob("results*.json")):
-        for task, metrics in json.loads(path.read_text()).get("results", {}).items():
+    for results in current_results(study, run):
+        for task, metrics in results.get("results", {}).items():
             numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
             for key in ("acc_norm,none", "acc,none", *numbers):
                 if key in numbers:
@@ -72,7 +73,7 @@ def collect_run(study: Study, run: StudyRun) -> dict:
             train_loss=train[steps]["loss"],
             val_loss=valid[steps]["val_loss"],
             val_ppl=valid[steps]["val_ppl"],
-            lm_eval=read_lm_eval(run.run_dir),
+            lm_eval=read_lm_eval(study, run),
         )
     return row
 

@@ -3,25 +3,31 @@
 Every run goes through ``run_pretrain.sh`` with the study's base config and the run's overrides, so
 a run of a study is an ordinary run: it resumes from its own ``checkpoints/`` when relaunched. A run
 is finished when its latest checkpoint is at the run's last step (and, when the study names lm-eval
-tasks, its ``lm_eval/`` results exist); finished runs are skipped, so rerunning the study command
-after an interruption only trains what is missing.
+tasks, ``lm_eval/`` holds readable results stamped with that checkpoint's iteration and the study's
+task list: ``publish_results`` writes them atomically); finished runs are skipped, so rerunning the
+study command after an interruption only trains and evaluates what is missing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from dense_model.checkpoint import read_latest_iteration
+from dense_model.checkpoint.layout import fsync_write
 from dense_model.studies.spec import Study, StudyRun
 from dense_model.training.optim import schedule_steps
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL_DIR = "lm_eval"
+STAMP = "dense_model_study"  # key added to lm-eval's results JSON: the iteration and tasks it belongs to
 
 
 def _python() -> str:
@@ -37,8 +43,56 @@ def is_trained(study: Study, run: StudyRun) -> bool:
     return read_latest_iteration(run.run_dir / "checkpoints") == expected_steps(study, run)
 
 
-def is_evaluated(study: Study, run: StudyRun) -> bool:
-    return not study.eval_tasks or any((run.run_dir / EVAL_DIR).rglob("results*.json"))
+def eval_stamp(study: Study, run: StudyRun) -> dict:
+    """What lm-eval results must belong to, to count for ``run`` now: its latest checkpoint's
+    iteration and the study's task list."""
+    return {"iteration": read_latest_iteration(run.run_dir / "checkpoints"), "tasks": list(study.eval_tasks)}
+
+
+def current_results(study: Study, run: StudyRun, say=print) -> list[dict]:
+    """The run's lm-eval results (``results*.json`` under ``lm_eval/``) made from its latest
+    checkpoint with the study's tasks. An unreadable file (a torn write) or results of an older
+    checkpoint or another task list do not count (the unreadable ones are named through ``say``)."""
+    stamp, found = eval_stamp(study, run), []
+    for path in sorted((run.run_dir / EVAL_DIR).rglob("results*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            say(
+                f"{run.name}: {path} is unreadable ({err.__class__.__name__}); the run counts as not evaluated"
+            )
+            continue
+        if isinstance(data, dict) and data.get(STAMP) == stamp:
+            found.append(data)
+    return found
+
+
+def is_evaluated(study: Study, run: StudyRun, say=print) -> bool:
+    return not study.eval_tasks or bool(current_results(study, run, say))
+
+
+def publish_results(study: Study, run: StudyRun, staging: Path) -> None:
+    """Move lm-eval's output from ``staging`` into ``lm_eval/``: every results file stamped with
+    the checkpoint iteration and task list, written to a temporary name, fsynced and renamed (a kill
+    leaves the old results or the new, never a torn file); other files (samples) renamed first. An
+    unreadable results file already there is renamed to ``*.json.torn``."""
+    target = run.run_dir / EVAL_DIR
+    for path in target.rglob("results*.json"):  # a torn file, evaluated again now: set it aside
+        try:
+            json.loads(path.read_text())
+        except ValueError:
+            os.replace(path, path.with_name(path.name + ".torn"))
+    results = sorted(staging.rglob("results*.json"))
+    for path in sorted(p for p in staging.rglob("*") if p.is_file() and p not in results):
+        dest = target / path.relative_to(staging)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+    for path in results:
+        data = json.loads(path.read_text())
+        data[STAMP] = eval_stamp(study, run)
+        dest = target / path.relative_to(staging)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fsync_write(dest, json.dumps(data, indent=2))
 
 
 def is_finished(study: Study, run: StudyRun) -> bool:
@@ -56,14 +110,14 @@ def train_command(study: Study, run: StudyRun) -> list[str]:
     return ["bash", str(REPO / "run_pretrain.sh"), str(study.base_config), *run.overrides]
 
 
-def eval_command(study: Study, run: StudyRun) -> list[str]:
+def eval_command(study: Study, run: StudyRun, output: Path | None = None) -> list[str]:
     return [
         "bash",
         str(REPO / "toolkits/evaluation/run_lm_eval.sh"),
         str(run.run_dir),
         ",".join(study.eval_tasks),
         "--output_path",
-        str(run.run_dir / EVAL_DIR),
+        str(output or run.run_dir / EVAL_DIR),
         *study.eval_args,
     ]
 
@@ -89,8 +143,19 @@ def run_one(study: Study, run: StudyRun, pick_port: bool = True) -> int:
                 return 1
             if status != 0:
                 return status
-        if env.get("SLURM_NODEID", "0") == "0" and not is_evaluated(study, run):
-            return subprocess.call(eval_command(study, run), stdout=log, stderr=subprocess.STDOUT, env=env)
+        if env.get("SLURM_NODEID", "0") == "0" and not is_evaluated(
+            study, run, say=lambda m: print(m, file=log)
+        ):
+            # lm-eval writes into a folder of its own; the results are published when it succeeded
+            staging = Path(tempfile.mkdtemp(prefix=f"{EVAL_DIR}.tmp-", dir=run.run_dir))
+            try:
+                command = eval_command(study, run, staging)
+                status = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                if status == 0:
+                    publish_results(study, run, staging)
+                return status
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     return 0
 
 

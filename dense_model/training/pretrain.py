@@ -53,7 +53,7 @@ from dense_model.training.activation_stats import ActivationStats
 from dense_model.training.batches import batch_iterator, build_datasets
 from dense_model.training.metrics import MetricsLogger
 from dense_model.training.optim import build_scheduler, build_training_model, schedule_steps
-from dense_model.training.run_lock import RunDirBusy, RunDirClaim
+from dense_model.training.run_lock import RunDirBusy, RunDirClaim, RunDirLost
 from dense_model.training.signals import TerminationRequest
 from dense_model.training.step import forward_backward, lm_loss, reduce_lm_loss
 
@@ -94,10 +94,10 @@ def prepare_data_config(cfg: Config) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, claim: RunDirClaim | None = None):
         from megatron.core import parallel_state as ps
 
-        self.cfg = cfg
+        self.cfg, self.claim = cfg, claim  # claim: rank 0's hold on the run directory
         p, t = cfg.parallel, cfg.training
         initialize_parallel_from(p, seed=t.seed)
         self.rank = dist.get_rank()
@@ -251,6 +251,8 @@ class Trainer:
         return collectives.broadcast_from_last_stage(reduce_lm_loss(losses))
 
     def save(self) -> None:
+        if collectives.any_rank(self.claim is not None and not self.claim.verify()):  # every rank
+            raise RunDirLost("this job no longer holds its run directory: stopped without saving")
         folder = save_checkpoint(
             self.ckpt_dir,
             self.state.iteration,
@@ -311,12 +313,13 @@ class Trainer:
             if lg.eval_interval and step % lg.eval_interval == 0:
                 self._validate()
                 last_eval = step
-            stop = collectives.any_rank(self.terminate.requested)
+            stop = collectives.any_rank(self.terminate.requested or bool(self.claim and self.claim.lost()))
             if (save_every and step % save_every == 0) or stop:
                 self.save()
                 last_saved = step
             if stop:
-                self._print(f"received {self.terminate.signal_name}: saved step {step} and stopping")
+                why = f"received {self.terminate.signal_name}" if self.terminate.requested else "claim lost"
+                self._print(f"{why}: saved step {step} and stopping")
                 return self.state
         if last_eval != self.state.iteration:
             self._validate()
@@ -391,9 +394,11 @@ def main(argv=None) -> int:
             return 2
     trainer = None
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, claim)
         trainer.fit()
-    except (ConfigError, TrainingDiverged, CheckpointError, FileNotFoundError) as err:
+        if claim is not None and claim.lost():
+            raise RunDirLost(f"{claim.lost_reason}; relaunch to resume from the last checkpoint")
+    except (ConfigError, TrainingDiverged, CheckpointError, FileNotFoundError, RunDirLost) as err:
         # Errors a user fixes (a config, a path, a diverged run): the message, without a traceback.
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1

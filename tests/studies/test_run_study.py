@@ -285,3 +285,38 @@ def test_lm_eval_tasks_are_run_on_trained_runs_and_reported(study):
             f"tiny_python_mc/{'acc_norm' if 'acc_norm,none' in acc else 'acc'}": expected
         }
     assert "tiny_python_mc/" in (study["tmp"] / "out" / "report.md").read_text()
+
+
+def test_lm_eval_results_are_stamped_and_torn_or_older_ones_do_not_count(study):
+    """The results the previous test published carry the checkpoint iteration and the task list;
+    results of an older checkpoint or another task list are not current, and a torn results file
+    marks its run not evaluated (said in study.log), neither crashes the report, and the study
+    command evaluates that run again."""
+    from dense_model.studies import runner
+    from dense_model.studies.spec import load_study
+
+    path = study["tmp"] / "study_eval.yaml"  # written by the previous test
+    spec = load_study(path)
+    names = [r.name for r in spec.runs()]
+    run = spec.runs()[names.index("gelu_s2")]
+    (results,) = list((run.run_dir / "lm_eval").rglob("results*.json"))
+    data = json.loads(results.read_text())
+    assert data["dense_model_study"] == {"iteration": 4, "tasks": ["tiny_python_mc"]}
+    assert not list(run.run_dir.glob("lm_eval.tmp-*"))
+    assert runner.is_evaluated(spec, run)
+    for stamp in ({"iteration": 2, "tasks": ["tiny_python_mc"]}, {"iteration": 4, "tasks": ["other"]}):
+        results.write_text(json.dumps({**data, "dense_model_study": stamp}))
+        assert not runner.is_evaluated(spec, run)
+    results.write_text(json.dumps(data)[:200])  # a write cut by a kill
+    said = []
+    assert not runner.is_evaluated(spec, run, say=said.append)
+    assert said == [f"gelu_s2: {results} is unreadable (JSONDecodeError); the run counts as not evaluated"]
+    run_study([path, "--report-only"], study["env"])  # no crash on the torn file
+    run_study([path, "--task", names.index("gelu_s2")], study["env"])
+    assert runner.is_evaluated(spec, run, say=lambda m: None)
+    assert "is unreadable" in (run.run_dir / "study.log").read_text()
+    assert results.with_name(results.name + ".torn").is_file() and not results.exists()  # set aside
+    run_study([path, "--report-only"], study["env"])
+    report = json.loads((study["tmp"] / "out" / "report.json").read_text())
+    (row,) = [r for r in report["runs"] if r["name"] == "gelu_s2"]
+    assert list(row["lm_eval"]) and list(row["lm_eval"])[0].startswith("tiny_python_mc/")
