@@ -28,6 +28,8 @@ recorded as skipped), with their caps in seconds on a GPU (--cpu: ten times thes
   moe_demo       the MoE demo (configs/moe/demo.yaml) in bf16 with the fused kernels, 20 steps (GPU) 90
   moe_step       bench_train_step.py on the paper's MoE shape (configs/moe/polynorm.yaml: 64
                  experts, top-8, width 2048) with 2 layers, EP=1, polynorm vs swiglu (GPU)      150
+  moe_layer      bench_moe_experts.py layer: one MoE layer of the paper's shape (64 experts, top-8,
+                 width 2048) in bf16, grouped (torch grouped_mm) vs sequential experts        (GPU) 120
   kernel_errors  scripts/kernel_errors.py: the compiled kernels' worst error vs the reference (GPU) 60
   lm_eval        the lm-eval model on the demo checkpoint, examples/lm_eval_tasks' tiny_python   90
   demo_golden    the whole demo (150 steps) in fp32, against the README test's CPU losses     (GPU) 150
@@ -74,6 +76,7 @@ CAPS = {  # seconds per part; the order of this dict is the order the parts run 
     "kill_resume": 120,
     "moe_demo": 90,
     "moe_step": 150,
+    "moe_layer": 120,
     "kernel_errors": 60,
     "lm_eval": 90,
     "demo_golden": 150,
@@ -388,6 +391,13 @@ def main(argv=None) -> int:
                 "parallel.expert_model_parallel_size=1",
             ]
             check.run("moe_step", step)
+
+    if check.wants("moe_layer"):
+        if cpu:
+            check.skip("moe_layer", "GPU only (the CPU figure: bench_moe_experts.py demo)")
+        else:
+            layer = [sys.executable, "scripts/bench_moe_experts.py", "layer"]
+            check.run("moe_layer", layer + ["--json", str(out / "bench_moe_layer.json")])
 
     if check.wants("kernel_errors"):
         if cpu:
