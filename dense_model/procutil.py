@@ -27,6 +27,24 @@ def die_with_parent(parent_pid: int) -> bool:
     return os.getppid() == parent_pid
 
 
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), the identity of a pid that may have
+    been reused; None when no such process runs: gone, or a zombie (exited, not yet reaped by its
+    parent: it holds nothing, yet ``kill(pid, 0)`` still succeeds); NaN for another user's live
+    process whose start cannot be read."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:
+        return float("nan")
+
+
 def is_torchrun_agent(pid: int) -> bool:
     """Whether process ``pid`` runs torchrun (``torch.distributed.run``); True where /proc is missing."""
     if not os.path.isdir("/proc"):

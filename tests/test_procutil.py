@@ -43,3 +43,33 @@ def test_a_parent_that_died_first_is_reported():
         [sys.executable, "-c", CHILD, "1", "0"], capture_output=True, text=True, env=env, timeout=120
     )
     assert orphan.stdout.strip() == "False", orphan.stderr
+
+
+def test_a_zombie_holds_no_claim(tmp_path):
+    """A process that exited but was not reaped (its parent killed, no init reaping it in a container)
+    still answers kill(pid, 0): the preprocessing claims and the run lock must see it as gone."""
+    import socket
+    import time
+
+    from dense_model.data.preprocess import claims
+    from dense_model.procutil import process_start_time
+    from dense_model.training import run_lock
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for: a zombie once it exits
+    started = psutil.Process(child.pid).create_time()
+    deadline = time.monotonic() + 60
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    try:
+        os.kill(child.pid, 0)  # what a liveness test by signal sees: alive
+        assert process_start_time(child.pid) is None
+        assert process_start_time(os.getpid()) == psutil.Process().create_time()
+        assert not claims.pid_alive(child.pid)
+        record = {"host": socket.gethostname(), "pid": child.pid, "start": started, "job": None}
+        assert claims.is_stale(record)
+        holder = {"host": socket.gethostname(), "pid": child.pid, "pid_started": started}
+        (tmp_path / "job.lock").write_text("{}")
+        assert run_lock.stale_reason(holder, tmp_path / "job.lock") is not None
+    finally:
+        child.wait()

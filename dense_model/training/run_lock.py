@@ -45,6 +45,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from dense_model.procutil import process_start_time
+
 LOCK_NAME = "job.lock"
 HEARTBEAT_S = 30.0
 # A live job refreshes its heartbeat every 30 s; ten minutes of silence means its node is gone
@@ -70,15 +72,9 @@ def job_id() -> str:
 
 
 def _start_time(pid: int) -> float | None:
-    """The process's start time; None when it does not exist."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:
-        return None
-    except psutil.AccessDenied:  # someone else's live process: alive, start time unknown
-        return float("nan")
+    """The process's start time; None when it does not run (a zombie included); NaN when alive but
+    unreadable (another user's)."""
+    return process_start_time(pid)
 
 
 def _touch(fd: int) -> None:

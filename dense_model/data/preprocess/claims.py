@@ -18,6 +18,7 @@ import time
 
 from dense_model.data.indexed import publish, tmp_name
 from dense_model.data.preprocess.config import ResumeError
+from dense_model.procutil import process_start_time
 
 CLAIM_SUFFIX = ".claim"
 _TEMPORARY = re.compile(r"\.tmp\.(\d+)$")  # indexed.tmp_name: PATH.tmp.PID
@@ -38,25 +39,14 @@ def write_json(path: str, obj, durable: bool = True) -> None:
     publish([(tmp, path)], durable=durable)
 
 
-def process_start(pid: int) -> str | None:
-    """The start time of process `pid` (clock ticks since boot, from /proc), None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None if os.path.isdir("/proc") else "?"
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of stat; the name (field 2) may hold spaces
+def process_start(pid: int) -> float | None:
+    """The start time of process `pid`; None if it is gone or a zombie (see procutil)."""
+    return process_start_time(pid)
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process `pid` runs on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Whether a process `pid` runs on this host (a zombie does not)."""
+    return process_start_time(pid) is not None
 
 
 def _job() -> str | None:
@@ -87,7 +77,8 @@ def is_stale(record: dict) -> bool:
         return True  # unreadable: its writer died between the create and the write
     me = owner("")
     if record.get("host") == me["host"]:
-        return record["pid"] != me["pid"] and process_start(record["pid"]) != record.get("start")
+        started = process_start(record["pid"])  # NaN: another user's live process
+        return record["pid"] != me["pid"] and started == started and started != record.get("start")
     return record.get("job") is not None and record.get("job") == me["job"]
 
 
