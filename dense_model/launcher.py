@@ -15,6 +15,7 @@ import sys
 
 import yaml
 
+from dense_model.checkpoint.layout import CheckpointError, plan_load
 from dense_model.config import (
     Config,
     ConfigError,
@@ -25,7 +26,6 @@ from dense_model.config import (
     train_and_warmup_steps,
     validate,
 )
-from dense_model.checkpoint.layout import CheckpointError, plan_load
 from dense_model.model import count_parameters
 from dense_model.training.run_lock import RunDirBusy, check_free
 

@@ -73,7 +73,9 @@ class GroupedExperts(SequentialMLP):
                 "support bias-free bf16/fp32 experts only; set model.moe.grouped_gemm=false"
             )
         if not self.config.use_te_activation_func:
-            raise ValueError("GroupedExperts needs the registry activation module (use_te_activation_func=True)")
+            raise ValueError(
+                "GroupedExperts needs the registry activation module (use_te_activation_func=True)"
+            )
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         hidden, probs = permuted_local_hidden_states, permuted_probs
@@ -104,5 +106,7 @@ class GroupedExperts(SequentialMLP):
                 return stacked.repeat_interleave(rows, dim=0, output_size=x.shape[0])
 
             weight, bias = per_row("weight"), per_row("bias")
-            return polycom_reference(x, weight, bias, inner=first.inner, eps=first.eps, tp_group=first.tp_group)
+            return polycom_reference(
+                x, weight, bias, inner=first.inner, eps=first.eps, tp_group=first.tp_group
+            )
         return torch.cat([m(part) for m, part in zip(modules, torch.split(x, counts))], dim=0)

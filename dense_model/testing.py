@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -122,6 +123,12 @@ def offline_env(folder) -> dict[str, str]:
     }
 
 
+def run_tool(script, args, folder, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS...`` under offline_env(folder), its output captured as text."""
+    cmd = [sys.executable, str(script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=offline_env(folder), timeout=timeout)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -154,3 +161,15 @@ def spawn_workers(fn, world_size: int, *args, env: dict[str, str] | None = None)
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes wired for torch.distributed."""
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
     mp.spawn(_entry, args=(fn, world_size, free_port(), env, args), nprocs=world_size, join=True)
+
+
+def run_layouts(fn, layouts: dict, out_dir) -> dict:
+    """``layouts``: world size -> {name: ...}; runs ``fn(rank, world_size, layouts[world_size],
+    out_dir)`` once per world size, where each rank saves ``OUT_DIR/NAME.rankR`` with torch.save.
+    Returns name -> the ranks' saved objects."""
+    results = {}
+    for world_size, named in layouts.items():
+        spawn_workers(fn, world_size, named, str(out_dir))
+        for name in named:
+            results[name] = [torch.load(Path(out_dir) / f"{name}.rank{r}") for r in range(world_size)]
+    return results

@@ -38,14 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from dense_model.benchmarking import (  # noqa: E402
-    fmt,
-    markdown_table,
-    metadata_lines,
-    require_cuda,
-    run_metadata,
-    write_json,
-)
+from dense_model import benchmarking as bench  # noqa: E402
 
 IMPLS = {"grouped": "model.moe.grouped_gemm=true", "sequential": "model.moe.grouped_gemm=false"}
 
@@ -104,13 +97,15 @@ def run_demo(args) -> dict:
         rows.append(
             [
                 impl,
-                fmt(statistics.median(res["tokens_per_sec"]), ",.0f"),
-                fmt(min(res["tokens_per_sec"]), ",.0f") + " - " + fmt(max(res["tokens_per_sec"]), ",.0f"),
-                fmt(statistics.median(res["wall_s"]), ".1f"),
+                bench.fmt(statistics.median(res["tokens_per_sec"]), ",.0f"),
+                bench.fmt(min(res["tokens_per_sec"]), ",.0f")
+                + " - "
+                + bench.fmt(max(res["tokens_per_sec"]), ",.0f"),
+                bench.fmt(statistics.median(res["wall_s"]), ".1f"),
             ]
         )
     header = ["experts", "tokens/s (median)", "tokens/s (range)", "job wall s (median)"]
-    return {"results": results, "max_loss_difference": diff, "table": markdown_table(header, rows)}
+    return {"results": results, "max_loss_difference": diff, "table": bench.markdown_table(header, rows)}
 
 
 def build_layer(config: str, impl: str, device: torch.device, overrides: list[str]):
@@ -135,7 +130,9 @@ def build_layer(config: str, impl: str, device: torch.device, overrides: list[st
     )
     spec = layer_spec(cfg.model, device).submodules.mlp
     tc = transformer_config(cfg, device=device)
-    layer = build_module(spec, config=tc, layer_number=1, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    layer = build_module(
+        spec, config=tc, layer_number=1, pg_collection=ProcessGroupCollection.use_mpu_process_groups()
+    )
     return cfg, layer.to(device)
 
 
@@ -193,14 +190,20 @@ def run_layer(args) -> dict:
         median = statistics.median(res["times"])
         res["tokens_per_sec"] = tokens / median
         rows.append(
-            [impl, res["experts"], fmt(median * 1e3, ".2f"), fmt(res["tokens_per_sec"], ",.0f"), fmt(res["peak_mib"], ",.0f")]
+            [
+                impl,
+                res["experts"],
+                bench.fmt(median * 1e3, ".2f"),
+                bench.fmt(res["tokens_per_sec"], ",.0f"),
+                bench.fmt(res["peak_mib"], ",.0f"),
+            ]
         )
     header = ["experts", "module", "fwd+bwd ms (median)", "tokens/s", "peak MiB above the weights"]
     shape = (
         f"{m.moe.num_experts} experts, top-{m.moe.router_topk}, hidden {m.hidden_size}, {m.activation} "
         f"experts, {dtype}, {args.seq} x {args.mbs} tokens"
     )
-    return {"results": results, "shape": shape, "table": markdown_table(header, rows)}
+    return {"results": results, "shape": shape, "table": bench.markdown_table(header, rows)}
 
 
 def main(argv=None) -> int:
@@ -223,16 +226,18 @@ def main(argv=None) -> int:
         p.add_argument("--json", default=None, help="write the results as JSON here ('-': stdout)")
     args = parser.parse_args(argv)
     if args.what == "layer":
-        require_cuda("bench_moe_experts.py", args.device, "run with --device cpu for a CPU figure")
+        bench.require_cuda("bench_moe_experts.py", args.device, "run with --device cpu for a CPU figure")
         out = run_layer(args)
         print(out["shape"])
     else:
         out = run_demo(args)
-        print(f"largest loss difference, grouped vs sequential, any logged step: {out['max_loss_difference']:.3g}")
-    out["meta"] = run_metadata()
-    print(metadata_lines(out["meta"]))
+        print(
+            f"largest loss difference, grouped vs sequential, any logged step: {out['max_loss_difference']:.3g}"
+        )
+    out["meta"] = bench.run_metadata()
+    print(bench.metadata_lines(out["meta"]))
     print(out["table"])
-    write_json(args.json, out)
+    bench.write_json(args.json, out)
     return 0
 
 

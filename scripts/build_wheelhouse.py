@@ -133,21 +133,11 @@ def main(argv=None) -> int:
     for name, version in pins.items():
         one = download_command(pins_file, out, args.python_version, platforms)[:-2] + [f"{name}=={version}"]
         if subprocess.run(one, capture_output=True).returncode != 0:
-            wheel = [
-                sys.executable,
-                "-m",
-                "pip",
-                "wheel",
-                "--no-deps",
-                "--wheel-dir",
-                str(out),
-                f"{name}=={version}",
-            ]
-            if subprocess.run(wheel).returncode != 0:
+            wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out)]
+            if subprocess.run([*wheel, f"{name}=={version}"]).returncode != 0:
                 missing.append(f"{name}=={version}")
-    if missing:
-        print(f"build_wheelhouse: no wheel for {', '.join(missing)}", file=sys.stderr)
-        return 1
+    if missing:  # exit status 1, the message on stderr
+        sys.exit(f"build_wheelhouse: no wheel for {', '.join(missing)}")
     return 0
 
 

@@ -84,6 +84,11 @@ CAPS = {  # seconds per part; the order of this dict is the order the parts run 
 }
 
 
+def script(name: str, json_path: Path, *first: str) -> list[str]:
+    """The command of scripts/NAME (with ``first`` arguments before the rest) writing JSON_PATH."""
+    return [sys.executable, f"scripts/{name}", *first, "--json", str(json_path)]
+
+
 class Check:
     def __init__(self, out: Path, cpu: bool, caps: dict, budget: float, wanted: set):
         self.out, self.cpu, self.parts = out, cpu, {}
@@ -280,19 +285,14 @@ def main(argv=None) -> int:
             check.run("kernels", [sys.executable, "-m", "pytest", "-q", "-rA", "tests/activations/kernels"])
 
     if check.wants("bench_act"):
-        bench = [
-            sys.executable,
-            "scripts/bench_activations.py",
-            "--json",
-            str(out / "bench_activations.json"),
-        ]
+        bench = script("bench_activations.py", out / "bench_activations.json")
         # The sweep at 8256 and its TP=2 shard here (the whole sweep: docs/benchmarks.md's owed list).
         bench += ["--device", "cpu", "--sweep"] if cpu else ["--tokens", "8192", "--ffn", "8256", "--sweep"]
         bench += [] if cpu else ["--sweep-widths", "8256,4128"]
         check.run("bench_act", bench)
 
     if check.wants("bench_step"):
-        step = [sys.executable, "scripts/bench_train_step.py", "--json", str(out / "bench_train_step.json")]
+        step = script("bench_train_step.py", out / "bench_train_step.json")
         step += ["--runs", "swiglu:na,polynorm:on,polynorm:off"]
         if cpu:
             step += ["--device", "cpu", "--warmup", "1", "--steps", "2", "--attention", "local,sdpa"]
@@ -303,12 +303,7 @@ def main(argv=None) -> int:
         check.run("bench_step", step)
 
     if check.wants("optim_step"):
-        optim = [
-            sys.executable,
-            "scripts/bench_optimizer_step.py",
-            "--json",
-            str(out / "bench_optimizer_step.json"),
-        ]
+        optim = script("bench_optimizer_step.py", out / "bench_optimizer_step.json")
         if cpu:
             optim += ["--device", "cpu", "--warmup", "1", "--steps", "2"]
         else:
@@ -373,7 +368,7 @@ def main(argv=None) -> int:
         if cpu:
             check.skip("moe_step", "GPU only")
         else:
-            step = [sys.executable, "scripts/bench_train_step.py", "--json", str(out / "bench_moe_step.json")]
+            step = script("bench_train_step.py", out / "bench_moe_step.json")
             step += [
                 "--config",
                 "configs/moe/polynorm.yaml",
@@ -396,8 +391,7 @@ def main(argv=None) -> int:
         if cpu:
             check.skip("moe_layer", "GPU only (the CPU figure: bench_moe_experts.py demo)")
         else:
-            layer = [sys.executable, "scripts/bench_moe_experts.py", "layer"]
-            check.run("moe_layer", layer + ["--json", str(out / "bench_moe_layer.json")])
+            check.run("moe_layer", script("bench_moe_experts.py", out / "bench_moe_layer.json", "layer"))
 
     if check.wants("kernel_errors"):
         if cpu:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dense_model.config import load_config
-from dense_model.testing import spawn_workers, tiny_model_overrides
+from dense_model.testing import run_layouts, spawn_workers, tiny_model_overrides
 from tests.moe.test_moe_model import moe_overrides
 
 VOCAB, SEQ, MBS, MICROBATCHES, STEPS = 256, 16, 2, 2, 3
@@ -143,13 +143,7 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """name -> one result dict per rank, every layout trained once for the module's tests."""
-    out_dir = tmp_path_factory.mktemp("sequence_parallel")
-    results = {}
-    for world_size, layouts in LAYOUTS.items():
-        spawn_workers(_train, world_size, layouts, str(out_dir))
-        for name in layouts:
-            results[name] = [torch.load(out_dir / f"{name}.rank{r}") for r in range(world_size)]
-    return results
+    return run_layouts(_train, LAYOUTS, tmp_path_factory.mktemp("sequence_parallel"))
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from dense_model.activations import get_activation_entry, import_activation_modules

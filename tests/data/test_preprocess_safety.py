@@ -51,17 +51,22 @@ def _assert_same_outputs(prefix: Path, ref, data_helpers) -> None:
         assert data_helpers.file_bytes(merged) == data_helpers.file_bytes(o.prefix), merged
 
 
+def _stop_mid_merge(root, spm_model, prefix, stop):
+    """Run the CLI, ``stop(proc)`` once a merge's temporary exists; (proc, its output)."""
+    # The debug delay pauses each merge after its first shard, while its temporary exists.
+    proc = run_cli(_args(root, spm_model, prefix, "--debug-batch-delay", "0.3"))
+    wait_for(proc, _merging(prefix), "a merge's temporary")
+    stop(proc)
+    return proc, proc.communicate(timeout=120)[0]
+
+
 @pytest.mark.slow
 def test_sigterm_mid_merge_leaves_no_temporary_and_a_rerun_finishes(
     tmp_path, spm_model, three_subsets, data_helpers
 ):
     root, ref = three_subsets
     prefix = tmp_path / "run" / "red"
-    # The debug delay pauses each merge after its first shard, while its temporary exists.
-    proc = run_cli(_args(root, spm_model, prefix, "--debug-batch-delay", "0.3"))
-    wait_for(proc, _merging(prefix), "a merge's temporary")
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    proc, out = _stop_mid_merge(root, spm_model, prefix, lambda proc: proc.send_signal(signal.SIGTERM))
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "Traceback" not in out, out
     assert _temporaries(prefix) == [], "an interrupted merge left its temporaries"
@@ -85,10 +90,7 @@ def test_sigkill_mid_merge_leaves_temporaries_that_the_rerun_removes(
 ):
     root, ref = three_subsets
     prefix = tmp_path / "run" / "red"
-    proc = run_cli(_args(root, spm_model, prefix, "--debug-batch-delay", "0.3"))
-    wait_for(proc, _merging(prefix), "a merge's temporary")
-    proc.kill()
-    proc.communicate(timeout=60)
+    proc, _ = _stop_mid_merge(root, spm_model, prefix, lambda proc: proc.kill())
     left = [t for t in _temporaries(prefix) if Path(t).parent == prefix.parent]
     assert left, "SIGKILL cannot clean up: the merge's temporary stays"
     assert (Path(str(prefix) + ".shards") / "task.0.claim").exists(), "the dead run's claim stays"

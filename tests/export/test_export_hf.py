@@ -19,7 +19,7 @@ import torch
 
 from dense_model.activations import list_activations
 from dense_model.data.tokenizers import SentencePieceTokenizer
-from dense_model.testing import offline_env, spawn_workers, tiny_model_overrides
+from dense_model.testing import offline_env, run_tool, spawn_workers, tiny_model_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 EXPORT_CLI = REPO / "toolkits" / "checkpoint_conversion" / "export_hf.py"
@@ -160,13 +160,7 @@ def test_transformer_engine_checkpoint_loads_without_te(tmp_path, spm_model):
 
 
 def export_cli(args, tmp):
-    return subprocess.run(
-        [sys.executable, str(EXPORT_CLI), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=offline_env(tmp),
-        timeout=300,
-    )
+    return run_tool(EXPORT_CLI, args, tmp)
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,12 @@ Megatron runs only in spawned processes and in the CLI's own process; transforme
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from dense_model.testing import offline_env, spawn_workers
+from dense_model.testing import run_tool, spawn_workers
 
 REPO = Path(__file__).resolve().parents[2]
 IMPORT_CLI = REPO / "toolkits" / "checkpoint_conversion" / "import_hf.py"
@@ -159,13 +157,7 @@ def test_run_directory_is_a_weights_only_checkpoint(imported):
 
 
 def import_cli(args, tmp):
-    return subprocess.run(
-        [sys.executable, str(IMPORT_CLI), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=offline_env(tmp),
-        timeout=300,
-    )
+    return run_tool(IMPORT_CLI, args, tmp)
 
 
 def _edit_config(folder: Path, **changes) -> None:

@@ -45,14 +45,9 @@ def test_import_holds_one_copy_of_the_model(tmp_path, spm_model):
 
     from dense_model.export.tokenizer import export_tokenizer
 
+    shape = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6)
     config = LlamaConfig(
-        vocab_size=8192,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
+        **shape, num_attention_heads=8, max_position_embeddings=128, tie_word_embeddings=False
     )
     hf = tmp_path / "hf"
     with torch.device("meta"):

@@ -16,7 +16,7 @@ import torch
 
 from dense_model.activations import get_activation_entry, list_activations
 from dense_model.config import load_config
-from dense_model.testing import spawn_workers
+from dense_model.testing import run_layouts, spawn_workers
 from tests.moe.test_moe_model import moe_overrides
 from tests.test_sequence_parallel import _train, assert_trains_like, moe_training_overrides, step_batches
 
@@ -99,7 +99,9 @@ def test_every_registry_activation_matches_sequential_experts(tmp_path):
         has_params = any(True for _ in get_activation_entry(name).cls().parameters())
         assert len(coefficients) == (4 * 2 if has_params else 0), name  # experts x (a1..ar, a0)
         for param, grad in want["params"].items():
-            torch.testing.assert_close(got["params"][param], grad, rtol=1e-5, atol=1e-6, msg=f"{name} {param}")
+            torch.testing.assert_close(
+                got["params"][param], grad, rtol=1e-5, atol=1e-6, msg=f"{name} {param}"
+            )
             empty = param.startswith("local_experts.1.")  # no tokens: no gradient, from no other rows
             assert (grad.abs().sum() == 0) == empty, (name, param)
 
@@ -118,13 +120,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("grouped_experts")
-    results = {}
-    for world_size, layouts in LAYOUTS.items():
-        spawn_workers(_train, world_size, layouts, str(out_dir))
-        for name in layouts:
-            results[name] = [torch.load(out_dir / f"{name}.rank{r}") for r in range(world_size)]
-    return results
+    return run_layouts(_train, LAYOUTS, tmp_path_factory.mktemp("grouped_experts"))
 
 
 @pytest.mark.slow
@@ -175,7 +171,9 @@ def _resume(rank, world_size, overrides, root, save, out_file):
         load_checkpoint(iteration_dir(root, 1), ddp, optimizer)
     losses = [step(1), step(2)]
     if rank == 0:
-        torch.save({"losses": losses, "experts": type(model.decoder.layers[0].mlp.experts).__name__}, out_file)
+        torch.save(
+            {"losses": losses, "experts": type(model.decoder.layers[0].mlp.experts).__name__}, out_file
+        )
     ps.destroy_model_parallel()
 
 
