@@ -287,6 +287,7 @@ def test_lm_eval_tasks_are_run_on_trained_runs_and_reported(study):
     assert "tiny_python_mc/" in (study["tmp"] / "out" / "report.md").read_text()
 
 
+@pytest.mark.slow  # reads the study the previous (slow) test evaluated: the two run together
 def test_lm_eval_results_are_stamped_and_torn_or_older_ones_do_not_count(study):
     """The results the previous test published carry the checkpoint iteration and the task list;
     results of an older checkpoint or another task list are not current, and a torn results file
