@@ -186,8 +186,10 @@ class MetricsLogger:
             self.wandb.log({f"activation/{k}": v for k, v in values.items()}, step=step)
 
     def _write(self, record, line, prefix):
-        print(line, flush=True)
+        # The record first (the file is line-buffered): a step the log shows is in metrics.jsonl,
+        # also when the job is killed right after printing it.
         self._file.write(json.dumps(record) + "\n")
+        print(line, flush=True)
         step = record["step"]
         for key, value in record.items():
             if key in ("step", "time") or value is None:
