@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from dense_model.checkpoint.layout import CHECKPOINTS
+from dense_model.checkpoint.layout import CHECKPOINTS, fsync_dir, fsync_tree
 from dense_model.training.run_lock import RunDirBusy, RunDirClaim
 
 
@@ -47,24 +47,6 @@ def check_outside_run(folder: Path, output: Path) -> None:
             f"output folder {output} {relation} the checkpoint's run directory {run}; exporting there "
             f"could delete the run: pick an output folder outside it"
         )
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):  # files, then their folders
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _busy(output: Path):
@@ -108,13 +90,13 @@ def staged_output(output: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-export-", dir=output.parent))
         try:
             yield tmp
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             old = None
             if output.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
                 os.rename(output, old)  # replaces the empty placeholder folder
             os.rename(tmp, output)
-            _fsync_dir(output.parent)
+            fsync_dir(output.parent)
             if old is not None:
                 shutil.rmtree(old)
         finally:
