@@ -138,12 +138,10 @@ def free_port() -> int:
 def _entry(rank, fn, world_size, port, env, args):
     os.environ.update(env)
     # spawn hands the parent's sys.path down; where an earlier test in the parent loaded remote code
-    # from another HF_MODULES_CACHE, that cache's ``transformers_modules`` would shadow this job's.
-    own = env.get("HF_MODULES_CACHE")
-    if own:
-        sys.path[:] = [
-            p for p in sys.path if not os.path.isdir(os.path.join(p, "transformers_modules")) or p == own
-        ]
+    # from another HF_MODULES_CACHE, that cache's ``transformers_modules`` would shadow this job's:
+    # drop every such cache.
+    # transformers puts its own cache back on sys.path when it loads remote code (init_hf_modules).
+    sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p, "transformers_modules"))]
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
