@@ -6,7 +6,9 @@ spawn_workers(worker, 2, out_dir)                  # raises if any rank fails
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -135,11 +137,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world_size, port, env, args):
+# What a worker process starts with already imported: forked from a server that imported these once
+# (per test process), a worker skips the ~5 s of CPU that importing torch and megatron-core costs a
+# freshly spawned one. Only libraries whose import reads no setting a test changes: not transformers
+# (HF_MODULES_CACHE), not dense_model's Triton kernels (TRITON_INTERPRET).
+PRELOAD = (
+    "numpy",
+    "torch",
+    "torch.distributed",
+    "megatron.core",
+    "megatron.core.models.gpt",
+    "megatron.core.optimizer",
+    "megatron.core.distributed",
+    "megatron.core.dist_checkpointing",
+    "megatron.core.pipeline_parallel",
+    "pytest",
+)
+
+
+def _entry(rank, world_size, port, env, payload):
+    # The worker's environment is the caller's at the call (the fork server's is from when it
+    # started), set before the job is unpickled: importing the job's module may read it.
+    os.environ.clear()
     os.environ.update(env)
-    # spawn hands the parent's sys.path down; where an earlier test in the parent loaded remote code
-    # from another HF_MODULES_CACHE, that cache's ``transformers_modules`` would shadow this job's:
-    # drop every such cache.
+    # OpenMP read OMP_NUM_THREADS when the server loaded torch: apply this job's value.
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    # The caller's sys.path comes down with the job; where an earlier test in the caller loaded
+    # remote code from another HF_MODULES_CACHE, that cache's ``transformers_modules`` would shadow
+    # this job's: drop every such cache.
     # transformers puts its own cache back on sys.path when it loads remote code (init_hf_modules).
     sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p, "transformers_modules"))]
     os.environ.update(
@@ -150,15 +175,26 @@ def _entry(rank, fn, world_size, port, env, args):
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    fn, args = pickle.loads(payload)
     fn(rank, world_size, *args)
 
     destroy_parallel()
 
 
 def spawn_workers(fn, world_size: int, *args, env: dict[str, str] | None = None) -> None:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes wired for torch.distributed."""
-    env = {"OMP_NUM_THREADS": "1", **(env or {})}
-    mp.spawn(_entry, args=(fn, world_size, free_port(), env, args), nprocs=world_size, join=True)
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` new processes wired for torch.distributed,
+    each with this process's environment (plus ``env``; one OpenMP thread unless ``env`` says)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
+    payload = pickle.dumps((fn, args))
+    mp.start_processes(
+        _entry,
+        args=(world_size, free_port(), env, payload),
+        nprocs=world_size,
+        join=True,
+        start_method="forkserver",
+    )
 
 
 def run_layouts(fn, layouts: dict, out_dir) -> dict:
