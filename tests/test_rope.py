@@ -18,7 +18,7 @@ from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
 from dense_model import rope
-from dense_model.backends import Kernels
+from dense_model.backends import Kernels, installed_kernels
 from dense_model.config import ConfigError, load_config
 from dense_model.model import fusion_flags, transformer_config
 from dense_model.rope import fused_apply_rotary_pos_emb, install_rope_fusion, rope_fusion_backend
@@ -108,6 +108,28 @@ def test_strided_input_longer_freqs_and_strided_gradient(interleaved):
         torch.testing.assert_close(dt, dt_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["halves", "interleaved"])
+def test_long_context_angles_keep_fp32_accuracy(interleaved):
+    """Positions near 8192 with megatron's frequencies (angles up to ~8200 rad): the kernel's sin and
+    cos must reduce such angles as exactly as torch's (an approximate hardware sine would be ~1e-3
+    off here; the interpreter uses numpy's)."""
+    gen = torch.Generator().manual_seed(9)
+    s, b, h, d = 6, 1, 2, 32
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    angles = torch.outer(torch.arange(8186, 8186 + s, dtype=torch.float32), inv)
+    if interleaved:
+        freqs = torch.stack([angles, angles], dim=-1).flatten(-2)
+    else:
+        freqs = torch.cat([angles, angles], dim=-1)
+    freqs = freqs[:, None, None, :].to(DEVICE)
+    t = torch.randn(s, b, h, d, generator=gen).to(DEVICE)
+    grad = torch.randn(s, b, h, d, generator=gen).to(DEVICE)
+    y, dt = forward_and_grad(fused, t, freqs, interleaved, grad)
+    y_ref, dt_ref = forward_and_grad(reference, t, freqs, interleaved, grad)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dt, dt_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_is_the_fp32_rotation_rounded_once():
     """bf16 in, bf16 out: the fp32 result of the same bf16 input rounded once (the unfused bf16 path
     rounds cos and sin first and every product). A GPU rounds to nearest (half a bf16 ulp, 2^-8
@@ -186,7 +208,7 @@ def _fused_rope_nodes(output) -> int:
 def _gpt_worker(rank, world_size, out_file):
     from megatron.core.models.common.embeddings import rope_utils
 
-    from dense_model.model import build_model, transformer_config
+    from dense_model.model import build_model, model_device, transformer_config
     from dense_model.parallel import initialize_parallel
 
     initialize_parallel(1, 1, seed=7)
@@ -197,10 +219,11 @@ def _gpt_worker(rank, world_size, out_file):
     # megatron-core's TransformerConfig accepts apply_rope_fusion=True with it.
     gpu_config = transformer_config(cfg, device=CUDA, dtype=torch.float32, kernels=Kernels(triton=True))
     installed = rope_utils.fused_apply_rotary_pos_emb is fused_apply_rotary_pos_emb
-    model = build_model(cfg)  # on the CPU auto leaves the fusion off; the loop below sets it
+    device = model_device()
+    model = build_model(cfg, dtype=torch.float32)  # on the CPU auto leaves it off; the loop sets it
     assert all(layer.self_attention.config is model.config for layer in model.decoder.layers)
-    tokens = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
-    position_ids = torch.arange(16).expand(3, 16)
+    tokens = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    position_ids = torch.arange(16, device=device).expand(3, 16)
     results = {}
     for fused_on in (False, True):
         model.config.apply_rope_fusion = fused_on
@@ -209,8 +232,8 @@ def _gpt_worker(rank, world_size, out_file):
         nodes = _fused_rope_nodes(logits)
         (logits.float().square().mean()).backward()
         results[fused_on] = {
-            "logits": logits.detach(),
-            "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+            "logits": logits.detach().cpu(),
+            "grads": {n: p.grad.cpu() for n, p in model.named_parameters()},
             "nodes": nodes,
         }
     torch.save(
@@ -229,6 +252,10 @@ def test_gpt_model_through_megatron_apply_rotary_pos_emb_matches_unfused(tmp_pat
     megatron-core's ``apply_rotary_pos_emb`` with apply_rope_fusion off, then on: our function is
     what megatron calls (2 autograd nodes per layer, query and key), logits and every gradient equal
     the unfused run to fp32 rounding."""
+    if installed_kernels().transformer_engine:
+        pytest.skip(
+            "Transformer Engine is installed: megatron-core uses TE's fused RoPE, ours is not installed"
+        )
     out = tmp_path / "gpt.pt"
     spawn_workers(_gpt_worker, 1, str(out), env={} if DEVICE == "cuda" else {"TRITON_INTERPRET": "1"})
     r = torch.load(out)
@@ -239,3 +266,25 @@ def test_gpt_model_through_megatron_apply_rotary_pos_emb_matches_unfused(tmp_pat
     assert fused_run["grads"].keys() == unfused["grads"].keys()
     for name, grad in unfused["grads"].items():
         torch.testing.assert_close(fused_run["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bench_rope_cpu_smoke(tmp_path, capsys):
+    """``scripts/bench_rope.py --device cpu`` (in this process, under the interpreter): checks fused
+    against unfused at a tiny shape and writes its table and JSON, with no timings."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_rope.py"
+    spec = importlib.util.spec_from_file_location("bench_rope", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if DEVICE == "cuda":
+        pytest.skip("the CPU smoke run; on a GPU the script itself is the benchmark")
+    out = tmp_path / "rope.json"
+    assert module.main(["--device", "cpu", "--rotary-percent", "0.5", "--json", str(out)]) == 0
+    blob = json.loads(out.read_text())
+    assert blob["meta"]["shape"] == [7, 3, 5, 16] and blob["meta"]["rotary_dim"] == 8
+    assert set(blob["results"]) == {"unfused", "fused"}
+    assert all(r["fwd_bwd_ms"] is None for r in blob["results"].values())
+    assert "fused ≡ unfused checked" in capsys.readouterr().out
