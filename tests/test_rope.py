@@ -205,7 +205,7 @@ def _fused_rope_nodes(output) -> int:
     return count
 
 
-def _gpt_worker(rank, world_size, out_file):
+def _gpt_worker(rank, world_size, checkpoints, out_file):
     from megatron.core.models.common.embeddings import rope_utils
 
     from dense_model.model import build_model, model_device, transformer_config
@@ -236,8 +236,23 @@ def _gpt_worker(rank, world_size, out_file):
             "grads": {n: p.grad.cpu() for n, p in model.named_parameters()},
             "nodes": nodes,
         }
+    # A checkpoint whose config asks for the fusion (model.rope_fusion=true, as a GPU run may) loads for
+    # inference on this machine: the loader takes what runs here.
+    from dense_model.checkpoint import save_checkpoint
+    from dense_model.checkpoint.inference import load_model_for_inference
+
+    cfg.model.rope_fusion = True
+    save_checkpoint(checkpoints, 0, model, cfg, weights_only=True)
+    loaded = load_model_for_inference(checkpoints)
+    with torch.no_grad():
+        inference_logits = loaded.model(tokens, position_ids, None).cpu()
     torch.save(
         {
+            "inference": (
+                loaded.config.model.rope_fusion,
+                loaded.model.config.apply_rope_fusion,
+                inference_logits,
+            ),
             "gpu_flag": gpu_config.apply_rope_fusion,
             "installed": installed,
             "layers": layers,
@@ -257,12 +272,21 @@ def test_gpt_model_through_megatron_apply_rotary_pos_emb_matches_unfused(tmp_pat
             "Transformer Engine is installed: megatron-core uses TE's fused RoPE, ours is not installed"
         )
     out = tmp_path / "gpt.pt"
-    spawn_workers(_gpt_worker, 1, str(out), env={} if DEVICE == "cuda" else {"TRITON_INTERPRET": "1"})
+    spawn_workers(
+        _gpt_worker,
+        1,
+        str(tmp_path / "checkpoints"),
+        str(out),
+        env={} if DEVICE == "cuda" else {"TRITON_INTERPRET": "1"},
+    )
     r = torch.load(out)
     assert r["gpu_flag"] and r["installed"]
     unfused, fused_run = r["results"][False], r["results"][True]
     assert unfused["nodes"] == 0 and fused_run["nodes"] == 2 * r["layers"]
     torch.testing.assert_close(fused_run["logits"], unfused["logits"], rtol=1e-5, atol=1e-5)
+    rope_fusion, flag, inference_logits = r["inference"]
+    assert rope_fusion == "auto" and flag == (DEVICE == "cuda")
+    torch.testing.assert_close(inference_logits, unfused["logits"], rtol=1e-5, atol=1e-5)
     assert fused_run["grads"].keys() == unfused["grads"].keys()
     for name, grad in unfused["grads"].items():
         torch.testing.assert_close(fused_run["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
