@@ -32,6 +32,7 @@ import warnings
 from typing import Literal
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from dense_model.backends import Kernels
 from dense_model.config.checks import ConfigError
@@ -108,6 +109,7 @@ class _FusedRoPE(torch.autograd.Function):
         return _launch(t, freqs, interleaved, backward=False)
 
     @staticmethod
+    @once_differentiable  # the kernel's output has no graph of its own
     def backward(ctx, grad):
         (freqs,) = ctx.saved_tensors
         return _launch(grad, freqs, ctx.interleaved, backward=True), None, None
