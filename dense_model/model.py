@@ -26,6 +26,7 @@ from dense_model.activations import build_activation, get_activation_entry, impo
 from dense_model.backends import Kernels, installed_kernels, transformer_engine_available
 from dense_model.config import Config, ModelConfig, ffn_hidden_size, moe_enabled, padded_vocab_size
 from dense_model.mlp import RegistryActivation
+from dense_model.rope import install_rope_fusion, rope_fusion_backend
 
 
 def model_device() -> torch.device:
@@ -35,7 +36,9 @@ def model_device() -> torch.device:
     return torch.device("cpu")
 
 
-def fusion_flags(device: torch.device, kernels: Kernels, transformer_impl: str = "local") -> dict[str, bool]:
+def fusion_flags(
+    device: torch.device, kernels: Kernels, transformer_impl: str = "local", rope_fusion: bool | str = "auto"
+) -> dict[str, bool]:
     """megatron-core's fusion flags for a model on ``device``: each on only where its kernel imports.
 
     - bias_dropout_fusion: torch's own JIT fuser, any CUDA device.
@@ -43,7 +46,9 @@ def fusion_flags(device: torch.device, kernels: Kernels, transformer_impl: str =
       (``fusions/fused_softmax.py``); without apex that is a ModuleNotFoundError on the first forward.
     - persist_layer_norm: only apex's FusedLayerNorm reads it, and neither spec uses it for RMSNorm
       (the local spec's norms are dense_model.norm's), so it is always off.
-    - apply_rope_fusion: megatron-core takes it from Transformer Engine (and refuses it without).
+    - apply_rope_fusion: ``model.rope_fusion`` (``dense_model.rope.rope_fusion_backend``): Transformer
+      Engine's kernel where TE imports, else our Triton kernel, which ``transformer_config`` installs
+      as megatron-core's (megatron-core refuses the flag while it has no fused function).
     - gradient_accumulation_fusion: apex's fused_weight_gradient_mlp_cuda (megatron's own linear
       layers, the output layer included, need it in both specs).
     """
@@ -52,7 +57,7 @@ def fusion_flags(device: torch.device, kernels: Kernels, transformer_impl: str =
         "bias_dropout_fusion": cuda,
         "masked_softmax_fusion": cuda and transformer_impl == "local" and kernels.apex_softmax,
         "persist_layer_norm": False,
-        "apply_rope_fusion": cuda and kernels.transformer_engine,
+        "apply_rope_fusion": rope_fusion_backend(rope_fusion, device, kernels) is not None,
         "gradient_accumulation_fusion": cuda and kernels.apex_grad_accum,
     }
 
@@ -155,6 +160,8 @@ def transformer_config(
     kernels = installed_kernels() if kernels is None else kernels
     gated = activation_entry(m).gated
     recompute = recompute_granularity(cfg, device)
+    if rope_fusion_backend(m.rope_fusion, device, kernels) == "triton":
+        install_rope_fusion()  # megatron-core's TransformerConfig checks that a fused function is there
     if moe_enabled(m):
         from dense_model.moe import moe_transformer_config_kwargs
 
@@ -195,7 +202,7 @@ def transformer_config(
         # initialize_weights() then redraws the values so they do not depend on the TP/PP layout.
         use_cpu_initialization=device.type != "cuda",
         perform_initialization=perform_initialization,
-        **fusion_flags(device, kernels, m.transformer_impl),
+        **fusion_flags(device, kernels, m.transformer_impl, m.rope_fusion),
         attention_softmax_in_fp32=True,
     )
 

@@ -62,6 +62,9 @@ def load_model_for_inference(
             folder,
         )
         cfg.model.transformer_impl = "local"
+    # The fused RoPE changes no weight: where training asked for it (true), this machine takes what
+    # runs here (a CPU export machine has none, and true would be a ConfigError).
+    cfg.model.rope_fusion = "auto"
     initialize_parallel(tp, 1, seed=cfg.training.seed)
     model = build_model(cfg, initialize=False, dtype=dtype)
     load_checkpoint(folder, model, load_rng=False)

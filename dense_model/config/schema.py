@@ -72,6 +72,8 @@ class ModelConfig:
     """Modules imported before model.activation is looked up: activations registered outside dense_model."""
     fused_activation: bool = True
     """Use the activation's fused Triton kernel on GPUs when it has one (the torch reference otherwise)."""
+    rope_fusion: bool | Literal["auto"] = "auto"
+    """Fused RoPE (megatron's apply_rope_fusion): TE's where installed, else dense_model.rope's Triton kernel; auto = on GPUs, true = error where neither runs, false = unfused."""
     ffn_hidden_size: int | None = None
     """FFN width; None = derived from swiglu_ffn_hidden_size, parameter-matched to the activation."""
     swiglu_ffn_hidden_size: int = 5504
