@@ -196,7 +196,7 @@ def test_trainer_collects_only_between_steps(tiny_config, tmp_path):
 
     (code, enabled, out), events = results["automatic"]
     assert code == 0 and enabled, out
-    # Python's collector inside the steps, evaluations and saves (29 on 2026-12-05: one in step 1,
+    # Python's collector inside the steps, evaluations and saves (31 on 2026-12-05: one in step 1,
     # the rest in the two saves, which allocate many more objects than this tiny model's steps).
     inside = [e for e in events if e[0] in ("step", "eval", "save")]
     assert len(inside) >= 5, events
