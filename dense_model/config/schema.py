@@ -200,10 +200,11 @@ class TrainingConfig:
     fused_adam: bool | Literal["auto"] = "auto"
     """torch's fused AdamW kernel (without TE/apex): auto = on GPUs, true = also on the CPU, false = foreach."""
     cross_entropy_fusion: bool | Literal["auto"] = "auto"
-    """megatron-core's native fused cross-entropy (cross_entropy_loss_fusion, impl 'native': its chain
-    torch.compile'd, one TP all-reduce instead of two); it still upcasts the logits to fp32 and always
-    returns the logits' gradient in bf16. auto = on GPUs in bf16; true = also in fp32 and on the CPU
-    (there the logits' gradient is rounded to bf16); false = the unfused vocab-parallel cross-entropy."""
+    """megatron-core's native fused cross-entropy (cross_entropy_loss_fusion, impl 'native': its steps
+    torch.compile'd, the target-logit and sum-of-exponentials TP all-reduces merged into one); it still
+    upcasts the logits to fp32 and always returns the logits' gradient in bf16. auto = on GPUs in bf16;
+    true = also in fp32 and on the CPU (there the logits' gradient is rounded to bf16); false = the
+    unfused vocab-parallel cross-entropy."""
     bf16: bool = True
     """bf16 mixed precision (on GPUs; the CPU always runs fp32)."""
     seed: int = 1234
