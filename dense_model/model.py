@@ -62,6 +62,18 @@ def fusion_flags(
     }
 
 
+def cross_entropy_fusion_wanted(setting, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``training.cross_entropy_fusion`` (auto, true, false) turns on megatron-core's native
+    fused cross-entropy for a model on ``device`` in ``dtype``. auto = on GPUs in bf16 only: the fused
+    backward casts the logits' gradient to bf16 whatever the logits' dtype (``calculate_gradients``
+    in ``fusions/fused_cross_entropy.py``), which in bf16 is the dtype autograd hands the output layer
+    anyway and in fp32 a rounding the unfused path does not make; and it runs through torch.compile,
+    which on the CPU costs a C++ build of its kernels (about 30 s on the 2-core test machine)."""
+    if setting == "auto":
+        return device.type == "cuda" and dtype == torch.bfloat16
+    return bool(setting)
+
+
 def params_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     """bf16 where asked for and on a GPU, else fp32 (CPU bf16 matmuls are slow and the tests run fp32)."""
     return torch.bfloat16 if cfg.training.bf16 and device.type == "cuda" else torch.float32
@@ -203,6 +215,8 @@ def transformer_config(
         use_cpu_initialization=device.type != "cuda",
         perform_initialization=perform_initialization,
         **fusion_flags(device, kernels, m.transformer_impl, m.rope_fusion),
+        cross_entropy_loss_fusion=cross_entropy_fusion_wanted(t.cross_entropy_fusion, device, dtype),
+        cross_entropy_fusion_impl="native",  # "te" needs Transformer Engine's kernel
         attention_softmax_in_fp32=True,
     )
 

@@ -199,6 +199,7 @@ class Run:
             "attention": type(self.model.decoder.layers[0].self_attention.core_attention).__name__,
             "recompute": self.model.config.recompute_granularity,
             "fused_adam": any(g.get("fused") for o in torch_adams(self.optimizer) for g in o.param_groups),
+            "cross_entropy_fusion": self.model.config.cross_entropy_loss_fusion,
             "flops_per_token": flops_per_token(cfg),
             "loss_first": self.losses[0],
             "loss_last": self.losses[-1],

@@ -62,6 +62,16 @@ def test_parameter_matched_ffn_width():
         (["model.num_layers=four"], r"model.num_layers: expected an integer, got 'four'"),
         (["training.bf16=maybe"], r"training.bf16: expected true or false, got 'maybe'"),
         (["training.lr=fast"], r"training.lr: expected a number"),
+        (
+            ["training.manual_gc_interval=-1"],
+            r"training.manual_gc_interval must be a finite number >= 0 .*, got -1",
+        ),
+        (
+            ["training.manual_gc=false", "training.manual_gc_interval=100"],
+            r"training.manual_gc_interval=100 has no effect with training.manual_gc=false; set "
+            r"training.manual_gc=auto",
+        ),
+        (["training.manual_gc=sometimes"], r"training.manual_gc: expected true or false, got 'sometimes'"),
         (["training.recompute_granularity=some"], r"training.recompute_granularity: 'some' is not one of"),
         (["model.activation_kwargs={order: 0}"], r"model.activation_kwargs: polynorm rejects"),
         (["model=3"], r"model: expected a section"),

@@ -201,6 +201,12 @@ class TrainingConfig:
     """Gradient clipping by global norm (0 disables)."""
     fused_adam: bool | Literal["auto"] = "auto"
     """torch's fused AdamW kernel (without TE/apex): auto = on GPUs, true = also on the CPU, false = foreach."""
+    cross_entropy_fusion: bool | Literal["auto"] = "auto"
+    """megatron-core's native fused cross-entropy (cross_entropy_loss_fusion, impl 'native': its steps
+    torch.compile'd, the target-logit and sum-of-exponentials TP all-reduces merged into one); it still
+    upcasts the logits to fp32 and always returns the logits' gradient in bf16. auto = on GPUs in bf16;
+    true = also in fp32 and on the CPU (there the logits' gradient is rounded to bf16); false = the
+    unfused vocab-parallel cross-entropy."""
     bf16: bool = True
     """bf16 mixed precision (on GPUs; the CPU always runs fp32)."""
     seed: int = 1234
@@ -219,15 +225,29 @@ class TrainingConfig:
     """A NaN/Inf loss or gradient: stop with a message naming the step, or skip the step."""
     peak_flops: float | None = None
     """Peak FLOP/s per device for MFU; None = detected from the GPU name (A100/H100/H200 bf16)."""
+    manual_gc: bool | Literal["auto"] = "auto"
+    """Python's garbage collector under the trainer's control (Megatron-LM's --manual-gc): automatic
+    collection off while the loop runs; a full collection on entry, every manual_gc_interval steps and
+    before each evaluation and checkpoint save (the youngest generation after each), so every rank
+    pauses at the same points and never inside a step. auto = on GPUs, true = also on the CPU,
+    false = Python's automatic collector."""
+    manual_gc_interval: int = 0
+    """With manual_gc: a full collection every N steps; 0 = none between steps, only on entry and around
+    evaluations and saves (Megatron-LM's default)."""
 
     def validate(self) -> None:
         positive(self, "training", "micro_batch_size", "global_batch_size", "train_iters", "train_tokens")
         positive(self, "training", "lr", "adam_eps", "recompute_num_layers", "peak_flops")
         non_negative(self, "training", "min_lr", "weight_decay", "clip_grad")
-        non_negative(self, "training", "lr_warmup_tokens", "lr_warmup_iters")
+        non_negative(self, "training", "lr_warmup_tokens", "lr_warmup_iters", "manual_gc_interval")
         fraction(self, "training", "adam_beta1", "adam_beta2")
         if self.train_iters is None and self.train_tokens is None:
             raise ConfigError("set training.train_iters or training.train_tokens")
+        if self.manual_gc is False and self.manual_gc_interval:
+            raise ConfigError(
+                f"training.manual_gc_interval={self.manual_gc_interval} has no effect with "
+                "training.manual_gc=false; set training.manual_gc=auto (or true), or the interval to 0"
+            )
         if self.min_lr > self.lr:
             raise ConfigError(
                 f"training.min_lr={self.min_lr} is above training.lr={self.lr}; set it at or below lr"

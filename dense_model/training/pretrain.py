@@ -51,6 +51,7 @@ from dense_model.parallel import destroy_parallel, initialize_parallel_from
 from dense_model.procutil import die_with_parent, is_torchrun_agent
 from dense_model.training.activation_stats import ActivationStats
 from dense_model.training.batches import batch_iterator, build_datasets
+from dense_model.training.manual_gc import ManualGC, manual_gc_wanted
 from dense_model.training.metrics import MetricsLogger
 from dense_model.training.optim import build_scheduler, build_training_model, schedule_steps
 from dense_model.training.run_lock import RunDirBusy, RunDirClaim, RunDirLost
@@ -134,6 +135,8 @@ class Trainer:
             self.moe_monitor = MoEMonitor(self.model, cfg)
         self.activation_stats = ActivationStats(self.model)
         self.terminate = TerminationRequest()
+        device_type = next(self.model.parameters()).device.type
+        self.gc = ManualGC(manual_gc_wanted(t.manual_gc, device_type), t.manual_gc_interval)
         n_params = sum(p.numel() for p in self.model.parameters())
         self._print(
             f"model: {cfg.model.activation}, {n_params:,} parameters on rank 0 | "
@@ -273,6 +276,12 @@ class Trainer:
         return self.state.consumed_samples * self.cfg.model.seq_length
 
     def fit(self) -> TrainState:
+        """Train to ``train_iters`` (or a stop request). With ``training.manual_gc`` the automatic
+        garbage collector is off inside, and on again however the loop ends (an exception too)."""
+        with self.gc:
+            return self._fit()
+
+    def _fit(self) -> TrainState:
         cfg, t, lg = self.cfg, self.cfg.training, self.cfg.logging
         save_every = cfg.checkpoint.save_interval
         interval_losses, interval_tokens, interval_time, interval_steps = [], 0, 0.0, 0
@@ -315,16 +324,17 @@ class Trainer:
                 last_eval = step
             stop = collectives.any_rank(self.terminate.requested or bool(self.claim and self.claim.lost()))
             if (save_every and step % save_every == 0) or stop:
-                self.save()
+                self._save()
                 last_saved = step
             if stop:
                 why = f"received {self.terminate.signal_name}" if self.terminate.requested else "claim lost"
                 self._print(f"{why}: saved step {step} and stopping")
                 return self.state
+            self.gc.step(step)
         if last_eval != self.state.iteration:
             self._validate()
         if last_saved != self.state.iteration:
-            self.save()
+            self._save()
         self._print(
             f"done: {self.state.iteration} steps, {self.tokens():,} tokens | checkpoint {self.ckpt_dir} | "
             f"metrics {self.run_dir / 'metrics.jsonl'} | TensorBoard {self.run_dir / 'tensorboard'}"
@@ -332,9 +342,14 @@ class Trainer:
         return self.state
 
     def _validate(self) -> None:
-        val = self.evaluate()
+        with self.gc.around():
+            val = self.evaluate()
         if val is not None:
             self.metrics.log_valid(self.state.iteration, self.tokens(), val)
+
+    def _save(self) -> None:
+        with self.gc.around():
+            self.save()
 
     def close(self) -> None:
         self.metrics.close()
