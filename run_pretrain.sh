@@ -66,27 +66,25 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / GPUS_PER_NODE > 0 ? $(nproc) / GPUS_PER_NODE : 1 ))}"
 export PYTHONUNBUFFERED=1
 
-CMD=("$PYTHON" -m torch.distributed.run
-     --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE"
+TORCHRUN_ARGS=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE"
      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
      -m dense_model.training.pretrain "$CONFIG" "$@")
 
-# Validate once here, with no process group and no GPU (the job checks again); only node 0 checks
-# that no other job holds the run directory (the other nodes' checks could see their own job's).
+# The config is validated first, with no process group and no GPU (the job checks again); only node 0
+# checks that no other job holds the run directory (the other nodes' checks could see their own
+# job's). The same Python process then prints the torchrun command and runs it (--torchrun).
 CHECK=("$PYTHON" -m dense_model.launcher "$CONFIG" "$@" --world-size "$(( NNODES * GPUS_PER_NODE ))")
 if (( DRY_RUN )); then
     "${CHECK[@]}" --dry-run || exit $?
-    echo "${CMD[@]}"
+    echo "$PYTHON" -m torch.distributed.run "${TORCHRUN_ARGS[@]}"
     exit 0
 fi
 [[ "$NODE_RANK" == 0 ]] && CHECK+=(--check-run-dir)
-"${CHECK[@]}" || exit $?
-echo "${CMD[@]}"
 
 # Preemption: SIGTERM/SIGUSR1 to this script goes to the training processes only, which save a
 # checkpoint and exit 0; torchrun then ends normally (a SIGTERM to torchrun itself makes it kill
 # the workers and fail). With SLURM use `#SBATCH --signal=B:TERM@120` so only this shell is told.
-"${CMD[@]}" &
+"${CHECK[@]}" --torchrun "${TORCHRUN_ARGS[@]}" &
 LAUNCHER=$!
 forward() { pkill "-$1" -P "$LAUNCHER" 2>/dev/null || true; }
 trap 'forward TERM' TERM

@@ -1,11 +1,15 @@
 """The check before launch: what ``run_pretrain.sh`` runs before torchrun starts (no process group, no GPU).
 
     python -m dense_model.launcher [CONFIG] [k=v ...] [--world-size N] [--dry-run] [--check-run-dir]
+        [--torchrun TORCHRUN_ARGS...]
 
 The config loaded and validated for the world size (``dense_model.config``), the run directory not
 held by another job (``--check-run-dir``, ``training.run_lock``), and ``--dry-run``'s report: the
 resolved config, the world layout, the batch arithmetic and the parameter count (``model``). A bad
-value is one line on stderr and exit 2. Above training: it imports the layers below, none imports it.
+value is one line on stderr and exit 2. With ``--torchrun``, a config that passes is launched from the
+same process: the arguments after it are torchrun's (``torch.distributed.run``), its command line is
+printed and torchrun runs here (one Python with torch per launch, not one for the check and another
+for torchrun). Above training: it imports the layers below, none imports it.
 """
 
 from __future__ import annotations
@@ -49,8 +53,14 @@ def describe_job(cfg: Config, world_size: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dense_model.launcher [CONFIG] [k=v ...] [--world-size N] [--dry-run] [--check-run-dir]``:
-    exit 2 with a one-line message if the config cannot run; 0 otherwise."""
+    """``python -m dense_model.launcher [CONFIG] [k=v ...] [--world-size N] [--dry-run] [--check-run-dir]
+    [--torchrun ARGS...]``: exit 2 with a one-line message if the config cannot run; else 0, or with
+    ``--torchrun`` what torchrun exits with."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    torchrun_args = None
+    if "--torchrun" in argv:
+        cut = argv.index("--torchrun")
+        argv, torchrun_args = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(description="Check a training config before launching it.")
     parser.add_argument("config", nargs="?", help="YAML config (default: the built-in defaults)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
@@ -78,6 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         cfg.model.vocab_size = resolve_vocab_size(cfg)  # the tokenizer's, as the trainer resolves it
         print(describe_job(cfg, args.world_size or 1))
+    if torchrun_args is not None and not args.dry_run:
+        return torchrun(torchrun_args)
+    return 0
+
+
+def torchrun(args: list[str]) -> int:
+    """Run torchrun (``python -m torch.distributed.run ARGS``) in this process, its command printed
+    first; a failed worker raises torchrun's ChildFailedError (exit 1, its report), as torchrun does."""
+    from torch.distributed.run import main as torchrun_main
+
+    print(" ".join([sys.executable, "-m", "torch.distributed.run", *args]), flush=True)
+    torchrun_main(args)
     return 0
 
 

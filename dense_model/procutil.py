@@ -46,7 +46,8 @@ def process_start_time(pid: int) -> float | None:
 
 
 def is_torchrun_agent(pid: int) -> bool:
-    """Whether process ``pid`` runs torchrun (``torch.distributed.run``); True where /proc is missing."""
+    """Whether process ``pid`` runs torchrun (``torch.distributed.run``, or ``dense_model.launcher
+    --torchrun`` as run_pretrain.sh starts it); True where /proc is missing."""
     if not os.path.isdir("/proc"):
         return True
     try:

@@ -6,7 +6,6 @@ spawn_workers(worker, 2, out_dir)                  # raises if any rank fails
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import pickle
 import socket
@@ -140,7 +139,7 @@ def free_port() -> int:
 # What a worker process starts with already imported: forked from a server that imported these once
 # (per test process), a worker skips the ~5 s of CPU that importing torch and megatron-core costs a
 # freshly spawned one. Only libraries whose import reads no setting a test changes: not transformers
-# (HF_MODULES_CACHE), not dense_model's Triton kernels (TRITON_INTERPRET).
+# (HF_MODULES_CACHE), not dense_model's Triton kernels.
 PRELOAD = (
     "numpy",
     "torch",
@@ -153,6 +152,33 @@ PRELOAD = (
     "megatron.core.pipeline_parallel",
     "pytest",
 )
+# Settings read when those libraries are imported, as the fork server has them: megatron-core
+# imports Triton, whose language functions are interpreted only if TRITON_INTERPRET was set then;
+# OpenMP takes its thread count when torch loads. A job asking for another value of one of these
+# starts in a fresh process (spawn) instead.
+SERVER_ENV = {"TRITON_INTERPRET": None}
+
+
+def _ensure_fork_server() -> None:
+    """Start this process's fork server (once) under SERVER_ENV and one OpenMP thread."""
+    from multiprocessing import forkserver
+
+    saved = dict(os.environ)
+    try:
+        for key, value in SERVER_ENV.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        os.environ["OMP_NUM_THREADS"] = "1"
+        forkserver.set_forkserver_preload(list(PRELOAD))
+        forkserver.ensure_running()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def start_method(env: dict[str, str]) -> str:
+    """``forkserver`` where the job's environment imports the preloaded libraries as the server
+    did, else ``spawn``."""
+    return "forkserver" if all(env.get(k) == v for k, v in SERVER_ENV.items()) else "spawn"
 
 
 def _entry(rank, world_size, port, env, payload):
@@ -185,15 +211,12 @@ def spawn_workers(fn, world_size: int, *args, env: dict[str, str] | None = None)
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` new processes wired for torch.distributed,
     each with this process's environment (plus ``env``; one OpenMP thread unless ``env`` says)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(PRELOAD))
+    method = start_method(env)
+    if method == "forkserver":
+        _ensure_fork_server()
     payload = pickle.dumps((fn, args))
     mp.start_processes(
-        _entry,
-        args=(world_size, free_port(), env, payload),
-        nprocs=world_size,
-        join=True,
-        start_method="forkserver",
+        _entry, args=(world_size, free_port(), env, payload), nprocs=world_size, join=True, start_method=method
     )
 
 

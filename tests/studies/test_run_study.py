@@ -249,11 +249,11 @@ def test_slurm_array_with_stand_in_sbatch_srun_scontrol(tmp_path):
     # The stand-in trains nothing, so the task ends by saying the run has not reached its last step.
     assert task.returncode != 0
     calls = [json.loads(line) for line in record.read_text().splitlines()]
-    # run_pretrain.sh checks the config first (python -m dense_model.config), then starts torchrun
-    calls = [c for c in calls if c["torchrun"][:2] == ["-m", "torch.distributed.run"]]
+    # run_pretrain.sh runs one Python per node: the config check, then torchrun (after --torchrun)
+    calls = [c for c in calls if c["torchrun"][:2] == ["-m", "dense_model.launcher"]]
     assert len(calls) == 2  # one run_pretrain.sh (torchrun) per node
     for node, call in enumerate(calls):
-        argv = call["torchrun"]
+        argv = call["torchrun"][call["torchrun"].index("--torchrun") + 1 :]
         assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--node_rank") + 1] == str(node)
         assert argv[argv.index("--master_addr") + 1] == "node0" and call["port"] == str(29500 + 2)
         assert "model.activation=swiglu" not in argv

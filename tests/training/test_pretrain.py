@@ -36,6 +36,10 @@ def test_trains_logs_and_checkpoints(tiny_config):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "config.yaml").is_file()
     assert "done: 12 steps" in out
+    # One Python checks the config, prints torchrun's command line before the job's output, runs it.
+    command = out.splitlines()[0]
+    assert " -m torch.distributed.run --nnodes 1 --node_rank 0 --nproc_per_node 1 " in command, out
+    assert command.endswith(f"-m dense_model.training.pretrain {config}"), command
 
 
 def test_launcher_sigkill_ends_workers_and_relaunch_resumes_exactly_with_dropout(tiny_config):
