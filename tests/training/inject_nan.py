@@ -1,22 +1,15 @@
-"""The trainer with a NaN injected at one step, for the nan_policy tests (not a production path).
-
-    python tests/training/inject_nan.py loss:6 CONFIG [key=value ...]   # step 6's loss is NaN
-    python tests/training/inject_nan.py grad:6 CONFIG [key=value ...]   # one of step 6's gradients
-
-Runs ``dense_model.training.pretrain.main`` with a Trainer whose forward/backward poisons the
-loss or the first gradient-buffer element at that step; everything after it (the one health
-all-reduce, the nan_policy) is the trainer's own code.
+"""The trainer with a NaN injected at one step, for the nan_policy tests (not a production path):
+``nan_trainer(where, step)`` makes a Trainer whose forward/backward poisons the loss ("loss") or
+the first gradient-buffer element ("grad") at that step; everything after it (the one health
+all-reduce, the nan_policy) is the trainer's own code. Used through
+``pretrain_jobs.train_in_workers(..., trainer=partial(nan_trainer, where, step))``.
 """
-
-import sys
 
 import torch
 
-from dense_model.training import pretrain
 
-
-def nan_trainer(where: str, at_step: int):
-    class NanTrainer(pretrain.Trainer):
+def nan_trainer(where: str, at_step: int, base):
+    class NanTrainer(base):
         def _forward_backward(self):
             loss = super()._forward_backward()
             if self.state.iteration + 1 == at_step:
@@ -27,9 +20,3 @@ def nan_trainer(where: str, at_step: int):
             return loss
 
     return NanTrainer
-
-
-if __name__ == "__main__":
-    where, step = sys.argv[1].split(":")
-    pretrain.Trainer = nan_trainer(where, int(step))
-    sys.exit(pretrain.main(sys.argv[2:]))

@@ -68,3 +68,39 @@ def read_metrics(run_dir):
             if "val_loss" in r:
                 valid[r["step"]] = r["val_loss"]
     return train, valid
+
+
+def _train_job(rank, world_size, config, overrides, out_dir, trainer):
+    """One rank of train_in_workers: pretrain.main with its output captured; the exit code and the
+    output written to OUT_DIR/rankR.txt."""
+    import contextlib
+    import io
+
+    from dense_model.training import pretrain
+
+    if trainer is not None:
+        pretrain.Trainer = trainer(pretrain.Trainer)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = pretrain.main([str(config), *overrides])
+    (Path(out_dir) / f"rank{rank}.txt").write_text(f"{code}\n{out.getvalue()}")
+
+
+def train_in_workers(config, *overrides, nproc=1, trainer=None):
+    """The trainer's own entry point (pretrain.main) on ``nproc`` gloo ranks in worker processes
+    (dense_model.testing.spawn_workers: forked with torch and megatron-core already imported), for
+    tests whose point is what the trainer does, not the launcher around it (run_pretrain.sh and
+    torchrun: ``launch``). ``trainer``: a picklable ``f(Trainer) -> Trainer subclass`` to run
+    instead. Returns (the highest exit code of the ranks, rank 0's output)."""
+    import tempfile
+
+    from dense_model.testing import spawn_workers
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        spawn_workers(_train_job, nproc, str(config), list(overrides), out_dir, trainer)
+        codes, outputs = [], []
+        for rank in range(nproc):
+            code, out = (Path(out_dir) / f"rank{rank}.txt").read_text().split("\n", 1)
+            codes.append(int(code))
+            outputs.append(out)
+    return max(codes), outputs[0]

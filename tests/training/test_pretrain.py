@@ -1,4 +1,5 @@
-"""The training loop end to end, as real processes: resume, signals, NaN policy, parallel layouts."""
+"""The training loop end to end, as real processes: resume, signals and kills through run_pretrain.sh;
+the NaN policy and the parallel layouts through the trainer's own entry point on gloo ranks."""
 
 import json
 import math
@@ -10,13 +11,30 @@ import time
 import psutil
 import pytest
 
-from tests.training.pretrain_jobs import REPO, finish, job_processes, kill_job, launch, read_metrics
+from tests.training.pretrain_jobs import (
+    REPO,
+    finish,
+    job_processes,
+    kill_job,
+    launch,
+    read_metrics,
+    train_in_workers,
+)
 
 pytestmark = pytest.mark.slow
 
 
 def run_ok(config, *overrides, nproc=1, env=None):
+    """Through run_pretrain.sh (the launcher, torchrun, the workers)."""
     code, out = finish(launch(config, *overrides, nproc=nproc, env=env))
+    assert code == 0, out
+    return out
+
+
+def trained_ok(config, *overrides, nproc=1):
+    """The trainer alone (pretrain.main on gloo ranks in forked workers), where the launcher is not
+    what a test is about."""
+    code, out = train_in_workers(config, *overrides, nproc=nproc)
     assert code == 0, out
     return out
 
@@ -136,21 +154,14 @@ def test_save_killed_midway_keeps_previous_checkpoint(tiny_config):
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 @pytest.mark.parametrize("where", ["loss", "grad"])
 def test_nan_policy(tiny_config, policy, where):
-    import os
-    import subprocess
-    import sys
+    from functools import partial
+
+    from tests.training.inject_nan import nan_trainer
 
     config, run_dir = tiny_config(f"nan_{where}_{policy}")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests/training/inject_nan.py"), f"{where}:6", str(config)]
-        + [f"training.nan_policy={policy}"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    code, out = train_in_workers(
+        config, f"training.nan_policy={policy}", trainer=partial(nan_trainer, where, 6)
     )
-    code, out = proc.returncode, proc.stdout
     what = "the loss is NaN or Inf" if where == "loss" else "a gradient is NaN or Inf"
     if policy == "stop":
         assert code != 0
@@ -180,7 +191,7 @@ SHORT = ["training.train_iters=4", "checkpoint.save_interval=1000", "logging.eva
 def single_process_run(module_tiny_config):
     """The one-process reference of the two-process layouts (one run for all of them)."""
     config, ref_dir = module_tiny_config("single")
-    run_ok(config, *SHORT, "parallel.use_distributed_optimizer=false")
+    trained_ok(config, *SHORT, "parallel.use_distributed_optimizer=false")
     return ref_dir
 
 
@@ -197,7 +208,7 @@ def test_two_process_layouts_match_single_process(tiny_config, single_process_ru
     name, overrides = layout
     ref_dir = single_process_run
     config, run_dir = tiny_config(name)
-    run_ok(config, *SHORT, *overrides, nproc=2)
+    trained_ok(config, *SHORT, *overrides, nproc=2)
     for ours, ref in zip(_first_losses(run_dir), _first_losses(ref_dir)):
         assert ours == pytest.approx(ref, rel=1e-5)
 
@@ -225,7 +236,7 @@ def test_overlap_param_gather_saves_the_updated_weights(tiny_config, tmp_path):
     weights = {}
     for overlap in ("false", "true"):
         config, run_dir = tiny_config(f"overlap_{overlap}")
-        run_ok(
+        trained_ok(
             config,
             *short,
             "parallel.use_distributed_optimizer=true",
@@ -245,9 +256,9 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_with_same_validation_loss(tiny_con
     """A TP change needs the optimizer state saved fully_reshardable (dp_reshardable, the default,
     reshards only over DP: tests/training/test_checkpoint_format.py)."""
     config, run_dir = tiny_config("reshard", "checkpoint.optimizer_format=fully_reshardable")
-    run_ok(config, "training.train_iters=6", "parallel.tensor_model_parallel_size=2", nproc=2)
+    trained_ok(config, "training.train_iters=6", "parallel.tensor_model_parallel_size=2", nproc=2)
     _, valid_tp2 = read_metrics(run_dir)
-    out = run_ok(config, "training.train_iters=6", "parallel.tensor_model_parallel_size=1")
+    out = trained_ok(config, "training.train_iters=6", "parallel.tensor_model_parallel_size=1")
     assert "at step 6" in out
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
     assert len(lines) == 2 and lines[0]["step"] == lines[1]["step"] == 6
