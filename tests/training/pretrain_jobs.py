@@ -104,3 +104,18 @@ def train_in_workers(config, *overrides, nproc=1, trainer=None):
             codes.append(int(code))
             outputs.append(out)
     return max(codes), outputs[0]
+
+
+def launched_ok(config, *overrides, nproc=1, env=None):
+    """A job through run_pretrain.sh (the launcher, torchrun, the workers) that must succeed: its output."""
+    code, out = finish(launch(config, *overrides, nproc=nproc, env=env))
+    assert code == 0, out
+    return out
+
+
+def trained_ok(config, *overrides, nproc=1):
+    """The trainer alone (train_in_workers), where the launcher is not what a test is about, and it
+    must succeed: rank 0's output."""
+    code, out = train_in_workers(config, *overrides, nproc=nproc)
+    assert code == 0, out
+    return out

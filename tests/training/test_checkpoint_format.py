@@ -1,4 +1,4 @@
-"""The distributed optimizer's checkpoint format, as real torchrun jobs: dp_reshardable is what a
+"""The distributed optimizer's checkpoint format, as real training jobs (the trainer on gloo ranks): dp_reshardable is what a
 DP=2 run writes (read back through megatron-core), it resumes bitwise at the same layout (fully
 parallel load) and at DP=1 with the losses of the uninterrupted run."""
 
@@ -8,17 +8,11 @@ import pytest
 import torch
 
 from dense_model.testing import spawn_workers
-from tests.training.pretrain_jobs import finish, launch, read_metrics
+from tests.training.pretrain_jobs import read_metrics, trained_ok
 
 pytestmark = pytest.mark.slow
 
 EIGHT = ["training.train_iters=8", "logging.eval_interval=0", "parallel.use_distributed_optimizer=true"]
-
-
-def run_ok(config, *overrides, nproc=1):
-    code, out = finish(launch(config, *overrides, nproc=nproc))
-    assert code == 0, out
-    return out
 
 
 def _read_format(rank, world_size, folder, out_file):
@@ -51,7 +45,7 @@ def _resume_copy(tiny_config, name, source_ckpts, iteration):
 
 def test_dp_reshardable_is_written_and_resumes_at_dp2_bitwise_and_at_dp1(tiny_config, tmp_path):
     config, ref_dir = tiny_config("dp2")
-    run_ok(config, *EIGHT, nproc=2)
+    trained_ok(config, *EIGHT, nproc=2)
     reference, _ = read_metrics(ref_dir)
 
     out = tmp_path / "format.pt"
@@ -64,13 +58,13 @@ def test_dp_reshardable_is_written_and_resumes_at_dp2_bitwise_and_at_dp1(tiny_co
     assert not [k for k in written["keys"] if k.startswith("optimizer.state.")]  # no per-parameter copy
 
     config, same_dir = _resume_copy(tiny_config, "dp2_again", ref_dir / "checkpoints", 4)
-    assert "at step 4" in run_ok(config, *EIGHT, nproc=2)
+    assert "at step 4" in trained_ok(config, *EIGHT, nproc=2)
     resumed, _ = read_metrics(same_dir)
     for step in range(5, 9):
         assert resumed[step] == reference[step], (step, resumed[step], reference[step])  # bitwise
 
     config, dp1_dir = _resume_copy(tiny_config, "dp1", ref_dir / "checkpoints", 4)
-    assert "at step 4" in run_ok(config, *EIGHT, nproc=1)
+    assert "at step 4" in trained_ok(config, *EIGHT, nproc=1)
     resumed, _ = read_metrics(dp1_dir)
     for step in range(5, 9):  # step 6 on depends on the loaded Adam moments
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), step

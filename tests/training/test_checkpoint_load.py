@@ -1,23 +1,17 @@
-"""checkpoint.load, checkpoint.load_mode and checkpoint.fresh through run_pretrain.sh: what a job
-loads, that it says so, that a relaunch resumes its own checkpoints, and that no save deletes the
+"""checkpoint.load, checkpoint.load_mode and checkpoint.fresh: what a job loads (the trainer's entry
+point on a gloo rank), that it says so, what the check before launch refuses (run_pretrain.sh), that a relaunch resumes its own checkpoints, and that no save deletes the
 tracker's checkpoint or anything above it."""
 
 import shutil
 
 import pytest
 
-from tests.training.pretrain_jobs import finish, launch, read_metrics
+from tests.training.pretrain_jobs import finish, launch, read_metrics, trained_ok
 
 pytestmark = pytest.mark.slow
 
 # Checkpoints and validation at 4, 8, 12 (the tiny run's 12 steps), all kept.
 EVERY_4 = ["logging.eval_interval=4", "checkpoint.save_interval=4", "checkpoint.keep_last=3"]
-
-
-def run_ok(config, *overrides):
-    code, out = finish(launch(config, *overrides))
-    assert code == 0, out
-    return out
 
 
 def _write_weights_only(rank, world_size, source, out):
@@ -49,7 +43,7 @@ def test_load_a_run_dir_resumes_it_a_relaunch_resumes_its_own_and_weights_start_
     from dense_model.testing import spawn_workers
 
     config, ref_dir = tiny_config("reference", *EVERY_4)
-    run_ok(config)
+    trained_ok(config)
     reference, ref_valid = read_metrics(ref_dir)
 
     # A run directory holding the reference's step-8 checkpoint (its latest).
@@ -59,14 +53,14 @@ def test_load_a_run_dir_resumes_it_a_relaunch_resumes_its_own_and_weights_start_
 
     # load=<run dir>, load_mode=resume (the default): the source's step, optimizer, schedule, data.
     config, run_dir = tiny_config("continued", *EVERY_4)
-    out = run_ok(config, f"checkpoint.load={source}")
+    out = trained_ok(config, f"checkpoint.load={source}")
     assert f"resumed from {source}/checkpoints/iter_0000008 at step 8 (checkpoint.load={source}" in out, out
     continued, _ = read_metrics(run_dir)
     assert sorted(continued) == [9, 10, 11, 12]
     for step in range(9, 13):
         assert continued[step] == reference[step], (step, continued[step], reference[step])  # bitwise
     # A relaunch (a preempted job's requeue) resumes its own checkpoint, not checkpoint.load's.
-    out = run_ok(config, f"checkpoint.load={source}", "training.train_iters=13")
+    out = trained_ok(config, f"checkpoint.load={source}", "training.train_iters=13")
     assert f"resumed from {run_dir}/checkpoints/iter_0000012 at step 12 (its own checkpoint" in out, out
     assert f"checkpoint.load={source} is not used" in out
     assert sorted(p.name for p in (source / "checkpoints").iterdir()) == [
@@ -85,7 +79,7 @@ def test_load_a_run_dir_resumes_it_a_relaunch_resumes_its_own_and_weights_start_
         ("imported", [f"checkpoint.load={imported}"]),
     ]:
         config, run_dir = tiny_config(name, *EVERY_4)
-        out = run_ok(config, *load, "training.train_iters=3", "logging.eval_interval=1")
+        out = trained_ok(config, *load, "training.train_iters=3", "logging.eval_interval=1")
         assert "load_mode=weights): training starts at step 0 with a fresh optimizer" in out, out
         train, valid = read_metrics(run_dir)
         assert sorted(train) == [1, 2, 3]
@@ -116,12 +110,12 @@ def test_fresh_over_an_older_run_keeps_its_own_checkpoints_and_a_relaunch_resume
     """The older run's checkpoints (4, 8) are above the fresh run's saves (1, 2, 3): they are moved to
     checkpoints/stale/, never deleted, and the fresh run's own latest checkpoint is kept."""
     config, run_dir = tiny_config("used", "training.train_iters=8", "logging.eval_interval=0")
-    run_ok(config)
+    trained_ok(config)
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000004", "iter_0000008"]
 
     fresh = ["training.train_iters=3", "checkpoint.save_interval=1", "checkpoint.keep_last=2"]
-    out = run_ok(config, "checkpoint.fresh=true", *fresh)
+    out = trained_ok(config, "checkpoint.fresh=true", *fresh)
     assert f"checkpoint.fresh=true: not resuming {ckpts} (tracker at step 8)" in out, out
     assert f"moved {ckpts}/iter_0000008 aside to {ckpts}/stale/iter_0000008." in out, out
     assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "3"
@@ -131,7 +125,7 @@ def test_fresh_over_an_older_run_keeps_its_own_checkpoints_and_a_relaunch_resume
     for folder in (ckpts / "stale").iterdir():  # intact: each still loads
         assert (folder / "dense_model.json").is_file() and (folder / "common.pt").is_file()
 
-    out = run_ok(config, "training.train_iters=4")
+    out = trained_ok(config, "training.train_iters=4")
     assert f"resumed from {ckpts}/iter_0000003 at step 3 (its own checkpoint" in out, out
     assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "4"
 
@@ -140,10 +134,10 @@ def test_fresh_from_the_runs_own_checkpoint_as_weights_keeps_what_it_loads(tiny_
     """checkpoint.load=<the run's own iter_N> with fresh=true and load_mode=weights: the run starts
     at step 0 from those weights; its saves (1, 2, 3) never delete the folder it loaded from."""
     config, run_dir = tiny_config("own", "training.train_iters=4", "logging.eval_interval=0")
-    run_ok(config)
+    trained_ok(config)
     ckpts = run_dir / "checkpoints"
     own = ckpts / "iter_0000004"
-    out = run_ok(
+    out = trained_ok(
         config,
         "checkpoint.fresh=true",
         f"checkpoint.load={own}",

@@ -17,31 +17,18 @@ from tests.training.pretrain_jobs import (
     job_processes,
     kill_job,
     launch,
+    launched_ok,
     read_metrics,
     train_in_workers,
+    trained_ok,
 )
 
 pytestmark = pytest.mark.slow
 
 
-def run_ok(config, *overrides, nproc=1, env=None):
-    """Through run_pretrain.sh (the launcher, torchrun, the workers)."""
-    code, out = finish(launch(config, *overrides, nproc=nproc, env=env))
-    assert code == 0, out
-    return out
-
-
-def trained_ok(config, *overrides, nproc=1):
-    """The trainer alone (pretrain.main on gloo ranks in forked workers), where the launcher is not
-    what a test is about."""
-    code, out = train_in_workers(config, *overrides, nproc=nproc)
-    assert code == 0, out
-    return out
-
-
 def test_trains_logs_and_checkpoints(tiny_config):
     config, run_dir = tiny_config("base")
-    out = run_ok(config)
+    out = launched_ok(config)
     train, valid = read_metrics(run_dir)
     assert sorted(train) == list(range(1, 13))
     assert train[12] < train[1] - 0.5, train  # the loss falls
@@ -70,7 +57,7 @@ def test_launcher_sigkill_ends_workers_and_relaunch_resumes_exactly_with_dropout
 
     dropout = ("model.hidden_dropout=0.1", "model.attention_dropout=0.1")
     config, ref_dir = tiny_config("reference", *dropout)
-    run_ok(config)
+    launched_ok(config)
     reference, _ = read_metrics(ref_dir)
 
     config, run_dir = tiny_config("killed", *dropout)
@@ -87,7 +74,7 @@ def test_launcher_sigkill_ends_workers_and_relaunch_resumes_exactly_with_dropout
     assert (run_dir / "checkpoints/latest_checkpointed_iteration.txt").read_text() == "8"
     assert (run_dir / "job.lock").exists()  # left by the killed job
 
-    out = run_ok(config)
+    out = launched_ok(config)
     assert "resumed from" in out and "at step 8" in out
     resumed, _ = read_metrics(run_dir)
     for step in range(9, 13):
@@ -133,7 +120,7 @@ def test_sigterm_saves_and_exits_cleanly(tiny_config):
     latest = int((run_dir / "checkpoints/latest_checkpointed_iteration.txt").read_text())
     assert 3 <= latest < 200
     assert "received SIGTERM" in out
-    out = run_ok(config, "training.train_iters=" + str(latest + 1), "checkpoint.save_interval=1000")
+    out = launched_ok(config, "training.train_iters=" + str(latest + 1), "checkpoint.save_interval=1000")
     assert f"at step {latest}" in out  # the SIGTERM checkpoint loads
 
 
@@ -147,7 +134,7 @@ def test_save_killed_midway_keeps_previous_checkpoint(tiny_config):
     kill_job(proc)
     assert tmp.exists() and not (run_dir / "checkpoints/iter_0000008").exists(), "the kill missed the save"
     assert (run_dir / "checkpoints/latest_checkpointed_iteration.txt").read_text() == "4"
-    out = run_ok(config)
+    out = launched_ok(config)
     assert "at step 4" in out and not tmp.exists()
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.training.pretrain_jobs import finish, kill_job, launch, read_metrics
+from tests.training.pretrain_jobs import kill_job, launch, launched_ok, read_metrics, trained_ok
 
 pytestmark = pytest.mark.slow
 
@@ -19,15 +19,9 @@ MOE = [
 SHORT = ["training.train_iters=4", "checkpoint.save_interval=1000", "logging.eval_interval=0"]
 
 
-def run_ok(config, *overrides, nproc=1):
-    code, out = finish(launch(config, *overrides, nproc=nproc))
-    assert code == 0, out
-    return out
-
-
 def test_moe_trains_logs_router_metrics_and_resumes_exactly_after_sigkill(tiny_config):
     config, ref_dir = tiny_config("reference", *MOE)
-    run_ok(config)
+    launched_ok(config)
     reference, _ = read_metrics(ref_dir)
     assert reference[12] < reference[1] - 0.5, reference  # the loss falls
     record = json.loads((ref_dir / "metrics.jsonl").read_text().splitlines()[0])
@@ -44,7 +38,7 @@ def test_moe_trains_logs_router_metrics_and_resumes_exactly_after_sigkill(tiny_c
         if "saved checkpoint" in line and "iter_0000008" in line:
             kill_job(proc)
             break
-    out = run_ok(config)
+    out = launched_ok(config)
     assert "at step 8" in out
     resumed, _ = read_metrics(run_dir)
     for step in range(9, 13):
@@ -54,10 +48,10 @@ def test_moe_trains_logs_router_metrics_and_resumes_exactly_after_sigkill(tiny_c
 def test_ep2_matches_single_process(tiny_config):
     """(Expert-TP=2 training, TP=2 with sequence parallelism: tests/test_sequence_parallel.py.)"""
     config, ref_dir = tiny_config("single", *MOE)
-    run_ok(config, *SHORT)
+    trained_ok(config, *SHORT)
     single, _ = read_metrics(ref_dir)
     config, run_dir = tiny_config("ep2", *MOE)
-    run_ok(config, *SHORT, "parallel.expert_model_parallel_size=2", nproc=2)
+    trained_ok(config, *SHORT, "parallel.expert_model_parallel_size=2", nproc=2)
     losses, _ = read_metrics(run_dir)
     for step in range(1, 5):
         assert losses[step] == pytest.approx(single[step], rel=1e-5), step
@@ -66,9 +60,9 @@ def test_ep2_matches_single_process(tiny_config):
 def test_ep2_checkpoint_loads_at_ep1_with_same_validation_loss(tiny_config):
     config, run_dir = tiny_config("reshard", *MOE)
     six = ["training.train_iters=6"]
-    run_ok(config, *six, "parallel.expert_model_parallel_size=2", nproc=2)
+    trained_ok(config, *six, "parallel.expert_model_parallel_size=2", nproc=2)
     _, valid_ep2 = read_metrics(run_dir)
-    out = run_ok(config, *six, "parallel.expert_model_parallel_size=1")
+    out = trained_ok(config, *six, "parallel.expert_model_parallel_size=1")
     assert "at step 6" in out
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
     assert len(lines) == 2 and lines[0]["step"] == lines[1]["step"] == 6
