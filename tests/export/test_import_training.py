@@ -16,7 +16,7 @@ import torch
 
 from dense_model.testing import spawn_workers
 from tests.export.test_import_hf import import_cli, llama_config
-from tests.training.pretrain_jobs import finish, launch, read_metrics
+from tests.training.pretrain_jobs import finish, launch, read_metrics, trained_ok
 
 pytestmark = pytest.mark.slow
 SEQ, BATCH = 64, 4
@@ -99,8 +99,7 @@ def test_training_continues_from_an_import(tmp_path):
     assert losses[10] < losses[1]  # it trains
 
     # a relaunch of NEW resumes NEW (its step 10), not the import
-    code, out = finish(launch(imported / "config.yaml", f"run_dir={new}", f"data.blend={demo['blend']}", *TRAIN[1:],
-                              "training.train_iters=11"))  # fmt: skip
-    assert code == 0, out
+    out = trained_ok(imported / "config.yaml", f"run_dir={new}", f"data.blend={demo['blend']}", *TRAIN[1:],
+                     "training.train_iters=11")  # fmt: skip
     assert f"resumed from {new}/checkpoints/iter_0000010 at step 10 (its own checkpoint" in out, out
     assert sorted(read_metrics(new)[0]) == list(range(1, 12))

@@ -57,7 +57,7 @@ def test_launcher_sigkill_ends_workers_and_relaunch_resumes_exactly_with_dropout
 
     dropout = ("model.hidden_dropout=0.1", "model.attention_dropout=0.1")
     config, ref_dir = tiny_config("reference", *dropout)
-    launched_ok(config)
+    trained_ok(config)  # the uninterrupted run: the trainer alone
     reference, _ = read_metrics(ref_dir)
 
     config, run_dir = tiny_config("killed", *dropout)

@@ -21,7 +21,7 @@ SHORT = ["training.train_iters=4", "checkpoint.save_interval=1000", "logging.eva
 
 def test_moe_trains_logs_router_metrics_and_resumes_exactly_after_sigkill(tiny_config):
     config, ref_dir = tiny_config("reference", *MOE)
-    launched_ok(config)
+    trained_ok(config)  # the uninterrupted run: the trainer alone
     reference, _ = read_metrics(ref_dir)
     assert reference[12] < reference[1] - 0.5, reference  # the loss falls
     record = json.loads((ref_dir / "metrics.jsonl").read_text().splitlines()[0])
