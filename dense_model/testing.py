@@ -152,21 +152,28 @@ PRELOAD = (
     "megatron.core.pipeline_parallel",
     "pytest",
 )
-# Settings read when those libraries are imported, as the fork server has them: megatron-core
-# imports Triton, whose language functions are interpreted only if TRITON_INTERPRET was set then;
-# OpenMP takes its thread count when torch loads. A job asking for another value of one of these
-# starts in a fresh process (spawn) instead.
-SERVER_ENV = {"TRITON_INTERPRET": None}
+# Settings read when those libraries are imported: OpenMP takes its thread count when torch loads
+# (the server loads it with one thread; each worker applies its job's OMP_NUM_THREADS), and
+# megatron-core imports Triton, whose language functions are interpreted only if TRITON_INTERPRET
+# was set then. Without CUDA, Triton kernels only ever run interpreted, so the server imports Triton
+# with TRITON_INTERPRET=1 and serves every job (a worker whose job leaves it unset runs no Triton
+# kernel: the model takes the torch reference). With CUDA it imports Triton to compile, and a job
+# asking for the interpreter starts in a fresh process (spawn) instead.
+
+
+def _interpreting_server() -> bool:
+    return not torch.cuda.is_available()
 
 
 def _ensure_fork_server() -> None:
-    """Start this process's fork server (once) under SERVER_ENV and one OpenMP thread."""
+    """Start this process's fork server (once): one OpenMP thread, TRITON_INTERPRET as above."""
     from multiprocessing import forkserver
 
     saved = dict(os.environ)
     try:
-        for key, value in SERVER_ENV.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        os.environ.pop("TRITON_INTERPRET", None)
+        if _interpreting_server():
+            os.environ["TRITON_INTERPRET"] = "1"
         os.environ["OMP_NUM_THREADS"] = "1"
         forkserver.set_forkserver_preload(list(PRELOAD))
         forkserver.ensure_running()
@@ -176,9 +183,8 @@ def _ensure_fork_server() -> None:
 
 
 def start_method(env: dict[str, str]) -> str:
-    """``forkserver`` where the job's environment imports the preloaded libraries as the server
-    did, else ``spawn``."""
-    return "forkserver" if all(env.get(k) == v for k, v in SERVER_ENV.items()) else "spawn"
+    """``forkserver`` where the server's imports serve the job's environment, else ``spawn``."""
+    return "forkserver" if _interpreting_server() or "TRITON_INTERPRET" not in env else "spawn"
 
 
 def _entry(rank, world_size, port, env, payload):
@@ -216,7 +222,11 @@ def spawn_workers(fn, world_size: int, *args, env: dict[str, str] | None = None)
         _ensure_fork_server()
     payload = pickle.dumps((fn, args))
     mp.start_processes(
-        _entry, args=(world_size, free_port(), env, payload), nprocs=world_size, join=True, start_method=method
+        _entry,
+        args=(world_size, free_port(), env, payload),
+        nprocs=world_size,
+        join=True,
+        start_method=method,
     )
 
 
