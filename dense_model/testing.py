@@ -6,6 +6,7 @@ spawn_workers(worker, 2, out_dir)                  # raises if any rank fails
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
 import socket
@@ -125,9 +126,57 @@ def offline_env(folder) -> dict[str, str]:
 
 
 def run_tool(script, args, folder, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python SCRIPT ARGS...`` under offline_env(folder), its output captured as text."""
+    """``python SCRIPT ARGS...`` under offline_env(folder), its output captured as text: run in a
+    worker forked from the fork server (spawn_workers), which already imported torch and
+    megatron-core, as ``python SCRIPT`` runs it (``__main__``, ``sys.argv``, the script's folder first
+    on ``sys.path``; an uncaught exception prints its traceback and exits 1)."""
+    import tempfile
+
     cmd = [sys.executable, str(script), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=offline_env(folder), timeout=timeout)
+    env = offline_env(folder)
+    _ensure_fork_server()
+    ctx = multiprocessing.get_context("forkserver")
+    with tempfile.TemporaryDirectory() as out:
+        proc = ctx.Process(target=_tool_entry, args=(str(script), cmd[2:], env, out))
+        proc.start()
+        proc.join(timeout)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        stdout, stderr = (Path(out, name).read_text(errors="replace") for name in ("stdout", "stderr"))
+    return subprocess.CompletedProcess(cmd, proc.exitcode, stdout, stderr)
+
+
+def _tool_entry(script: str, args: list[str], env: dict[str, str], out: str) -> None:
+    import runpy
+    import traceback
+
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p, "transformers_modules"))]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    sys.argv = [script, *args]
+    # The tool's output at the file-descriptor level (its subprocesses' and C libraries' too).
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        with open(os.path.join(out, name), "wb") as f:
+            os.dup2(f.fileno(), fd)
+    code = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exit_:
+        if isinstance(exit_.code, int) or exit_.code is None:
+            code = exit_.code or 0
+        else:
+            print(exit_.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def free_port() -> int:

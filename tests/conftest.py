@@ -56,6 +56,7 @@ LONGEST_FIRST = (
 )
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; plain pytest runs without it
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one pytest worker more than this process's cores (``--maxprocesses`` still caps
     it). Most slow tests wait on the processes they start (a launcher, torchrun, gloo ranks, file
