@@ -9,6 +9,7 @@ isolated runs (each run in a child process of the same script).
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -84,6 +85,30 @@ def write_json(path: str | None, blob: dict) -> None:
         print(text)
     else:
         Path(path).write_text(text + "\n")
+
+
+def kernel_bench_parser(doc: str, cpu_help: str) -> argparse.ArgumentParser:
+    """The argument parser of a kernel benchmark: its docstring's first paragraph as the description,
+    ``--device cuda|cpu`` (``cpu_help``: what a CPU run is)."""
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help=cpu_help)
+    return p
+
+
+def kernel_bench_device(script: str, device: str) -> bool:
+    """A Triton kernel benchmark's ``--device``: on the CPU a smoke run under Triton's interpreter
+    (switched on here, before Triton and the kernels are imported); ``cuda`` needs a GPU. True on the CPU."""
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    require_cuda(
+        script,
+        device,
+        "the numbers this script exists for need an H100/H200; --device cpu is a smoke run (tiny shapes, "
+        "Triton interpreter, no timings)",
+    )
+    return device == "cpu"
 
 
 def require_cuda(script: str, device: str, hint: str) -> None:

@@ -33,8 +33,6 @@ Liger's kernels are left out on the CPU (they are not written for the interprete
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -44,21 +42,17 @@ import torch  # noqa: E402  (does not import triton: TRITON_INTERPRET can still 
 
 from dense_model.benchmarking import (  # noqa: E402
     fmt,
+    kernel_bench_device,
+    kernel_bench_parser,
     markdown_table,
     metadata_lines,
-    require_cuda,
     run_metadata,
     write_json,
 )
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--device", choices=["cuda", "cpu"], default="cuda", help="cpu: smoke run under TRITON_INTERPRET=1"
-    )
+    p = kernel_bench_parser(__doc__, "cpu: smoke run under TRITON_INTERPRET=1")
     p.add_argument("--tokens", type=int, default=None, help="rows (default 8192; 8 with --device cpu)")
     p.add_argument("--ffn", type=int, default=None, help="PolyCom width (default 8256; 96 on cpu)")
     p.add_argument("--swiglu-ffn", type=int, default=None, help="SwiGLU FFN width (default 5504; 64 on cpu)")
@@ -361,15 +355,7 @@ def sweep_markdown(results) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    require_cuda(
-        "bench_activations",
-        args.device,
-        "the numbers this script exists for need an H100/H200; --device cpu is a smoke run (tiny shapes, "
-        "Triton interpreter, no timings)",
-    )
-    cpu = args.device == "cpu"
+    cpu = kernel_bench_device("bench_activations", args.device)  # before triton is imported
     rows = args.tokens or (8 if cpu else 8192)
     ffn = args.ffn or (96 if cpu else 8256)
     swiglu_ffn = args.swiglu_ffn or (64 if cpu else 5504)

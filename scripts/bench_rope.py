@@ -19,8 +19,6 @@ Timings use triton.testing.do_bench (CUDA events, L2 flushed before each run, me
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -28,25 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402  (does not import triton: TRITON_INTERPRET can still be set in main)
 
-from dense_model.benchmarking import (  # noqa: E402
-    fmt,
-    markdown_table,
-    metadata_lines,
-    require_cuda,
-    run_metadata,
-    write_json,
-)
+import dense_model.benchmarking as bench  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--device", choices=["cuda", "cpu"], default="cuda", help="cpu: smoke run under the interpreter"
-    )
+    p = bench.kernel_bench_parser(__doc__, "cpu: smoke run under the interpreter")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default 4096; cpu 7)")
     p.add_argument("--batch", type=int, default=None, help="micro-batch size (default 2; cpu 3)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (default 16; cpu 5)")
@@ -68,19 +54,11 @@ def megatron_freqs(seq: int, rot_dim: int, device) -> torch.Tensor:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel is defined
-    require_cuda(
-        "bench_rope",
-        args.device,
-        "the numbers this script exists for need an H100/H200; --device cpu is a smoke run (tiny shape, "
-        "Triton interpreter, no timings)",
-    )
+    cpu = bench.kernel_bench_device("bench_rope", args.device)  # before the kernel is defined
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
     from dense_model.rope import fused_apply_rotary_pos_emb
 
-    cpu = args.device == "cpu"
     s = args.seq or (7 if cpu else 4096)
     b = args.batch or (3 if cpu else 2)
     h = args.heads or (5 if cpu else 16)
@@ -125,15 +103,15 @@ def main(argv=None) -> int:
             fwd_bwd_ms = do_bench(fwd_bwd, warmup=args.warmup, rep=args.rep, return_mode="median")
         gbs = None if fwd_bwd_ms is None else 2 * ideal / fwd_bwd_ms / 1e6
         results[name] = {"fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "ideal_gbs": gbs}
-        rows.append([name, fmt(fwd_ms, ".4f"), fmt(fwd_bwd_ms, ".4f"), fmt(gbs, ".0f")])
+        rows.append([name, bench.fmt(fwd_ms, ".4f"), bench.fmt(fwd_bwd_ms, ".4f"), bench.fmt(gbs, ".0f")])
 
-    meta = run_metadata(shape=[s, b, h, d], rotary_dim=rot, dtype=args.dtype)
-    print(metadata_lines(meta))
+    meta = bench.run_metadata(shape=[s, b, h, d], rotary_dim=rot, dtype=args.dtype)
+    print(bench.metadata_lines(meta))
     print(
         f"\nRoPE on one [{s}, {b}, {h}, {d}] {args.dtype} tensor, rotary dim {rot}; fused ≡ unfused checked\n"
     )
-    print(markdown_table(["variant", "fwd ms", "fwd+bwd ms", "GB/s (ideal bytes)"], rows))
-    write_json(args.json, {"meta": meta, "results": results})
+    print(bench.markdown_table(["variant", "fwd ms", "fwd+bwd ms", "GB/s (ideal bytes)"], rows))
+    bench.write_json(args.json, {"meta": meta, "results": results})
     return 0
 
 

@@ -100,11 +100,17 @@ def _recording_trainer(base, phase, events, nan_at=None):
                 events.append(["enabled after fit", gc.isenabled()])
                 phase[0] = "build"  # main's clean-up is not recorded
 
-        def train_step(self):
-            phase[0] = "step"
-            out = super().train_step()
-            phase[0] = f"after step {self.state.iteration + 1}"
+        def _in_phase(self, name, call, after):
+            """Run ``call`` recorded as ``name``; afterwards the phase is ``after()``."""
+            phase[0] = name
+            out = call()
+            phase[0] = after()
             return out
+
+        def train_step(self):
+            return self._in_phase(
+                "step", super().train_step, lambda: f"after step {self.state.iteration + 1}"
+            )
 
         def _forward_backward(self):
             loss = super()._forward_backward()
@@ -113,15 +119,10 @@ def _recording_trainer(base, phase, events, nan_at=None):
             return loss
 
         def evaluate(self):
-            phase[0] = "eval"
-            out = super().evaluate()
-            phase[0] = f"after eval {self.state.iteration}"
-            return out
+            return self._in_phase("eval", super().evaluate, lambda: f"after eval {self.state.iteration}")
 
         def save(self):
-            phase[0] = "save"
-            super().save()
-            phase[0] = f"after save {self.state.iteration}"
+            self._in_phase("save", super().save, lambda: f"after save {self.state.iteration}")
 
     return Recording
 

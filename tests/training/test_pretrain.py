@@ -120,7 +120,7 @@ def test_sigterm_saves_and_exits_cleanly(tiny_config):
     latest = int((run_dir / "checkpoints/latest_checkpointed_iteration.txt").read_text())
     assert 3 <= latest < 200
     assert "received SIGTERM" in out
-    out = launched_ok(config, "training.train_iters=" + str(latest + 1), "checkpoint.save_interval=1000")
+    out = trained_ok(config, "training.train_iters=" + str(latest + 1), "checkpoint.save_interval=1000")
     assert f"at step {latest}" in out  # the SIGTERM checkpoint loads
 
 
@@ -134,7 +134,7 @@ def test_save_killed_midway_keeps_previous_checkpoint(tiny_config):
     kill_job(proc)
     assert tmp.exists() and not (run_dir / "checkpoints/iter_0000008").exists(), "the kill missed the save"
     assert (run_dir / "checkpoints/latest_checkpointed_iteration.txt").read_text() == "4"
-    out = launched_ok(config)
+    out = trained_ok(config)  # the torn save's leftovers cleared, the step-4 checkpoint loads
     assert "at step 4" in out and not tmp.exists()
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.training.pretrain_jobs import kill_job, launch, launched_ok, read_metrics, trained_ok
+from tests.training.pretrain_jobs import kill_job, launch, read_metrics, trained_ok
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def test_moe_trains_logs_router_metrics_and_resumes_exactly_after_sigkill(tiny_c
         if "saved checkpoint" in line and "iter_0000008" in line:
             kill_job(proc)
             break
-    out = launched_ok(config)
+    out = trained_ok(config)
     assert "at step 8" in out
     resumed, _ = read_metrics(run_dir)
     for step in range(9, 13):
