@@ -152,10 +152,7 @@ def _tool_entry(script: str, args: list[str], env: dict[str, str], out: str) -> 
     import runpy
     import traceback
 
-    os.environ.clear()
-    os.environ.update(env)
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
-    sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p, "transformers_modules"))]
+    _adopt(env)
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     sys.argv = [script, *args]
     # The tool's output at the file-descriptor level (its subprocesses' and C libraries' too).
@@ -236,9 +233,9 @@ def start_method(env: dict[str, str]) -> str:
     return "forkserver" if _interpreting_server() or "TRITON_INTERPRET" not in env else "spawn"
 
 
-def _entry(rank, world_size, port, env, payload):
-    # The worker's environment is the caller's at the call (the fork server's is from when it
-    # started), set before the job is unpickled: importing the job's module may read it.
+def _adopt(env: dict[str, str]) -> None:
+    """A worker takes its job's environment: the caller's at the call (the fork server's is from when
+    it started), set before the job is unpickled or run (importing its modules may read it)."""
     os.environ.clear()
     os.environ.update(env)
     # OpenMP read OMP_NUM_THREADS when the server loaded torch: apply this job's value.
@@ -248,6 +245,10 @@ def _entry(rank, world_size, port, env, payload):
     # this job's: drop every such cache.
     # transformers puts its own cache back on sys.path when it loads remote code (init_hf_modules).
     sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p, "transformers_modules"))]
+
+
+def _entry(rank, world_size, port, env, payload):
+    _adopt(env)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
