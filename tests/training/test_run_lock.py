@@ -400,3 +400,62 @@ def test_the_heartbeat_notices_a_takeover_before_any_save(tmp_path, monkeypatch)
     assert "is no longer this job's: another job took it over" in claim.lost_reason
     claim.release()
     assert json.loads(lock.read_text())["token"] == "new"  # the new job's claim, untouched
+
+
+def _train_taken_over_midway(rank, world_size, config, out_dir):
+    """pretrain's own main() on 2 gloo ranks; on rank 0 a thread plays the job that takes job.lock
+    over once step 2 is logged (as after a suspension past STALE_AFTER_S on another host)."""
+    import contextlib
+    import io
+    import threading
+
+    from dense_model.training import pretrain, run_lock
+
+    run_lock.HEARTBEAT_S = 0.01
+    run_dir = Path(out_dir) / "run"
+
+    def take_over():
+        metrics = run_dir / "metrics.jsonl"
+        while True:
+            steps = (
+                [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+                if metrics.exists()
+                else []
+            )
+            if steps and steps[-1] >= 2:
+                break
+            time.sleep(0.005)
+        os.rename(run_dir / LOCK_NAME, run_dir / "job.lock.aside")
+        (run_dir / LOCK_NAME).write_text(json.dumps({"token": "new"}))
+        (Path(out_dir) / "taken_at").write_text(str(steps[-1]))
+
+    if rank == 0:
+        threading.Thread(target=take_over, daemon=True).start()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = pretrain.main([config, "training.train_iters=40", "checkpoint.save_interval=100"])
+    (Path(out_dir) / f"rank{rank}.txt").write_text(f"{code}\n{out.getvalue()}")
+
+
+@pytest.mark.slow
+def test_a_job_whose_claim_was_taken_over_stops_within_a_step_or_two(tiny_config, tmp_path):
+    """The heartbeat finds job.lock is no longer this job's: every rank stops at its next step,
+    without saving; it does not train on (and log metrics) until its next save."""
+    from dense_model.testing import spawn_workers
+
+    config, run_dir = tiny_config("run")
+    spawn_workers(_train_taken_over_midway, 2, str(config), str(run_dir.parent))
+    code0, out0 = (run_dir.parent / "rank0.txt").read_text().split("\n", 1)
+    code1, _ = (run_dir.parent / "rank1.txt").read_text().split("\n", 1)
+    assert (code0, code1) == ("1", "1"), out0
+    assert "is no longer this job's: another job took it over" in out0
+    assert "no longer holds its run directory: stopped without saving" in out0
+    taken_at = int((run_dir.parent / "taken_at").read_text())
+    steps = [
+        r["step"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
+    assert steps[-1] <= taken_at + 2, (taken_at, steps)
+    assert not (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").exists()
+    assert json.loads((run_dir / LOCK_NAME).read_text()) == {"token": "new"}
