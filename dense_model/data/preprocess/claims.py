@@ -8,7 +8,7 @@ namespace), its pid is dead or now another process (the start time differs); any
 process is the same SLURM job restarted (a requeue: SLURM stopped the old one; `procutil.requeued`).
 A claim whose owner cannot be checked from here (another host, or a container with its own pid
 namespace under the same hostname) is live: a second instance is refused with a line saying who
-holds it and how to clear it. Claims written before these fields existed (no `pid_ns`) are judged by
+holds it and how to clear it. Claims written before these fields existed (no `slurm_job`) are judged by
 host and pid, and as a requeue when they name this SLURM job and array task (`job`), as they were."""
 
 from __future__ import annotations
@@ -186,10 +186,10 @@ def remove_stale_temporaries(work_dir: str, output_prefix: str, say) -> int:
 def folder_lock(path: str, busy: str, wait: bool):
     """Hold the lock file `path` (O_EXCL: `flock` is unreliable on NFS), refreshing its mtime while
     held. Taken over when its holder is gone, is this SLURM job requeued, or elsewhere and silent for
-    LOCK_STALE_S (`procutil.stale_by_heartbeat`); else wait for it, or raise ResumeError: `busy`,
+    LOCK_STALE_S (`procutil.stale_by_heartbeat`); else wait for it, or raise ClaimError: `busy`,
     the holder and how to clear it."""
     lock = Path(path)
-    record = {**owner("the work folder's lock"), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    record = owner("the work folder's lock")
     while True:
         fd, holder = claim_file(lock, record, lambda h, p: stale_by_heartbeat(h, p, LOCK_STALE_S))
         if fd is not None:
