@@ -2,7 +2,8 @@
 
 The claim is the file ``RUN_DIR/job.lock``, created with ``O_CREAT | O_EXCL`` (atomic on local
 disks and on NFSv3+/Lustre/GPFS, unlike ``flock``, which some NFS mounts grant to everyone). It
-holds JSON written once: host, pid, the pid's start time, job id (SLURM_JOB_ID or torchrun's run
+holds JSON written once: who holds it (``procutil.holder_identity``: host, boot id, pid namespace,
+pid, the pid's start time, SLURM job and restart count), job id (SLURM_JOB_ID or torchrun's run
 id), start time and a random token. The holder keeps the file open; a background thread refreshes
 the file's mtime through that descriptor every ``HEARTBEAT_S`` seconds (``futimens``: it can only
 ever touch this job's own file, never a claim made after it) and checks that ``job.lock`` is still
@@ -10,11 +11,14 @@ that file.
 
 A claim is taken over only when provably stale:
 
-- same host: its process is gone (or the pid now belongs to a process started at another time).
-  A live process on this host is never stale, however old its heartbeat (a suspended job);
-- another host: the file's mtime is older than ``STALE_AFTER_S``, measured against a file created
-  now in the same directory, so both times come from the file server's clock (no two hosts'
-  clocks are compared).
+- same host, boot and pid namespace: its process is gone (or the pid now belongs to a process
+  started at another time). A live process there is never stale, however old its heartbeat (a
+  suspended job);
+- anywhere else (another host, or a container with its own pid namespace under the same
+  hostname, whose pid means nothing here): at once if this job is the same SLURM job requeued
+  (same SLURM_JOB_ID, a higher SLURM_RESTART_COUNT); else when the file's mtime is older than
+  ``STALE_AFTER_S``, measured against a file created now in the same directory, so both times come
+  from the file server's clock (no two hosts' clocks are compared).
 
 A takeover holds ``job.lock.takeover`` (``O_EXCL``, milliseconds), checks again that ``job.lock``
 is the very file it judged stale, renames it aside and checks the moved file is that one; a claim
@@ -36,16 +40,21 @@ is no longer this job's file (a suspended job woken after a takeover), ``lost()`
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from dense_model.procutil import process_start_time
+from dense_model.procutil import (
+    claim_file,
+    file_identity,
+    holder_identity,
+    read_lock,
+    remove_if,
+    stale_by_heartbeat,
+)
 
 LOCK_NAME = "job.lock"
 HEARTBEAT_S = 30.0
@@ -55,8 +64,6 @@ STALE_AFTER_S = 600.0
 # A holder that could not refresh its claim for this long stops (after saving), well before
 # another host may judge the claim stale.
 LOST_AFTER_S = STALE_AFTER_S / 2
-# The takeover lock is held for milliseconds; one this old was left by a contender that died.
-TAKEOVER_STALE_S = 60.0
 
 
 class RunDirBusy(RuntimeError):
@@ -71,71 +78,16 @@ def job_id() -> str:
     return os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or "-"
 
 
-def _start_time(pid: int) -> float | None:
-    """The process's start time; None when it does not run (a zombie included); NaN when alive but
-    unreadable (another user's)."""
-    return process_start_time(pid)
-
-
 def _touch(fd: int) -> None:
     """Refresh the claim's mtime to "now" on the file server's clock, through our own descriptor."""
     os.utime(fd)
 
 
-def _identity(st: os.stat_result) -> tuple[int, int]:
-    return st.st_dev, st.st_ino
-
-
-def _read(path: Path) -> tuple[dict | None, tuple[int, int] | None]:
-    """(record, identity) of the claim file; (None, None) when there is none. A file being written
-    (or torn by a dying job) reads as {} and is judged by its age alone."""
-    try:
-        with open(path) as f:
-            ident = _identity(os.fstat(f.fileno()))
-            text = f.read()
-    except FileNotFoundError:
-        return None, None
-    try:
-        record = json.loads(text)
-    except ValueError:
-        record = {}
-    return (record if isinstance(record, dict) else {}), ident
-
-
-def file_age(path: Path) -> float | None:
-    """Seconds since ``path`` was last modified, against a file created now next to it (the same
-    filesystem, so the same clock); None when ``path`` is gone, 0.0 when no probe can be made."""
-    probe = path.with_name(f"{path.name}.probe.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-    except OSError:
-        return 0.0 if path.exists() else None  # cannot judge: never stale
-    try:
-        now = os.stat(probe).st_mtime
-        return max(0.0, now - os.stat(path).st_mtime)
-    except FileNotFoundError:
-        return None
-    finally:
-        probe.unlink(missing_ok=True)
-
-
 def stale_reason(holder: dict, path: Path, stale_after: float | None = None) -> str | None:
-    """Why the claim in ``path`` is stale, or None while its job may be alive. On its own host a
-    claim is judged by its process (alive: never stale); from another host by the file's age."""
-    pid = holder.get("pid")
-    if holder.get("host") == socket.gethostname() and isinstance(pid, int):
-        started = _start_time(pid)
-        recorded = holder.get("pid_started")
-        if started is not None and (started != started or recorded is None or abs(started - recorded) <= 1.0):
-            return None
-        return f"process {pid} is gone"
-    age = file_age(path)
-    if age is None:
-        return "gone"
-    limit = STALE_AFTER_S if stale_after is None else stale_after
-    if age > limit:
-        return f"no heartbeat for {age:.0f} s"
-    return None
+    """Why the claim in ``path`` is stale, or None while its job may be alive. Where its pid can be
+    judged (same host, boot and pid namespace) by its process (alive: never stale); else stale at
+    once if this job is its SLURM job requeued, or by the file's age (``procutil.stale_by_heartbeat``)."""
+    return stale_by_heartbeat(holder, path, STALE_AFTER_S if stale_after is None else stale_after)
 
 
 def describe(run_dir: Path, holder: dict) -> str:
@@ -144,7 +96,7 @@ def describe(run_dir: Path, holder: dict) -> str:
         f"run directory {run_dir} is in use by job {holder.get('job_id', '?')} "
         f"(host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {since}); wait for it to "
         f"finish or stop it, or pick another run_dir=. A claim whose job is dead is taken over "
-        f"automatically (on another host after {STALE_AFTER_S:.0f} s without heartbeat); delete "
+        f"automatically (on another host or container after {STALE_AFTER_S:.0f} s without heartbeat); delete "
         f"{run_dir / LOCK_NAME} only if you are sure no job uses the directory"
     )
 
@@ -152,75 +104,13 @@ def describe(run_dir: Path, holder: dict) -> str:
 def check_free(run_dir: str | os.PathLike) -> None:
     """Raise RunDirBusy if a live job holds ``run_dir`` (the launcher's check before torchrun)."""
     path = Path(run_dir) / LOCK_NAME
-    holder, _ = _read(path)
+    holder, _ = read_lock(path)
     if holder is not None and stale_reason(holder, path) is None:
         raise RunDirBusy(describe(Path(run_dir), holder))
 
 
 def _new_record() -> dict:
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "pid_started": _start_time(os.getpid()),
-        "job_id": job_id(),
-        "started": time.time(),
-        "token": uuid.uuid4().hex,
-    }
-
-
-def _create(path: Path, record: dict) -> int:
-    """Create ``path`` exclusively with ``record`` in it (fsynced); FileExistsError if it exists."""
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
-    try:
-        os.write(fd, json.dumps(record).encode())
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)  # just created by us: nobody else can have replaced it
-        raise
-    return fd
-
-
-def _remove_if(path: Path, ident: tuple[int, int], record: dict | None) -> bool:
-    """Remove ``path`` if it is the file ``ident`` holding ``record`` (an inode number alone can be
-    reused once its file is gone): rename it aside (atomic), check the moved file is that one and
-    delete it; anything else moved by mistake is linked back (same inode) and is never deleted.
-    True if it was removed."""
-    aside = path.with_name(f"{path.name}.aside.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return False
-    if _read(aside) == (record, ident):
-        aside.unlink()
-        return True
-    try:
-        os.link(aside, path)  # put it back: its holder's descriptor still matches
-        aside.unlink()
-    except FileExistsError:  # a claim created meanwhile: keep both files, delete neither
-        print(f"warning: {aside} is a claim moved aside by a takeover race; it was not deleted", flush=True)
-    return False
-
-
-def _take_over(path: Path, stale: tuple[dict, tuple[int, int]], record: dict) -> None:
-    """Remove the stale claim ``stale`` (record, identity) at ``path``, holding the takeover lock."""
-    mutex = path.with_name(path.name + ".takeover")
-    try:
-        fd = _create(mutex, record)
-    except FileExistsError:
-        holder, m_ident = _read(mutex)
-        if m_ident is not None and stale_reason(holder, mutex, TAKEOVER_STALE_S) is not None:
-            _remove_if(mutex, m_ident, holder)  # left by a contender that died mid-takeover
-        time.sleep(0.05)
-        return
-    try:
-        holder, ident = _read(path)
-        if (holder, ident) == stale and stale_reason(holder, path) is not None:  # still that stale file
-            _remove_if(path, ident, holder)
-    finally:
-        m_ident = _identity(os.fstat(fd))
-        os.close(fd)
-        _remove_if(mutex, m_ident, record)
+    return {**holder_identity(), "job_id": job_id(), "started": time.time(), "token": uuid.uuid4().hex}
 
 
 class RunDirClaim:
@@ -228,7 +118,7 @@ class RunDirClaim:
 
     def __init__(self, path: Path, fd: int, record: dict):
         self.path, self.record, self._fd = path, record, fd
-        self._ident = _identity(os.fstat(fd))
+        self._ident = file_identity(os.fstat(fd))
         self._lost: str | None = None
         self._taken = False
         self._lock = threading.Lock()
@@ -245,26 +135,17 @@ class RunDirClaim:
     @classmethod
     def acquire_file(cls, path: Path, busy: Callable[[dict], str]) -> RunDirClaim:
         """Claim the lock file ``path``; RunDirBusy(busy(holder)) while a live job holds it."""
-        record = _new_record()
-        for _ in range(20):  # create; or take over a stale claim and create
-            try:
-                return cls(path, _create(path, record), record)
-            except FileExistsError:
-                pass
-            holder, ident = _read(path)
-            if ident is None:
-                continue  # released meanwhile
-            if stale_reason(holder, path) is None:
-                raise RunDirBusy(busy(holder))
-            _take_over(path, (holder, ident), record)
-        raise RunDirBusy(busy(_read(path)[0] or {}))
+        fd, holder = claim_file(path, _new_record(), stale_reason)
+        if fd is None:
+            raise RunDirBusy(busy(holder))
+        return cls(path, fd, holder)
 
     # -- the holder's side ---------------------------------------------------------------------
 
     def _owned(self) -> bool:
         """``path`` is still this job's file (OSError when that cannot be told right now)."""
         try:
-            return _identity(os.stat(self.path)) == self._ident
+            return file_identity(os.stat(self.path)) == self._ident
         except FileNotFoundError:
             return False
 
@@ -330,7 +211,7 @@ class RunDirClaim:
         for attempt in range(3):
             try:
                 if not self._taken:
-                    _remove_if(self.path, self._ident, self.record)
+                    remove_if(self.path, self._ident, self.record)
                 break
             except OSError as err:
                 if attempt == 2:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from dense_model.procutil import process_start_time
 from dense_model.training.run_lock import (
     LOCK_NAME,
     STALE_AFTER_S,
     RunDirBusy,
     RunDirClaim,
-    _start_time,
     check_free,
 )
 
@@ -29,7 +29,7 @@ def write_claim(run_dir, pid, host=None, age=None):
     record = {
         "host": host or socket.gethostname(),
         "pid": pid,
-        "pid_started": _start_time(pid),
+        "pid_started": process_start_time(pid),
         "job_id": "other-job",
         "started": now - 60,
         "token": "other",
@@ -212,13 +212,13 @@ def test_takeover_removes_only_the_claim_it_judged_stale(tmp_path):
     """The rename-aside of a takeover that finds a fresh claim in place of the stale one it judged
     puts it back (same file: its holder's heartbeat sees no change) and deletes nothing, even when
     the fresh file reuses the stale one's inode number."""
-    from dense_model.training.run_lock import _read, _remove_if
+    from dense_model.procutil import read_lock, remove_if
 
     write_claim(tmp_path, dead_pid())
-    stale = _read(tmp_path / LOCK_NAME)
+    stale = read_lock(tmp_path / LOCK_NAME)
     (tmp_path / LOCK_NAME).unlink()  # the stale claim is removed by another contender ...
     fresh = RunDirClaim.acquire(tmp_path)  # ... and a fresh one made
-    assert not _remove_if(tmp_path / LOCK_NAME, stale[1], stale[0])
+    assert not remove_if(tmp_path / LOCK_NAME, stale[1], stale[0])
     assert fresh.verify()
     assert json.loads((tmp_path / LOCK_NAME).read_text()) == fresh.record
     fresh.release()
@@ -258,3 +258,204 @@ def test_training_stops_after_saving_when_the_heartbeat_cannot_write(tiny_config
         f"error: could not refresh the claim {run_dir / LOCK_NAME}" in out0 and "relaunch to resume" in out0
     )
     assert not list(run_dir.glob(f"{LOCK_NAME}*"))
+
+
+def identity_record(pid, **fields):
+    """A claim as this version writes it, for ``pid`` on this host (fields overridden)."""
+    from dense_model.procutil import holder_identity
+
+    record = {**holder_identity(), "pid": pid, "pid_started": process_start_time(pid)}
+    return {**record, "job_id": "other-job", "started": time.time() - 60, "token": "other", **fields}
+
+
+def put_claim(run_dir, record, age=None):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOCK_NAME).write_text(json.dumps(record))
+    if age is not None:
+        old = time.time() - age
+        os.utime(run_dir / LOCK_NAME, (old, old))
+
+
+def test_a_live_pid_started_at_another_time_is_another_process(tmp_path):
+    """A dead job's pid reused by a live process does not keep its run directory in use: the pid's
+    start time differs from the recorded one (procutil.holder_state, which the export lock shares)."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        put_claim(tmp_path, identity_record(sleeper.pid))
+        with pytest.raises(RunDirBusy):  # its own start time: that process, alive
+            check_free(tmp_path)
+        put_claim(tmp_path, identity_record(sleeper.pid, pid_started=process_start_time(sleeper.pid) - 1000))
+        check_free(tmp_path)
+        claim = RunDirClaim.acquire(tmp_path)
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == claim.record["token"]
+        claim.release()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize("field", ["pid_ns", "boot_id"])
+def test_a_holder_in_another_pid_namespace_is_judged_by_its_heartbeat(tmp_path, field):
+    """Same hostname, another pid namespace or boot (a container with host networking): its pid,
+    dead here, says nothing; the claim stands until its heartbeat is STALE_AFTER_S old."""
+    other = {"pid_ns": 4026530000, "boot_id": "00000000-0000-0000-0000-000000000000"}[field]
+    put_claim(tmp_path, identity_record(dead_pid(), **{field: other}), age=STALE_AFTER_S - 60)
+    with pytest.raises(RunDirBusy, match="is in use by job other-job"):
+        RunDirClaim.acquire(tmp_path)
+    put_claim(tmp_path, identity_record(dead_pid(), **{field: other}), age=STALE_AFTER_S + 5)
+    RunDirClaim.acquire(tmp_path).release()
+
+
+NAMESPACED_HOLDER = """
+import sys
+from dense_model.data.preprocess import claims
+from dense_model.training import run_lock
+claim = run_lock.RunDirClaim.acquire(sys.argv[1])
+assert claims.take(sys.argv[2], "task 0 of 2")
+print("claimed", claim.record["pid"], flush=True)
+sys.stdin.readline()
+"""
+
+
+def _can_unshare_pids() -> bool:
+    try:
+        return (
+            subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"], capture_output=True).returncode
+            == 0
+        )
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _can_unshare_pids(), reason="needs `unshare --pid` (root, a permitting sandbox)")
+def test_a_job_in_its_own_pid_namespace_keeps_its_lock_and_claims(tmp_path):
+    """A real holder in another pid namespace under our hostname (pid 1 there; our pid 1 is another
+    process): the run lock and a preprocessing claim it holds are live here; the run lock is taken
+    over only once its heartbeat is STALE_AFTER_S old."""
+    from dense_model.data.preprocess import claims
+
+    run_dir, claim_path = tmp_path / "run", tmp_path / "task.0.claim"
+    holder = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", NAMESPACED_HOLDER]
+        + [str(run_dir), str(claim_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "claimed 1\n"
+        with pytest.raises(RunDirBusy):
+            check_free(run_dir)
+        with pytest.raises(RunDirBusy):
+            RunDirClaim.acquire(run_dir)
+        assert not claims.is_stale(claims.read_claim(str(claim_path)))
+        assert not claims.take(str(claim_path), "task 0 of 2")
+        old = time.time() - STALE_AFTER_S - 5
+        os.utime(run_dir / LOCK_NAME, (old, old))  # its heartbeat stopped ten minutes ago
+        RunDirClaim.acquire(run_dir).release()
+    finally:
+        holder.communicate("", timeout=60)
+
+
+@pytest.fixture
+def slurm(monkeypatch):
+    """Set this process's SLURM job id and restart count."""
+
+    def set_job(job, restart):
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
+
+    return set_job
+
+
+def test_a_requeue_on_another_host_takes_its_claim_over_at_once(tmp_path, slurm):
+    """The same SLURM job restarted (SLURM_RESTART_COUNT higher) on another node: SLURM ended the old
+    one, whose claim still has a fresh heartbeat. A task of the same run of the job (srun's other
+    task, a second step) or another job is refused."""
+    fresh = identity_record(1, host="node-that-is-not-us", slurm_job="4242", slurm_restart=0)
+    slurm("4242", 0)  # the same run of the job: another task of its step, not a requeue
+    put_claim(tmp_path, fresh)
+    with pytest.raises(RunDirBusy):
+        RunDirClaim.acquire(tmp_path)
+    slurm("4243", 1)  # another job
+    with pytest.raises(RunDirBusy):
+        RunDirClaim.acquire(tmp_path)
+    slurm("4242", 1)  # requeued
+    claim = RunDirClaim.acquire(tmp_path)
+    assert claim.record["slurm_job"] == "4242" and claim.record["slurm_restart"] == 1
+    claim.release()
+
+
+def test_the_heartbeat_notices_a_takeover_before_any_save(tmp_path, monkeypatch):
+    """A job whose job.lock was taken over (it was suspended past STALE_AFTER_S on another host)
+    learns it from its heartbeat, without calling verify(): the trainer stops at its next step."""
+    from dense_model.training import run_lock
+
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.01)
+    claim = RunDirClaim.acquire(tmp_path)
+    lock = tmp_path / LOCK_NAME
+    os.rename(lock, tmp_path / "aside")  # the takeover's rename, then the new job's claim
+    put_claim(tmp_path, identity_record(os.getppid(), token="new"))
+    assert _wait_for(claim.lost, limit=30)
+    assert "is no longer this job's: another job took it over" in claim.lost_reason
+    claim.release()
+    assert json.loads(lock.read_text())["token"] == "new"  # the new job's claim, untouched
+
+
+def _train_taken_over_midway(rank, world_size, config, out_dir):
+    """pretrain's own main() on 2 gloo ranks; on rank 0 a thread plays the job that takes job.lock
+    over once step 2 is logged (as after a suspension past STALE_AFTER_S on another host)."""
+    import contextlib
+    import io
+    import threading
+
+    from dense_model.training import pretrain, run_lock
+
+    run_lock.HEARTBEAT_S = 0.01
+    run_dir = Path(out_dir) / "run"
+
+    def take_over():
+        metrics = run_dir / "metrics.jsonl"
+        while True:
+            steps = (
+                [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+                if metrics.exists()
+                else []
+            )
+            if steps and steps[-1] >= 2:
+                break
+            time.sleep(0.005)
+        os.rename(run_dir / LOCK_NAME, run_dir / "job.lock.aside")
+        (run_dir / LOCK_NAME).write_text(json.dumps({"token": "new"}))
+        (Path(out_dir) / "taken_at").write_text(str(steps[-1]))
+
+    if rank == 0:
+        threading.Thread(target=take_over, daemon=True).start()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = pretrain.main([config, "training.train_iters=40", "checkpoint.save_interval=100"])
+    (Path(out_dir) / f"rank{rank}.txt").write_text(f"{code}\n{out.getvalue()}")
+
+
+@pytest.mark.slow
+def test_a_job_whose_claim_was_taken_over_stops_within_a_step_or_two(tiny_config, tmp_path):
+    """The heartbeat finds job.lock is no longer this job's: every rank stops at its next step,
+    without saving; it does not train on (and log metrics) until its next save."""
+    from dense_model.testing import spawn_workers
+
+    config, run_dir = tiny_config("run")
+    spawn_workers(_train_taken_over_midway, 2, str(config), str(run_dir.parent))
+    code0, out0 = (run_dir.parent / "rank0.txt").read_text().split("\n", 1)
+    code1, _ = (run_dir.parent / "rank1.txt").read_text().split("\n", 1)
+    assert (code0, code1) == ("1", "1"), out0
+    assert "is no longer this job's: another job took it over" in out0
+    assert "no longer holds its run directory: stopped without saving" in out0
+    taken_at = int((run_dir.parent / "taken_at").read_text())
+    steps = [
+        r["step"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
+    assert steps[-1] <= taken_at + 2, (taken_at, steps)
+    assert not (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").exists()
+    assert json.loads((run_dir / LOCK_NAME).read_text()) == {"token": "new"}

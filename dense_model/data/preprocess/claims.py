@@ -1,11 +1,15 @@
 """Who works on a run: one claim per task index (`task.I.claim`) and one for the merge (`merge.claim`)
-in the work folder, each created with O_EXCL and naming its owner (host, pid, the process's start
-time, the SLURM job); the temporaries their dead owners left; and durable small JSON files.
+in the work folder, each created with O_EXCL and naming its owner (`procutil.holder_identity`: host,
+boot id, pid namespace, pid, the process's start time, the SLURM job and its restart count); the
+temporaries their dead owners left; and durable small JSON files.
 
-A claim is stale when its owner is gone: on this host, its pid is dead or now another process (the
-start time differs); anywhere, when this process is the same SLURM job and array task (a requeue:
-SLURM stopped the old one). A claim from another host whose owner cannot be checked from here is
-live: a second instance is refused with a line saying who holds it and how to clear it."""
+A claim is stale when its owner is gone: where its pid can be judged (same host, boot and pid
+namespace), its pid is dead or now another process (the start time differs); anywhere, when this
+process is the same SLURM job restarted (a requeue: SLURM stopped the old one; `procutil.requeued`).
+A claim whose owner cannot be checked from here (another host, or a container with its own pid
+namespace under the same hostname) is live: a second instance is refused with a line saying who
+holds it and how to clear it. Claims written before these fields existed (no `slurm_job`) are judged by
+host and pid, and as a requeue when they name this SLURM job and array task (`job`), as they were."""
 
 from __future__ import annotations
 
@@ -13,14 +17,30 @@ import contextlib
 import json
 import os
 import re
-import socket
+import threading
 import time
+from pathlib import Path
 
 from dense_model.data.indexed import publish, tmp_name
 from dense_model.data.preprocess.config import ResumeError
-from dense_model.procutil import process_start_time
+from dense_model.procutil import (
+    ELSEWHERE,
+    GONE,
+    claim_file,
+    file_identity,
+    holder_identity,
+    holder_state,
+    is_this_process,
+    process_start_time,
+    remove_if,
+    requeued,
+    stale_by_heartbeat,
+)
 
 CLAIM_SUFFIX = ".claim"
+# The work folder's lock is refreshed every LOCK_BEAT_S while held; one untouched for LOCK_STALE_S
+# whose holder cannot be checked from here (another host or container) was left by a dead one.
+LOCK_BEAT_S, LOCK_STALE_S = 30.0, 600.0
 _TEMPORARY = re.compile(r"\.tmp\.(\d+)$")  # indexed.tmp_name: PATH.tmp.PID
 
 
@@ -39,11 +59,6 @@ def write_json(path: str, obj, durable: bool = True) -> None:
     publish([(tmp, path)], durable=durable)
 
 
-def process_start(pid: int) -> float | None:
-    """The start time of process `pid`; None if it is gone or a zombie (see procutil)."""
-    return process_start_time(pid)
-
-
 def pid_alive(pid: int) -> bool:
     """Whether a process `pid` runs on this host (a zombie does not)."""
     return process_start_time(pid) is not None
@@ -55,8 +70,9 @@ def _job() -> str | None:
 
 
 def owner(what: str) -> dict:
-    pid = os.getpid()
-    return {"what": what, "host": socket.gethostname(), "pid": pid, "start": process_start(pid), "job": _job(),
+    me = holder_identity()
+    # `start` and `job` as the previous version wrote them, which it still reads (an upgrade mid-run)
+    return {"what": what, **me, "start": me["pid_started"], "job": _job(),
             "since": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
 
 
@@ -75,11 +91,14 @@ def read_claim(path: str) -> dict | None:
 def is_stale(record: dict) -> bool:
     if not record.get("pid"):
         return True  # unreadable: its writer died between the create and the write
-    me = owner("")
-    if record.get("host") == me["host"]:
-        started = process_start(record["pid"])  # NaN: another user's live process
-        return record["pid"] != me["pid"] and started == started and started != record.get("start")
-    return record.get("job") is not None and record.get("job") == me["job"]
+    if "slurm_job" not in record:  # written by the previous version: its start time under `start`
+        record = {**record, "pid_started": record.get("start")}
+    state, _ = holder_state(record)
+    if state != ELSEWHERE:
+        return state == GONE
+    if "slurm_job" not in record:  # the previous version's rule: the same SLURM job and array task
+        return record.get("job") is not None and record.get("job") == _job()
+    return requeued(record) is not None
 
 
 def describe(thing: str, path: str, record: dict) -> str:
@@ -117,7 +136,7 @@ def take(path: str, what: str, take_over=lambda record: False) -> bool:
 def release(path: str) -> None:
     """Remove the claim at `path` if this process holds it."""
     record = read_claim(path)
-    if record and record.get("pid") == os.getpid() and record.get("host") == socket.gethostname():
+    if record and is_this_process(record):
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
 
@@ -161,3 +180,40 @@ def remove_stale_temporaries(work_dir: str, output_prefix: str, say) -> int:
                     f"preprocess: removed {os.path.join(place, name)}, left by an interrupted run (pid {pid})"
                 )
     return removed
+
+
+@contextlib.contextmanager
+def folder_lock(path: str, busy: str, wait: bool):
+    """Hold the lock file `path` (O_EXCL: `flock` is unreliable on NFS), refreshing its mtime while
+    held. Taken over when its holder is gone, is this SLURM job requeued, or elsewhere and silent for
+    LOCK_STALE_S (`procutil.stale_by_heartbeat`); else wait for it, or raise ClaimError: `busy`,
+    the holder and how to clear it."""
+    lock = Path(path)
+    record = owner("the work folder's lock")
+    while True:
+        fd, holder = claim_file(lock, record, lambda h, p: stale_by_heartbeat(h, p, LOCK_STALE_S))
+        if fd is not None:
+            break
+        if not wait:
+            raise ClaimError(
+                f"{busy} ({path} is held by pid {holder.get('pid')} on {holder.get('host')} since "
+                f"{holder.get('since')}); wait for it or pick another --output-prefix, or if that "
+                f"process is gone, delete {path} and rerun."
+            )
+        time.sleep(0.2)
+    stop = threading.Event()
+
+    def beat():  # through our descriptor: it never touches a lock taken after ours
+        while not stop.wait(LOCK_BEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(fd)
+
+    beating = threading.Thread(target=beat, name="work-folder-lock", daemon=True)
+    beating.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beating.join()
+        remove_if(lock, file_identity(os.fstat(fd)), record)
+        os.close(fd)

@@ -3,12 +3,11 @@ outputs published so far, the claims of the tasks and of the merge (`claims.py`)
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Sequence
 
+from dense_model.data.preprocess import claims
 from dense_model.data.preprocess.claims import CLAIM_SUFFIX, ClaimError, describe, read_claim, take
 from dense_model.data.preprocess.config import MANIFEST_VERSION, PreprocessConfig, ResumeError
 from dense_model.data.preprocess.plan import ShardSpec
@@ -16,22 +15,12 @@ from dense_model.data.preprocess.shard import shard_is_intact
 from dense_model.data.tokenizers import Tokenizer
 
 
-@contextlib.contextmanager
 def locked(work_dir: str, wait: bool = False):
     """An exclusive lock on the work folder: held for a whole single-machine run (a second run with the
-    same prefix is refused), or, with wait=True, briefly while a task of a multi-task run sets up."""
-    fd = os.open(os.path.join(work_dir, "lock"), os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            raise ResumeError(
-                f"another preprocess run is using {work_dir} (same --output-prefix); wait for it or pick "
-                "another --output-prefix."
-            ) from err
-        yield
-    finally:
-        os.close(fd)
+    same prefix is refused), or, with wait=True, briefly while a task of a multi-task run sets up.
+    An O_EXCL lock file naming its holder (`claims.folder_lock`), not `flock`."""
+    busy = f"another preprocess run is using {work_dir} (same --output-prefix)"
+    return claims.folder_lock(os.path.join(work_dir, "lock"), busy, wait)
 
 
 def run_settings(cfg: PreprocessConfig, tokenizer: Tokenizer, dtype: str) -> dict:
