@@ -343,6 +343,8 @@ class CheckpointConfig:
     """Save every N steps (and at the end); None = only at the end."""
     keep_last: int | None = 3
     """Keep the last K checkpoints; None keeps all."""
+    keep_every: int | None = None
+    """Also keep every checkpoint whose step is a multiple of N (a run's history, scored later)."""
     load: str | None = None
     """A checkpoint to start from while the run has none of its own: a run directory, its
     checkpoints/ folder or one iter_NNNNNNN folder (refused before launch if it does not resolve).
@@ -363,7 +365,7 @@ class CheckpointConfig:
     per-parameter tensors on save, resumable at any layout (costs the whole state on every rank)."""
 
     def validate(self) -> None:
-        positive(self, "checkpoint", "save_interval", "keep_last")
+        positive(self, "checkpoint", "save_interval", "keep_last", "keep_every")
         # checkpoint.load is checked where it is used (checkpoint.layout.plan_load, before launch):
         # a run with checkpoints of its own does not use it.
 

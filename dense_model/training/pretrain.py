@@ -268,6 +268,7 @@ class Trainer:
                 "skipped_steps": self.state.skipped_steps,
             },
             keep_last=self.cfg.checkpoint.keep_last,
+            keep_every=self.cfg.checkpoint.keep_every,
             fully_parallel=self.cfg.checkpoint.fully_parallel_save,
         )
         self._print(f"saved checkpoint {folder}")
