@@ -23,6 +23,7 @@ from dense_model.config.checks import (
 )
 from dense_model.data.blend import load_blend
 from dense_model.data.tokenizers import build_tokenizer
+from dense_model.data.validation_sets import resolve_validation_sets
 
 NO_TOKENIZER = "data.tokenizer_model is not set: give the tokenizer the data was made with"
 
@@ -274,10 +275,17 @@ class DataConfig:
     """DataLoader workers."""
     demo: bool = False
     """Use the RedPajama-format sample shipped in examples/ (tokenised on first use)."""
+    validation_sets: dict[str, str] = field(default_factory=dict)
+    """Named held-out sets {NAME: dataset prefix or blend .json}, each scored at every evaluation
+    (the same samples: eval_iters batches at most) and logged as valid/NAME/loss and /ppl."""
 
     def validate(self) -> None:
         non_negative(self, "data", "num_workers")
         check_split(self.split)
+        try:  # names and files here; batch size and vocabulary in rules.validate
+            resolve_validation_sets(self.validation_sets)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.weights is not None:
             if len(self.weights) != len(self.paths):
                 raise ConfigError(
