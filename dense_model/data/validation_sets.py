@@ -110,7 +110,9 @@ def check_validation_sets(
                 )
 
 
-def evaluated_samples(prefixes: Sequence[str], seq_length: int, global_batch_size: int, eval_iters: int) -> int:
+def evaluated_samples(
+    prefixes: Sequence[str], seq_length: int, global_batch_size: int, eval_iters: int
+) -> int:
     """Samples scored per evaluation: ``eval_iters`` global batches, at most the whole set's."""
     batches = min(eval_iters, set_samples(prefixes, seq_length) // global_batch_size)
     return batches * global_batch_size

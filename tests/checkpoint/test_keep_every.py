@@ -47,7 +47,7 @@ def test_without_keep_every_keep_last_alone_decides(tmp_path):
 def test_keep_every_must_be_positive():
     import pytest
 
-    from dense_model.config import ConfigError, load_config, validate
+    from dense_model.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="checkpoint.keep_every must be a finite number > 0"):
         load_config(None, ["checkpoint.keep_every=0"]).checkpoint.validate()

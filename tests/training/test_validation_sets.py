@@ -57,7 +57,9 @@ def held_out(tmp_path_factory, spm_model):
     text = python_docs_text()
     return {
         "docs": _write_set(str(folder / "docs_text_document"), _documents(spm_model, text[::-1], 6000)),
-        "short": _write_set(str(folder / "short_text_document"), _documents(spm_model, text[::5], 1.5 * 8 * 64)),
+        "short": _write_set(
+            str(folder / "short_text_document"), _documents(spm_model, text[::5], 1.5 * 8 * 64)
+        ),
     }
 
 
@@ -70,8 +72,16 @@ def test_a_bad_set_is_one_line_before_launch_and_nothing_is_written(tiny_config,
     alien = _write_set(str(tmp_path / "alien_text_document"), [list(range(400, 1100))] * 2, np.int32)
     cases = [
         ({"c4": str(tmp_path / "missing_text_document")}, "data.validation_sets.c4: ", "does not exist"),
-        ({"wiki": tiny}, "data.validation_sets.wiki: 4 samples of 64 tokens, fewer than one global batch", ""),
-        ({"other": alien}, "data.validation_sets.other: ", "holds token id 1099, outside the tokenizer's vocabulary of 512"),
+        (
+            {"wiki": tiny},
+            "data.validation_sets.wiki: 4 samples of 64 tokens, fewer than one global batch",
+            "",
+        ),
+        (
+            {"other": alien},
+            "data.validation_sets.other: ",
+            "holds token id 1099, outside the tokenizer's vocabulary of 512",
+        ),
         ({"a/b": held_out["docs"]}, "data.validation_sets: name 'a/b' is not usable", ""),
     ]
     for sets, starts, contains in cases:
@@ -110,7 +120,9 @@ def _reference_losses(rank, world_size, folder, prefix, spm_model, seed, samples
             eod_mask_loss=False,
             mmap_bin_files=True,
         )
-        dataset, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [samples, 0, 0], lambda: True, config).build()
+        dataset, _, _ = BlendedMegatronDatasetBuilder(
+            GPTDataset, [samples, 0, 0], lambda: True, config
+        ).build()
         total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         with torch.no_grad():
             for i in range(samples):
@@ -157,7 +169,10 @@ def test_named_sets_are_a_separate_forward_the_same_at_dp2_and_change_no_trainin
     assert sorted(logged) == [2, 4]
     assert set(logged[4]) == {"valid/docs/loss", "valid/docs/ppl", "valid/short/loss", "valid/short/ppl"}
     # keep_every=2 with keep_last=1: the scored steps' checkpoints stay, 1 and 3 are pruned.
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == ["iter_0000002", "iter_0000004"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == [
+        "iter_0000002",
+        "iter_0000004",
+    ]
 
     # The logged losses are a separate forward over the same samples: 'docs' EVAL_ITERS batches,
     # 'short' its one whole batch; at step 2 and at step 4 (the same samples each time).
