@@ -93,10 +93,11 @@ def test_a_bad_set_is_one_line_before_launch_and_nothing_is_written(tiny_config,
         assert not run_dir.exists()
 
 
-def _reference_losses(rank, world_size, folder, prefix, spm_model, seed, samples, out_file):
-    """An independent loss: the checkpoint's model (load_model_for_inference) over the first
-    ``samples`` samples of the set, read through megatron-core's own GPTDataset (split 1,0,0, the
-    run's seed, its own index cache), summed over tokens and divided by their count."""
+def _reference_losses(rank, world_size, jobs, spm_model, seed, out_file):
+    """Independent losses, {key: loss} for jobs [(key, checkpoint folder, set prefix, samples)]: the
+    checkpoint's model (load_model_for_inference) over the first ``samples`` samples of the set,
+    read through megatron-core's own GPTDataset (split 1,0,0, the run's seed, its own index cache),
+    summed over tokens and divided by their count."""
     import tempfile
 
     import torch
@@ -106,43 +107,44 @@ def _reference_losses(rank, world_size, folder, prefix, spm_model, seed, samples
     from dense_model.checkpoint.inference import load_model_for_inference
     from dense_model.data.tokenizers import build_tokenizer
 
-    loaded = load_model_for_inference(folder)
-    with tempfile.TemporaryDirectory() as cache:
-        config = GPTDatasetConfig(
-            random_seed=seed,
-            sequence_length=SEQ,
-            blend=([prefix], None),
-            split="1,0,0",
-            path_to_cache=cache,
-            tokenizer=build_tokenizer("sentencepiece", spm_model),
-            reset_position_ids=False,
-            reset_attention_mask=False,
-            eod_mask_loss=False,
-            mmap_bin_files=True,
-        )
-        dataset, _, _ = BlendedMegatronDatasetBuilder(
-            GPTDataset, [samples, 0, 0], lambda: True, config
-        ).build()
-        total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        with torch.no_grad():
+    tokenizer = build_tokenizer("sentencepiece", spm_model)
+    results = {}
+    with tempfile.TemporaryDirectory() as cache, torch.no_grad():
+        for key, folder, prefix, samples in jobs:
+            model = load_model_for_inference(folder).model
+            config = GPTDatasetConfig(
+                random_seed=seed,
+                sequence_length=SEQ,
+                blend=([prefix], None),
+                split="1,0,0",
+                path_to_cache=cache,
+                tokenizer=tokenizer,
+                reset_position_ids=False,
+                reset_attention_mask=False,
+                eod_mask_loss=False,
+                mmap_bin_files=True,
+            )
+            builder = BlendedMegatronDatasetBuilder(GPTDataset, [samples, 0, 0], lambda: True, config)
+            dataset, _, _ = builder.build()
+            total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
             for i in range(samples):
                 s = dataset[i]
-                losses = loaded.model(
-                    s["tokens"][None], s["position_ids"][None], None, labels=s["labels"][None]
-                )  # [1, SEQ]
-                mask = s["loss_mask"][None].double()
+                losses = model(s["tokens"][None], s["position_ids"][None], None, labels=s["labels"][None])
+                mask = s["loss_mask"][None].double()  # [1, SEQ], as losses
                 total += (losses.double() * mask).sum()
                 count += mask.sum()
-    torch.save(float(total / count), out_file)
+            results[key] = float(total / count)
+    torch.save(results, out_file)
 
 
-def _reference(folder, prefix, spm_model, samples, tmp_path):
+def _references(jobs, spm_model, tmp_path):
+    """_reference_losses in one forked worker (one process group for all the checkpoints)."""
     import torch
 
     from dense_model.testing import spawn_workers
 
     out = tmp_path / "reference.pt"
-    spawn_workers(_reference_losses, 1, str(folder), prefix, spm_model, 1234, samples, str(out))
+    spawn_workers(_reference_losses, 1, jobs, spm_model, 1234, str(out))
     return torch.load(out)
 
 
@@ -176,12 +178,19 @@ def test_named_sets_are_a_separate_forward_the_same_at_dp2_and_change_no_trainin
 
     # The logged losses are a separate forward over the same samples: 'docs' EVAL_ITERS batches,
     # 'short' its one whole batch; at step 2 and at step 4 (the same samples each time).
-    for step in (2, 4):
-        folder = run_dir / "checkpoints" / f"iter_{step:07d}"
-        for name, batches in (("docs", EVAL_ITERS), ("short", 1)):
-            ref = _reference(folder, held_out[name], spm_model, batches * GLOBAL_BATCH, tmp_path)
-            assert logged[step][f"valid/{name}/loss"] == pytest.approx(ref, abs=1e-6), (step, name)
-            assert logged[step][f"valid/{name}/ppl"] == pytest.approx(np.exp(ref), rel=1e-6)
+    jobs = [
+        (
+            (step, name),
+            str(run_dir / "checkpoints" / f"iter_{step:07d}"),
+            held_out[name],
+            batches * GLOBAL_BATCH,
+        )
+        for step in (2, 4)
+        for name, batches in (("docs", EVAL_ITERS), ("short", 1))
+    ]
+    for (step, name), ref in _references(jobs, spm_model, tmp_path).items():
+        assert logged[step][f"valid/{name}/loss"] == pytest.approx(ref, abs=1e-6), (step, name)
+        assert logged[step][f"valid/{name}/ppl"] == pytest.approx(np.exp(ref), rel=1e-6)
     assert logged[2]["valid/docs/loss"] != logged[4]["valid/docs/loss"]
 
     # Without the named sets: the same training losses, bitwise, and the same blend validation.
