@@ -146,11 +146,13 @@ def write_metadata(folder: Path, iteration: int, cfg: Config, weights_only: bool
     save_config(cfg, folder / "config.yaml")
 
 
-def publish(tmp: Path, final: Path, root: Path, iteration: int, keep_last: int | None) -> None:
+def publish(
+    tmp: Path, final: Path, root: Path, iteration: int, keep_last: int | None, keep_every: int | None = None
+) -> None:
     """Make a complete ``iter_N.tmp`` the latest checkpoint, in an order that survives a crash or
     a power cut at any point: fsync its files; rename it into place and fsync ``root``; move the
     tracker (write + fsync + rename + fsync); then move folders above ``iteration`` aside and prune
-    those below it (``keep_last`` including this one)."""
+    those below it (``keep_last`` including this one; ``keep_every``: every Nth step is kept too)."""
     fsync_tree(tmp)
     if final.exists():  # a folder of this iteration from another run or an earlier attempt
         _set_aside(root, final)
@@ -160,7 +162,7 @@ def publish(tmp: Path, final: Path, root: Path, iteration: int, keep_last: int |
     for newer in (f for n, f in _iteration_folders(root) if n > iteration):
         _set_aside(root, newer)
     if keep_last:
-        _prune(root, iteration, keep_last)
+        _prune(root, iteration, keep_last, keep_every)
 
 
 def _copy_tokenizer(cfg: Config, folder: Path) -> dict | None:
@@ -208,10 +210,13 @@ def _set_aside(root: Path, folder: Path) -> Path:
     return target
 
 
-def _prune(root: Path, iteration: int, keep_last: int) -> None:
-    """Delete the folders below ``iteration`` (the tracker's) but the newest ``keep_last - 1``."""
-    older = [f for n, f in _iteration_folders(root) if n < iteration]
-    for old in older[: max(0, len(older) - (keep_last - 1))]:
+def _prune(root: Path, iteration: int, keep_last: int, keep_every: int | None = None) -> None:
+    """Delete the folders below ``iteration`` (the tracker's) but the newest ``keep_last - 1`` and,
+    with ``keep_every`` N, those of a step that is a multiple of N (a run's history, scored later)."""
+    older = [(n, f) for n, f in _iteration_folders(root) if n < iteration]
+    for n, old in older[: max(0, len(older) - (keep_last - 1))]:
+        if keep_every and n % keep_every == 0:
+            continue
         shutil.rmtree(old, ignore_errors=True)
     fsync_dir(root)
 

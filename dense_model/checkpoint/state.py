@@ -131,6 +131,7 @@ def save_checkpoint(
     keep_last: int | None = None,
     fully_parallel: bool = False,
     weights_only: bool = False,
+    keep_every: int | None = None,
 ) -> Path:
     """Save on every rank (collective). Returns the final iteration folder.
 
@@ -174,7 +175,7 @@ def save_checkpoint(
 
     if _rank() == 0:
         write_metadata(tmp, iteration, cfg, weights_only=weights_only)
-        publish(tmp, final, root, iteration, keep_last)
+        publish(tmp, final, root, iteration, keep_last, keep_every)
     _barrier()
     return final
 

@@ -67,6 +67,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 f"use a multiple of {t.micro_batch_size * dp}"
             )
     resolve_vocab_size(cfg)  # last (the layout's messages first): loads the tokenizer, once
+    if cfg.data.validation_sets:  # reads the sets' indexes and scans their tokens: only when given
+        _check_validation_sets(cfg)
 
 
 def _validate_moe(cfg: Config, world_size: int | None) -> None:
@@ -148,3 +150,18 @@ def resolve_vocab_size(cfg: Config, tokenizer_vocab: int | None = None) -> int:
             f"model.vocab_size unset (the tokenizer's, padded) or set it to at least {vocab}"
         )
     return explicit
+
+
+def _check_validation_sets(cfg: Config) -> None:
+    """data.validation_sets against the batch and the tokenizer (one line, exit 2 before launch)."""
+    from dense_model.data.validation_sets import check_validation_sets, resolve_validation_sets
+
+    try:
+        check_validation_sets(
+            resolve_validation_sets(cfg.data.validation_sets),
+            seq_length=cfg.model.seq_length,
+            global_batch_size=cfg.training.global_batch_size,
+            vocab_size=cfg.data.tokenizer_vocab_size(),
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None

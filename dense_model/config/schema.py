@@ -23,6 +23,7 @@ from dense_model.config.checks import (
 )
 from dense_model.data.blend import load_blend
 from dense_model.data.tokenizers import build_tokenizer
+from dense_model.data.validation_sets import resolve_validation_sets
 
 NO_TOKENIZER = "data.tokenizer_model is not set: give the tokenizer the data was made with"
 
@@ -274,10 +275,17 @@ class DataConfig:
     """DataLoader workers."""
     demo: bool = False
     """Use the RedPajama-format sample shipped in examples/ (tokenised on first use)."""
+    validation_sets: dict[str, str] = field(default_factory=dict)
+    """Named held-out sets {NAME: dataset prefix or blend .json}, each scored at every evaluation
+    (the same samples: eval_iters batches at most) and logged as valid/NAME/loss and /ppl."""
 
     def validate(self) -> None:
         non_negative(self, "data", "num_workers")
         check_split(self.split)
+        try:  # names and files here; batch size and vocabulary in rules.validate
+            resolve_validation_sets(self.validation_sets)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.weights is not None:
             if len(self.weights) != len(self.paths):
                 raise ConfigError(
@@ -343,6 +351,8 @@ class CheckpointConfig:
     """Save every N steps (and at the end); None = only at the end."""
     keep_last: int | None = 3
     """Keep the last K checkpoints; None keeps all."""
+    keep_every: int | None = None
+    """Also keep every checkpoint whose step is a multiple of N (a run's history, scored later)."""
     load: str | None = None
     """A checkpoint to start from while the run has none of its own: a run directory, its
     checkpoints/ folder or one iter_NNNNNNN folder (refused before launch if it does not resolve).
@@ -363,7 +373,7 @@ class CheckpointConfig:
     per-parameter tensors on save, resumable at any layout (costs the whole state on every rank)."""
 
     def validate(self) -> None:
-        positive(self, "checkpoint", "save_interval", "keep_last")
+        positive(self, "checkpoint", "save_interval", "keep_last", "keep_every")
         # checkpoint.load is checked where it is used (checkpoint.layout.plan_load, before launch):
         # a run with checkpoints of its own does not use it.
 

@@ -172,6 +172,30 @@ class MetricsLogger:
             record, f"step {step:>7d} | validation loss {loss:.4f} | perplexity {ppl:.3f}", prefix="valid"
         )
 
+    def log_valid_sets(self, step, tokens, losses: dict[str, float]):
+        """One metrics.jsonl record {step, tokens, valid/NAME/loss, valid/NAME/ppl, ...} for the named
+        validation sets (data.validation_sets), the same keys as TensorBoard and wandb scalars, and
+        a console line per set."""
+        if not self.enabled or not losses:
+            return
+        values = {}
+        for name, loss in losses.items():
+            values[f"valid/{name}/loss"] = loss
+            values[f"valid/{name}/ppl"] = math.exp(min(loss, 50.0))
+        self._file.write(json.dumps({"step": step, "tokens": tokens, **values, "time": time.time()}) + "\n")
+        for name in losses:
+            print(
+                f"step {step:>7d} | validation {name} loss {values[f'valid/{name}/loss']:.4f} | "
+                f"perplexity {values[f'valid/{name}/ppl']:.3f}",
+                flush=True,
+            )
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
     def log_activation_stats(self, step, tokens, values: dict[str, float]):
         """One metrics.jsonl record {step, tokens, activation_stats: {layerL/name: value}} (see
         activation_stats.py) and TensorBoard scalars activation/layerL/name; no console line."""

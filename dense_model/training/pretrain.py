@@ -47,6 +47,7 @@ from dense_model.config import (
 )
 from dense_model.data.demo import prepare_demo_dataset
 from dense_model.data.tokenizers import build_tokenizer
+from dense_model.data.validation_sets import build_validation_set, resolve_validation_sets
 from dense_model.parallel import destroy_parallel, initialize_parallel_from
 from dense_model.procutil import die_with_parent, is_torchrun_agent
 from dense_model.training.activation_stats import ActivationStats
@@ -125,6 +126,7 @@ class Trainer:
         self._load(plan_job_load(cfg))
 
         self.train_ds, self.valid_ds = build_datasets(cfg, self.train_iters, self.tokenizer)
+        self.valid_sets = self._build_validation_sets()
         self.train_iter = batch_iterator(self.train_ds, cfg, self.state.consumed_samples, wrap=True)
         self._batch_iterator = batch_iterator
         self.metrics = MetricsLogger(cfg, enabled=self.rank == 0, resumed_from=self.state.iteration)
@@ -237,21 +239,58 @@ class Trainer:
     def evaluate(self) -> float | None:
         if self.valid_ds is None or self.cfg.logging.eval_iters <= 0:
             return None
+        return self._forward_only_loss(self.valid_ds, self.cfg.logging.eval_iters)
+
+    def evaluate_sets(self) -> dict[str, float]:
+        """{name: token-mean loss} over each named validation set's evaluated samples (the same
+        ones at every evaluation, from its first sample, DP-sharded); {} without named sets."""
+        if self.cfg.logging.eval_iters <= 0:
+            return {}
+        global_batch = self.cfg.training.global_batch_size
+        return {
+            name: self._forward_only_loss(dataset, samples // global_batch)
+            for name, (dataset, samples) in self.valid_sets.items()
+        }
+
+    def _forward_only_loss(self, dataset, batches: int) -> float:
+        """The token-mean loss of ``batches`` global batches of ``dataset`` from its first sample,
+        on every rank; the model in eval mode (no dropout), the MoE monitor paused."""
         t = self.cfg.training
         self.ddp.eval()
-        valid_iter = self._batch_iterator(self.valid_ds, self.cfg, 0, wrap=True, num_workers=0)
+        valid_iter = self._batch_iterator(dataset, self.cfg, 0, wrap=True, num_workers=0)
         paused = self.moe_monitor.paused() if self.moe_monitor else contextlib.nullcontext()
         with torch.no_grad(), paused:
             losses = forward_backward(
                 [self.ddp],
                 valid_iter,
-                self.num_microbatches * self.cfg.logging.eval_iters,
+                self.num_microbatches * batches,
                 self.cfg.model.seq_length,
                 t.micro_batch_size,
                 forward_only=True,
             )
         self.ddp.train()
         return collectives.broadcast_from_last_stage(reduce_lm_loss(losses))
+
+    def _build_validation_sets(self) -> dict:
+        """{name: (GPTDataset, samples scored per evaluation)} for data.validation_sets, built after
+        the training data (their own index caches: the training order does not change)."""
+        cfg = self.cfg
+        d, t = cfg.data, cfg.training
+        sets = resolve_validation_sets(d.validation_sets)
+        return {
+            name: build_validation_set(
+                prefixes,
+                weights,
+                tokenizer=self.tokenizer,
+                seq_length=cfg.model.seq_length,
+                seed=t.seed if t.data_seed is None else t.data_seed,
+                global_batch_size=t.global_batch_size,
+                eval_iters=cfg.logging.eval_iters,
+                cache_dir=d.cache_dir or str(self.run_dir / "data_cache"),
+                eod_mask_loss=t.eod_mask_loss,
+            )
+            for name, (prefixes, weights) in sets.items()
+        }
 
     def save(self) -> None:
         if collectives.any_rank(self.claim is not None and not self.claim.verify()):  # every rank
@@ -268,6 +307,7 @@ class Trainer:
                 "skipped_steps": self.state.skipped_steps,
             },
             keep_last=self.cfg.checkpoint.keep_last,
+            keep_every=self.cfg.checkpoint.keep_every,
             fully_parallel=self.cfg.checkpoint.fully_parallel_save,
         )
         self._print(f"saved checkpoint {folder}")
@@ -344,8 +384,11 @@ class Trainer:
     def _validate(self) -> None:
         with self.gc.around():
             val = self.evaluate()
+            named = self.evaluate_sets()
         if val is not None:
             self.metrics.log_valid(self.state.iteration, self.tokens(), val)
+        if named:
+            self.metrics.log_valid_sets(self.state.iteration, self.tokens(), named)
 
     def _save(self) -> None:
         with self.gc.around():
