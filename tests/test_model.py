@@ -85,7 +85,9 @@ def layouts(tmp_path_factory):
     def get(tp, pp):
         if (tp, pp) not in cache:
             out = out_dir / f"tp{tp}_pp{pp}"
-            spawn_workers(_run, tp * pp, [*ACTIVATIONS, OLMO_INIT] if pp == 1 else ["polynorm"], tp, pp, str(out))
+            spawn_workers(
+                _run, tp * pp, [*ACTIVATIONS, OLMO_INIT] if pp == 1 else ["polynorm"], tp, pp, str(out)
+            )
             cache[tp, pp] = [torch.load(f"{out}.rank{r}") for r in range(tp * pp)]
         return cache[tp, pp]
 

@@ -92,7 +92,10 @@ def test_router_score_comes_from_norm_topk_prob_alone(roundtrip, tmp_path):
 
     from dense_model.export.hf_import import METADATA, plan_import
 
-    for name, router_score in (("polynorm_olmoe_router", "softmax_then_topk"), ("swiglu_top3", "topk_then_softmax")):
+    for name, router_score in (
+        ("polynorm_olmoe_router", "softmax_then_topk"),
+        ("swiglu_top3", "topk_then_softmax"),
+    ):
         folder = Path(shutil.copytree(roundtrip / "hf" / name, tmp_path / name))
         (folder / METADATA).unlink()
         assert plan_import(folder, tmp_path / "out" / name).cfg.model.moe.router_score == router_score

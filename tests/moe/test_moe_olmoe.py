@@ -55,7 +55,12 @@ def _run(rank, world_size, out_file):
     def weight_decay_by_name(cfg):
         model, _, optimizer = build_training_model(cfg)
         build_scheduler(optimizer, cfg)  # sets each group's weight_decay from its wd_mult
-        decay = {id(p): g["weight_decay"] for opt in torch_adams(optimizer) for g in opt.param_groups for p in g["params"]}
+        decay = {
+            id(p): g["weight_decay"]
+            for opt in torch_adams(optimizer)
+            for g in opt.param_groups
+            for p in g["params"]
+        }
         return {n: decay[id(p)] for n, p in model.named_parameters()}
 
     result["decay_all"] = weight_decay_by_name(cfg)
@@ -72,9 +77,12 @@ def _run(rank, world_size, out_file):
     def save_router(router, inputs, output):
         probs, routing_map = output  # [tokens, experts]
         result["routers"].append(
-            {"input": inputs[0].detach().double().reshape(-1, router.weight.shape[1]),
-             "weight": router.weight.detach().double(), "probs": probs.detach().double(),
-             "map": routing_map.clone()}
+            {
+                "input": inputs[0].detach().double().reshape(-1, router.weight.shape[1]),
+                "weight": router.weight.detach().double(),
+                "probs": probs.detach().double(),
+                "map": routing_map.clone(),
+            }
         )
 
     for module in model.modules():
