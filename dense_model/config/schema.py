@@ -202,7 +202,7 @@ class TrainingConfig:
     lr_warmup_iters: int | None = None
     """Warmup length in steps."""
     weight_decay: float = 0.1
-    """AdamW weight decay (not applied to 1-D parameters: norms, PolyCom scalars)."""
+    """AdamW weight decay (on the parameters training.weight_decay_on says; never on PolyCom scalars)."""
     weight_decay_on: Literal["matrices", "all"] = "matrices"
     """Parameters weight decay applies to: matrices = megatron's (not 1-D parameters and biases: norms,
     PolyCom scalars); all = every parameter but the PolyCom scalars (OLMo's decay_norm_and_bias)."""
