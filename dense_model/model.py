@@ -291,15 +291,18 @@ def initialize_weights(model, cfg: Config, seed: int | None = None) -> None:
     """Draw every weight from a generator keyed by (seed, global parameter name), then keep this
     rank's TP slice: the same model whatever the TP/PP layout (megatron's own init depends on PP).
 
-    Megatron's scheme: normal(0, std) everywhere, std / sqrt(2 * layers) for the layers that write
-    into the residual stream (attention linear_proj, MLP linear_fc2), ones for norms; PolyCom
-    scalars keep their own init (1/r, 0).
+    ``model.init=megatron``: normal(0, std) everywhere, std / sqrt(2 * layers) for the layers that
+    write into the residual stream (attention linear_proj, MLP linear_fc2). ``olmo_normal`` (OLMo's
+    ``init_fn: normal``, the seed's MoE run): every matrix, router, embedding and output layer
+    included, normal(0, std) truncated at +-``init_cutoff_factor`` std, no depth scaling. Ones for
+    norms; PolyCom scalars keep their own init (1/r, 0).
     """
     from megatron.core import parallel_state as ps
 
     seed = cfg.training.seed if seed is None else seed
     std = cfg.model.init_method_std
-    residual_std = std / math.sqrt(2.0 * cfg.model.num_layers)
+    olmo = cfg.model.init == "olmo_normal"
+    residual_std = std if olmo else std / math.sqrt(2.0 * cfg.model.num_layers)
     dense_tp_rank = ps.get_tensor_model_parallel_rank()
     dense_tp = ps.get_tensor_model_parallel_world_size()
     for name, param in model.named_parameters():
@@ -325,7 +328,12 @@ def initialize_weights(model, cfg: Config, seed: int | None = None) -> None:
         # Drawn on the CPU whatever the parameter's device: a GPU run starts from the CPU run's weights.
         gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(gname.encode()))
         s = residual_std if ("linear_proj" in name or "linear_fc2" in name) else std
-        full = torch.empty(full_shape, dtype=torch.float32, device="cpu").normal_(0.0, s, generator=gen)
+        full = torch.empty(full_shape, dtype=torch.float32, device="cpu")
+        if olmo:
+            cut = cfg.model.init_cutoff_factor * s
+            torch.nn.init.trunc_normal_(full, mean=0.0, std=s, a=-cut, b=cut, generator=gen)
+        else:
+            full.normal_(0.0, s, generator=gen)
         if sliced:
             # Megatron's layout: split into tp * stride chunks, rank r keeps chunks r, r + tp, ...
             stride = getattr(param, "partition_stride", 1)

@@ -129,16 +129,39 @@ def moe_layer_spec(cfg: ModelConfig, dense_activation):
     return spec
 
 
+def router_loss_coeffs(m: ModelConfig) -> tuple[float, float | None]:
+    """(load-balancing, z-loss) coefficients handed to megatron-core, which adds each layer's loss
+    times its coefficient: the total is the sum over layers.
+
+    ``per_layer``: the config's numbers as they are. ``olmoe``: megablocks' (OLMoE branch)
+    ``batched_load_balancing_loss`` scales the load-balancing loss by
+    ``weight * E / (layers * tokens * top_k)`` over all layers' counts and mean probabilities, which
+    is megatron-core's per-layer formula (``E / (top_k * tokens^2)``) summed over layers times
+    ``weight / layers``; and its z-loss is ``weight * sum(logsumexp^2) / (layers * tokens * top_k)``,
+    megatron-core's per-layer mean of logsumexp^2 summed over layers times ``weight / (layers *
+    top_k)``. So the same 0.01 / 0.001 are 16x / 128x weaker in OLMoE-1B-7B (16 layers, top-8).
+    """
+    moe = m.moe
+    if moe.router_loss_scaling == "per_layer":
+        return moe.aux_loss_coeff, moe.z_loss_coeff
+    z = None if moe.z_loss_coeff is None else moe.z_loss_coeff / (m.num_layers * moe.router_topk)
+    return moe.aux_loss_coeff / m.num_layers, z
+
+
 def moe_transformer_config_kwargs(cfg: Config) -> dict:
     """TransformerConfig fields for the MoE layers and the expert-parallel layout."""
     moe, p = cfg.model.moe, cfg.parallel
+    aux_coeff, z_coeff = router_loss_coeffs(cfg.model)
     return dict(
         num_moe_experts=moe.num_experts,
         moe_router_topk=moe.router_topk,
         moe_ffn_hidden_size=expert_ffn_hidden_size(cfg.model),
+        # softmax over all experts, then the top-k probabilities without renormalising (OLMoE);
+        # else top-k of the logits and a softmax over those k
+        moe_router_pre_softmax=moe.router_score == "softmax_then_topk",
         moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
-        moe_aux_loss_coeff=moe.aux_loss_coeff,
-        moe_z_loss_coeff=moe.z_loss_coeff,
+        moe_aux_loss_coeff=aux_coeff,
+        moe_z_loss_coeff=z_coeff,
         moe_token_dispatcher_type=moe.token_dispatcher,
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,

@@ -53,6 +53,12 @@ class MoEConfig:
     grouped_gemm: bool = True
     """Grouped-GEMM experts: Transformer Engine's where TE is installed (GPU) and the activation has no
     coefficients, else torch's grouped_mm (dense_model.moe_experts); false = one MLP after another."""
+    router_score: Literal["topk_then_softmax", "softmax_then_topk"] = "topk_then_softmax"
+    """Routing weights: softmax over the top-k logits (renormalised, Mixtral), or softmax over all
+    experts then the top-k probabilities as they are (OLMoE; megatron-core's moe_router_pre_softmax)."""
+    router_loss_scaling: Literal["per_layer", "olmoe"] = "per_layer"
+    """What aux_loss_coeff/z_loss_coeff mean: per_layer = megatron-core's, each layer's loss times the
+    coefficient (summed over layers); olmoe = megablocks' (OLMoE): averaged over layers, the z-loss also / top-k."""
 
 
 @dataclass
@@ -92,6 +98,12 @@ class ModelConfig:
     """RMSNorm epsilon."""
     init_method_std: float = 0.013975
     """Std of the normal init, sqrt(2 / (5 * hidden)); output layers are scaled by depth."""
+    init: Literal["megatron", "olmo_normal"] = "megatron"
+    """Weight init: megatron = normal(0, init_method_std), residual-writing layers / sqrt(2 * layers);
+    olmo_normal = OLMo's init_fn normal: every matrix (router, embeddings, output layer too) normal(0,
+    init_method_std) truncated at +-init_cutoff_factor std, no depth scaling."""
+    init_cutoff_factor: float = 3.0
+    """olmo_normal: truncate the normal at +- this many standard deviations (OLMo's init_cutoff_factor)."""
     hidden_dropout: float = 0.0
     """Dropout after attention and MLP."""
     attention_dropout: float = 0.0
@@ -124,7 +136,7 @@ class ModelConfig:
         positive(self, "model", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups")
         positive(self, "model", "ffn_hidden_size", "swiglu_ffn_hidden_size", "vocab_size")
         positive(self, "model", "make_vocab_size_divisible_by", "seq_length", "rotary_base")
-        positive(self, "model", "norm_epsilon", "init_method_std")
+        positive(self, "model", "norm_epsilon", "init_method_std", "init_cutoff_factor")
         fraction(self, "model", "hidden_dropout", "attention_dropout")
         if self.attention_backend == "te" and self.transformer_impl != "transformer_engine":
             raise ConfigError(
@@ -191,7 +203,10 @@ class TrainingConfig:
     lr_warmup_iters: int | None = None
     """Warmup length in steps."""
     weight_decay: float = 0.1
-    """AdamW weight decay (not applied to 1-D parameters: norms, PolyCom scalars)."""
+    """AdamW weight decay (on the parameters training.weight_decay_on says; never on PolyCom scalars)."""
+    weight_decay_on: Literal["matrices", "all"] = "matrices"
+    """Parameters weight decay applies to: matrices = megatron's (not 1-D parameters and biases: norms,
+    PolyCom scalars); all = every parameter but the PolyCom scalars (OLMo's decay_norm_and_bias)."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.95

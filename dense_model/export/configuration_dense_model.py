@@ -4,8 +4,9 @@ Copied next to ``config.json`` by ``toolkits/checkpoint_conversion/export_hf.py`
 there with ``trust_remote_code=True``, on machines without dense_model installed: it imports only
 ``transformers``. It is ``LlamaConfig`` plus the activation (a name from dense_model's registry and
 its keyword arguments, e.g. ``{"order": 3}`` for PolyNorm/PolyReLU), and for a mixture of experts
-Qwen2-MoE's field names: ``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size`` and
-``shared_expert_intermediate_size`` (None: no shared expert).
+Qwen2-MoE's field names: ``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``,
+``shared_expert_intermediate_size`` (None: no shared expert) and ``norm_topk_prob`` (True: softmax
+over the top-k logits; False: softmax over all experts, top-k probabilities as they are, OLMoE's).
 """
 
 from transformers.models.llama.configuration_llama import LlamaConfig
@@ -31,6 +32,7 @@ class DenseModelConfig(LlamaConfig):
     num_experts_per_tok: int | None = None
     moe_intermediate_size: int | None = None
     shared_expert_intermediate_size: int | None = None
+    norm_topk_prob: bool = True
 
 
 __all__ = ["DenseModelConfig"]

@@ -56,11 +56,11 @@ REMOTE_CODE_FILES = ("configuration_dense_model.py", "modeling_dense_model.py")
 ACTIVATIONS_PACKAGE = "dense_model.activations"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # megatron-core TransformerConfig field -> the value DenseModelSparseMoeBlock reproduces (dropless
-# top-k routing, softmax over the top-k logits, probabilities applied to the expert outputs).
+# top-k routing, softmax over the top-k logits or, moe_router_pre_softmax, over all experts
+# (config.json's norm_topk_prob), probabilities applied to the expert outputs).
 MOE_ROUTER_AS_EXPORTED = {
     "moe_expert_capacity_factor": None,
     "moe_router_score_function": "softmax",
-    "moe_router_pre_softmax": False,
     "moe_router_topk_scaling_factor": None,
     "moe_router_enable_expert_bias": False,
     "moe_router_num_groups": None,
@@ -117,6 +117,7 @@ def hf_config(cfg: Config, special_ids: dict, dtype: torch.dtype):
             num_experts_per_tok=m.moe.router_topk,
             moe_intermediate_size=expert_ffn_hidden_size(m),
             shared_expert_intermediate_size=m.moe.shared_expert_ffn_hidden_size,
+            norm_topk_prob=m.moe.router_score == "topk_then_softmax",  # else OLMoE's softmax, top-k
         )
     config = DenseModelConfig(activation=m.activation, activation_kwargs=dict(m.activation_kwargs), **kwargs)
     config.architectures = ["DenseModelForCausalLM"]

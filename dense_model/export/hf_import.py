@@ -141,6 +141,7 @@ def _dense_model_model(hf) -> dict:
             router_topk=hf.num_experts_per_tok,
             ffn_hidden_size=hf.moe_intermediate_size,
             shared_expert_ffn_hidden_size=hf.shared_expert_intermediate_size,
+            router_score="topk_then_softmax" if getattr(hf, "norm_topk_prob", True) else "softmax_then_topk",
         )
     return model
 
@@ -405,6 +406,7 @@ def _model_section(hf_dir: Path, hf, layout: Layout) -> dict:
                 m.moe.router_topk,
                 expert_ffn_hidden_size(m),
                 m.moe.shared_expert_ffn_hidden_size,
+                m.moe.router_score,
             )
         ),
     }

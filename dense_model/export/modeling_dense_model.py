@@ -61,7 +61,9 @@ class DenseModelSparseMoeBlock(nn.Module):
 
     The router is a linear layer without bias; each token goes to the ``num_experts_per_tok``
     experts of largest router logit, weighted by the softmax over those top-k logits (megatron's
-    score function "softmax" without pre-softmax: the same as Mixtral's softmax, top-k, renormalise).
+    score function "softmax" without pre-softmax: the same as Mixtral's softmax, top-k, renormalise),
+    or with ``norm_topk_prob=False`` by their softmax over all experts, not renormalised (megatron's
+    pre-softmax, OLMoE's router).
     No capacity: every token reaches its experts (the export refuses checkpoints that drop tokens).
     The shared expert, if any, sees every token and is added ungated.
     """
@@ -69,6 +71,7 @@ class DenseModelSparseMoeBlock(nn.Module):
     def __init__(self, config: DenseModelConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = getattr(config, "norm_topk_prob", True)  # exports before the field: True
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(
             DenseModelMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts)
@@ -82,8 +85,12 @@ class DenseModelSparseMoeBlock(nn.Module):
     def forward(self, x):  # [b, s, hidden] -> [b, s, hidden]
         tokens = x.reshape(-1, x.shape[-1])  # [t, hidden]
         logits = self.gate(tokens)  # [t, experts]
-        top_logits, top_experts = torch.topk(logits, self.top_k, dim=-1)  # [t, k]
-        weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32).type_as(logits)  # [t, k]
+        if self.norm_topk_prob:
+            top_logits, top_experts = torch.topk(logits, self.top_k, dim=-1)  # [t, k]
+            weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32).type_as(logits)  # [t, k]
+        else:
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)  # [t, experts]
+            weights, top_experts = torch.topk(scores, self.top_k, dim=-1)  # [t, k]
         out = torch.zeros_like(tokens)
         for index, expert in enumerate(self.experts):
             rows, slots = torch.where(top_experts == index)  # the tokens routed to this expert

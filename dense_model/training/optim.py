@@ -1,7 +1,7 @@
 """Optimizer, LR schedule and data-parallel wrapper from megatron-core, configured from our config.
 
 AdamW through ``get_megatron_optimizer`` (no weight decay on 1-D parameters and biases: norms and
-the PolyCom scalars), optionally the distributed optimizer; without TE/apex its gradient norm and
+the PolyCom scalars; or, ``training.weight_decay_on=all``, on everything but the PolyCom scalars), optionally the distributed optimizer; without TE/apex its gradient norm and
 scale run on torch's foreach kernels (``dense_model.compat.multi_tensor``) and its Adam update on
 torch's fused AdamW kernel (``set_fused_adam``: megatron-core builds ``torch.optim.AdamW`` without
 ``fused=True``, i.e. the foreach path, ~8 passes over the fp32 state); ``OptimizerParamScheduler``
@@ -77,9 +77,27 @@ def build_optimizer(model_chunks, cfg: Config):
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
-    optimizer = get_megatron_optimizer(opt_config, model_chunks)
+    optimizer = get_megatron_optimizer(opt_config, model_chunks, config_overrides=weight_decay_overrides(cfg))
     set_fused_adam(optimizer, t.fused_adam)
     return optimizer
+
+
+def weight_decay_overrides(cfg: Config):
+    """megatron-core's param-group overrides for ``training.weight_decay_on``.
+
+    ``matrices``: None, megatron-core's default (wd_mult 0 for 1-D parameters and biases: norms,
+    PolyCom scalars). ``all``: OLMo's ``decay_norm_and_bias`` + ``decay_embeddings`` (the seed's MoE
+    run): every parameter decays but the activation's coefficients (OLMo's get_param_groups never
+    decays an Activation's parameters), which are the only ones with wd_mult 0.
+    """
+    if cfg.training.weight_decay_on == "matrices":
+        return None
+    from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+
+    polycom = ParamWithNamePredicate(
+        name="activation_coefficients", fn=lambda param, name: ".activation_func." in name
+    )
+    return {ParamKey(with_name_predicate=polycom): {"wd_mult": 0.0}}  # a ParamGroupOverride
 
 
 def torch_adams(optimizer) -> list:

@@ -1,6 +1,6 @@
 """Hugging Face export of mixture-of-experts checkpoints: the exported ``DenseModelSparseMoeBlock``
-(trust_remote_code) gives megatron-core's logits for PolyNorm experts with a shared expert (top-2)
-and SwiGLU experts (top-3); each expert keeps its own PolyNorm coefficients; a checkpoint saved at
+(trust_remote_code) gives megatron-core's logits for PolyNorm experts with a shared expert (top-2),
+SwiGLU experts (top-3) and PolyNorm experts behind OLMoE's router (softmax, top-2, not renormalised); each expert keeps its own PolyNorm coefficients; a checkpoint saved at
 EP=2 exports the same bytes; router settings the block does not reproduce (token dropping by
 capacity) are refused.
 
@@ -21,6 +21,8 @@ EXPERTS = 4
 SPECS = {
     "polynorm_shared": ("polynorm", 2, ["model.moe.shared_expert_ffn_hidden_size=48"]),
     "swiglu_top3": ("swiglu", 3, []),
+    # OLMoE's router: softmax over all experts, top-k weights not renormalised (norm_topk_prob false)
+    "polynorm_olmoe_router": ("polynorm", 2, ["model.moe.router_score=softmax_then_topk"]),
 }
 DROPPING = ("polynorm", 2, ["model.moe.capacity_factor=1.0"])  # refused by the export
 
@@ -99,6 +101,7 @@ def test_exported_moe_gives_our_logits(exported, name):
     folder = exported / "hf" / name
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "dense_model" and config["activation"] == activation
+    assert config["norm_topk_prob"] == (name != "polynorm_olmoe_router")
     assert (config["num_experts"], config["num_experts_per_tok"], config["moe_intermediate_size"]) == (
         EXPERTS,
         topk,

@@ -83,3 +83,19 @@ def test_export_whose_config_json_was_edited_is_refused(roundtrip, tmp_path, cap
     err = capsys.readouterr().err
     assert "dense_model.json: model.norm_epsilon is 1e-05 but config.json says 0.001" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_router_score_comes_from_norm_topk_prob_alone(roundtrip, tmp_path):
+    """Without dense_model.json, config.json's norm_topk_prob gives model.moe.router_score."""
+    import shutil
+
+    from dense_model.export.hf_import import METADATA, plan_import
+
+    for name, router_score in (
+        ("polynorm_olmoe_router", "softmax_then_topk"),
+        ("swiglu_top3", "topk_then_softmax"),
+    ):
+        folder = Path(shutil.copytree(roundtrip / "hf" / name, tmp_path / name))
+        (folder / METADATA).unlink()
+        assert plan_import(folder, tmp_path / "out" / name).cfg.model.moe.router_score == router_score
