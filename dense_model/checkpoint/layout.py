@@ -128,8 +128,13 @@ def fsync_write(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def write_metadata(folder: Path, iteration: int, cfg: Config, weights_only: bool = False) -> None:
-    """dense_model.json (iteration, resolved config, tokenizer copy) and config.yaml into ``folder``.
+def write_metadata(
+    folder: Path, iteration: int, cfg: Config, weights_only: bool = False, record: dict | None = None
+) -> None:
+    """dense_model.json (iteration, resolved config, tokenizer copy, ``record``'s entries) and
+    config.yaml into ``folder``. A trainer's save records ``schedule`` (the schedule in force, as
+    ``training.optim.schedule_in_force`` names it) and ``schedule_history`` (each change on resume:
+    step, {name: [old, new]}).
 
     ``weights_only``: the folder holds the model's sharded state only (dist_checkpointing, no
     optimizer, scheduler or RNG state), e.g. imported weights; it always loads as model weights,
@@ -142,6 +147,7 @@ def write_metadata(folder: Path, iteration: int, cfg: Config, weights_only: bool
     }
     if weights_only:
         meta["weights_only"] = True
+    meta.update(record or {})
     fsync_write(folder / METADATA, json.dumps(meta, indent=2))
     save_config(cfg, folder / "config.yaml")
 

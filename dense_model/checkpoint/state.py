@@ -131,8 +131,11 @@ def save_checkpoint(
     keep_last: int | None = None,
     fully_parallel: bool = False,
     weights_only: bool = False,
+    record: dict | None = None,
 ) -> Path:
     """Save on every rank (collective). Returns the final iteration folder.
+
+    ``record``: more entries for its dense_model.json (the trainer's schedule in force and history).
 
     ``weights_only``: the model's sharded state alone (no optimizer, scheduler or RNG state), with
     ``"weights_only": true`` in its metadata, e.g. for imported weights (loads as weights, step 0).
@@ -173,7 +176,7 @@ def save_checkpoint(
     _barrier()
 
     if _rank() == 0:
-        write_metadata(tmp, iteration, cfg, weights_only=weights_only)
+        write_metadata(tmp, iteration, cfg, weights_only=weights_only, record=record)
         publish(tmp, final, root, iteration, keep_last)
     _barrier()
     return final
