@@ -211,11 +211,13 @@ def schedule_in_force(optimizer, scheduler) -> dict:
     return {**schedule_values(scheduler.state_dict(), optimizer.param_groups[0]), "step": scheduler.num_steps}
 
 
-def adopt_schedule(optimizer, scheduler, saved_scheduler: dict, settings: list[dict]) -> dict:
+def adopt_schedule(optimizer, scheduler, saved_scheduler: dict | None, settings: list[dict]) -> dict:
     """After a resume's load: the config's schedule (``settings`` from ``group_settings`` before the
     load; the scheduler built with the config's values) at the checkpoint's step. Returns
-    {name: [checkpoint's, config's]} for each value of ``schedule_values`` that changed."""
-    old = schedule_values(saved_scheduler, optimizer.param_groups[0])  # the checkpoint's groups now
+    {name: [checkpoint's, config's]} for each value of ``schedule_values`` that changed (none
+    reported for a checkpoint without a scheduler state)."""
+    saved = saved_scheduler or scheduler.state_dict()
+    old = schedule_values(saved, optimizer.param_groups[0])  # the checkpoint's param groups now
     for group, own in zip(optimizer.param_groups, settings, strict=True):
         group.update(own)
     scheduler.step(0)  # lr and weight decay of every group from the config's formula at this step

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from dense_model import collectives
 from dense_model.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
-from dense_model.checkpoint.layout import LoadPlan, plan_load
+from dense_model.checkpoint.layout import LoadPlan, plan_run_load
 from dense_model.compat.quiet import filter_known_warnings
 from dense_model.config import (
     Config,
@@ -193,7 +193,7 @@ class Trainer:
             "step, optimizer, schedule and data position continue)"
         )
         self.schedule_history = list(read_metadata(plan.folder).get("schedule_history", []))
-        changes = adopt_schedule(self.optimizer, self.scheduler, common["scheduler"], settings)
+        changes = adopt_schedule(self.optimizer, self.scheduler, common.get("scheduler"), settings)
         if changes:
             step = self.state.iteration
             self._schedule_change = {"resumed_from": step, "changes": changes}
@@ -389,11 +389,10 @@ class Trainer:
 
 
 def plan_job_load(cfg: Config) -> LoadPlan:
-    """What this job loads; a path that does not resolve or a broken tracker is a ConfigError
-    (exit 2, before anything is written)."""
-    c = cfg.checkpoint
+    """What this job loads; a path that does not resolve, a broken tracker or a checkpoint of
+    another model is a ConfigError (exit 2, before anything is written)."""
     try:
-        return plan_load(cfg.run_dir, c.load, c.load_mode, c.fresh)
+        return plan_run_load(cfg)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
 

@@ -1,7 +1,8 @@
 """A relaunch with a changed schedule (training.lr, min_lr, train_iters): the config's schedule
 applies from the checkpoint's step on, the job says so in one line, metrics.jsonl logs the learning
 rate each step's update used and an event for the change, and the checkpoints' metadata records the
-schedule in force and the run's history of changes (the trainer's entry point on a gloo rank)."""
+schedule in force and the run's history of changes; a relaunch with another model shape is refused
+in one line (the trainer's entry point on a gloo rank)."""
 
 import json
 import math
@@ -9,11 +10,16 @@ import shutil
 
 import pytest
 
-from tests.training.pretrain_jobs import read_metrics, trained_ok
+from tests.training.pretrain_jobs import read_metrics, train_in_workers, trained_ok
 
 pytestmark = pytest.mark.slow
 
-EVERY_4 = ["training.train_iters=8", "logging.eval_interval=0", "checkpoint.save_interval=4", "checkpoint.keep_last=3"]
+EVERY_4 = [
+    "training.train_iters=8",
+    "logging.eval_interval=0",
+    "checkpoint.save_interval=4",
+    "checkpoint.keep_last=3",
+]
 WARMUP = 2  # the tiny config's training.lr_warmup_iters
 
 
@@ -56,7 +62,8 @@ def test_a_relaunch_with_a_new_lr_and_length_applies_them_from_the_checkpoints_s
     for step, lr in used.items():  # the new formula at each step, the warm-up not restarted
         assert lr == pytest.approx(lr_formula(step - 1, 1e-3, 1e-4, 10), rel=1e-12), step
     losses, _ = read_metrics(run_dir)
-    assert losses[5] == reference[5]  # the checkpoint's weights and data position (a loss precedes its update)
+    # Step 5's loss comes before its update: the checkpoint's weights and data position.
+    assert losses[5] == reference[5]
     assert all(losses[s] != reference[s] for s in range(6, 9)), (losses, reference)
 
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -71,12 +78,26 @@ def test_a_relaunch_with_a_new_lr_and_length_applies_them_from_the_checkpoints_s
     }  # fmt: skip
     assert meta["schedule_history"] == [{"step": 4, "changes": changes}]
 
-    # One more change later: the history keeps both; an unchanged relaunch adds nothing.
+    # One more change later: the history keeps both.
     out = trained_ok(config, *new[:2], "training.train_iters=11", "training.adam_beta2=0.99")
-    assert "schedule changed since the checkpoint of step 10: train_steps 10 -> 11, adam_beta2 0.95 -> 0.99" in out
+    assert (
+        "schedule changed since the checkpoint of step 10: train_steps 10 -> 11, adam_beta2 0.95 -> 0.99"
+        in out
+    )
     meta = json.loads((run_dir / "checkpoints/iter_0000011/dense_model.json").read_text())
     assert meta["schedule_history"] == [
         {"step": 4, "changes": changes},
         {"step": 10, "changes": {"train_steps": [10, 11], "adam_beta2": [0.95, 0.99]}},
     ]
     assert meta["schedule"]["adam_beta2"] == 0.99
+
+    # A change that cannot apply mid-run (the model's shape) is refused in one line, nothing loaded.
+    before = (run_dir / "config.yaml").read_text()
+    code, out = train_in_workers(config, "model.num_layers=2")
+    assert code == 2, out
+    (line,) = out.strip().splitlines()
+    assert line.startswith(
+        f"config error: {run_dir}/checkpoints/iter_0000011 holds a model with model.num_layers=4"
+    ), line
+    assert "set model.num_layers=4 to continue from it" in line
+    assert (run_dir / "config.yaml").read_text() == before
