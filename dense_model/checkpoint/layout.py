@@ -23,7 +23,13 @@ Loading (``plan_load``): a run resumes its own latest checkpoint when it has one
 ``checkpoint.fresh``); ``checkpoint.load`` (a run directory, its ``checkpoints/`` or one
 ``iter_N``) applies only while it has none, in ``checkpoint.load_mode`` ``resume`` (step,
 optimizer, schedule, data position continue) or ``weights`` (the model only, from step 0). A
-checkpoint whose metadata says ``"weights_only": true`` always loads as weights.
+checkpoint whose metadata says ``"weights_only": true`` always loads as weights. ``plan_run_load``
+also refuses, in one line, a checkpoint of another model shape (``check_same_model``): what the
+trainer and the pre-launch check call.
+
+Out of space (``is_disk_full``, ``disk_full_message``): a save that fails on a full disk or quota is
+said in one line (the path, the space free, what a checkpoint and ``keep_last`` need, the resume
+point); a run needs room for ``keep_last`` + 1 checkpoints (docs/safety.md).
 """
 
 from __future__ import annotations

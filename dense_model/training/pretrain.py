@@ -138,8 +138,9 @@ class Trainer:
         self.train_iter = batch_iterator(self.train_ds, cfg, self.state.consumed_samples, wrap=True)
         self._batch_iterator = batch_iterator
         self.metrics = MetricsLogger(cfg, enabled=self.rank == 0, resumed_from=self.state.iteration)
-        if self._schedule_change:  # step: the first step it applies to (a relaunch from the same
-            # checkpoint sets it aside with that attempt's records and logs it again)
+        if self._schedule_change:
+            # Stamped with the first step it applies to: a relaunch from the same checkpoint sets it
+            # aside with that attempt's records and logs it again, so the run's file holds it once.
             self.metrics.log_event(
                 {"step": self.state.iteration + 1, "event": "schedule_change", **self._schedule_change}
             )
