@@ -2,7 +2,8 @@
 
 - ``layout``: names on disk (Megatron-LM's), the tracker file, metadata, durable publication and
   pruning (``fsync_tree``/``fsync_dir`` for any writer that renames a finished folder into place),
-  what a training job loads (``plan_load``).
+  what a training job loads (``plan_load``; ``plan_run_load`` also refuses a checkpoint of another
+  model).
 - ``state``: save and load of model, optimizer, scheduler and RNG with megatron-core
   ``dist_checkpointing`` (the model at any TP/PP/EP layout, the distributed optimizer's state at
   another DP size, or at any layout when saved ``fully_reshardable``).
@@ -23,6 +24,7 @@ from dense_model.checkpoint.layout import (
     fsync_tree,
     iteration_dir,
     plan_load,
+    plan_run_load,
     read_latest_iteration,
     read_metadata,
     resolve_checkpoint,
@@ -43,6 +45,7 @@ __all__ = [
     "iteration_dir",
     "load_checkpoint",
     "plan_load",
+    "plan_run_load",
     "read_latest_iteration",
     "read_metadata",
     "resolve_checkpoint",

@@ -23,11 +23,20 @@ Loading (``plan_load``): a run resumes its own latest checkpoint when it has one
 ``checkpoint.fresh``); ``checkpoint.load`` (a run directory, its ``checkpoints/`` or one
 ``iter_N``) applies only while it has none, in ``checkpoint.load_mode`` ``resume`` (step,
 optimizer, schedule, data position continue) or ``weights`` (the model only, from step 0). A
-checkpoint whose metadata says ``"weights_only": true`` always loads as weights.
+checkpoint whose metadata says ``"weights_only": true`` always loads as weights. ``plan_run_load``
+also refuses, in one line, a checkpoint of another model shape (``check_same_model``): what the
+trainer and the pre-launch check call.
+
+Out of space (``is_disk_full``, ``disk_full_message``): a save that fails on a full disk or quota is
+said in one line (the path, the space free, what a checkpoint and ``keep_last`` need, the resume
+point); a run needs room for ``keep_last`` + 1 checkpoints (docs/safety.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -35,7 +44,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dense_model.config import Config, config_to_dict, save_config
+from dense_model.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    config_from_dict,
+    config_to_dict,
+    expert_ffn_hidden_size,
+    ffn_hidden_size,
+    resolve_vocab_size,
+    save_config,
+)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "dense_model.json"
@@ -128,8 +147,13 @@ def fsync_write(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def write_metadata(folder: Path, iteration: int, cfg: Config, weights_only: bool = False) -> None:
-    """dense_model.json (iteration, resolved config, tokenizer copy) and config.yaml into ``folder``.
+def write_metadata(
+    folder: Path, iteration: int, cfg: Config, weights_only: bool = False, record: dict | None = None
+) -> None:
+    """dense_model.json (iteration, resolved config, tokenizer copy, ``record``'s entries) and
+    config.yaml into ``folder``. A trainer's save records ``schedule`` (the schedule in force, as
+    ``training.optim.schedule_in_force`` names it) and ``schedule_history`` (each change on resume:
+    step, {name: [old, new]}).
 
     ``weights_only``: the folder holds the model's sharded state only (dist_checkpointing, no
     optimizer, scheduler or RNG state), e.g. imported weights; it always loads as model weights,
@@ -142,6 +166,7 @@ def write_metadata(folder: Path, iteration: int, cfg: Config, weights_only: bool
     }
     if weights_only:
         meta["weights_only"] = True
+    meta.update(record or {})
     fsync_write(folder / METADATA, json.dumps(meta, indent=2))
     save_config(cfg, folder / "config.yaml")
 
@@ -163,6 +188,79 @@ def publish(
         _set_aside(root, newer)
     if keep_last:
         _prune(root, iteration, keep_last, keep_every)
+
+
+# A save that fails with this little space left on its filesystem failed for want of space (some
+# writers, torch.save's zip writer among them, lose the ENOSPC and say "unexpected pos ...").
+LOW_SPACE = 1 << 20
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(err: BaseException, path: str | os.PathLike) -> bool:
+    """Whether ``err`` (from a save under ``path``) is a full disk or quota: an ENOSPC/EDQUOT in its
+    chain (or in a torch.distributed.checkpoint failure of any rank), or under LOW_SPACE free."""
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if getattr(e, "errno", None) in _FULL_ERRNOS or any(os.strerror(n) in str(e) for n in _FULL_ERRNOS):
+            return True
+        stack += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, trace)}
+        if isinstance(failures, dict):
+            stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    try:
+        return shutil.disk_usage(path).free < LOW_SPACE
+    except OSError:
+        return False
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """Bytes in the files under ``folder`` (0 if it is gone)."""
+    total = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def disk_full_message(root: Path, iteration: int, keep_last: int | None, partial_bytes: int) -> str:
+    """One line for a save that ran out of space (its partial folder removed): where, the space
+    free now, what a checkpoint takes and what keep_last needs, which checkpoint is the resume point."""
+    usage = shutil.disk_usage(root)
+    latest = read_latest_iteration(root)
+    if latest is not None and iteration_dir(root, latest).is_dir():
+        size = folder_bytes(iteration_dir(root, latest))
+        each = f"a checkpoint takes {_size(size)} (step {latest}'s)"
+        resume = f"the step-{latest} checkpoint is still the resume point"
+    else:
+        size = partial_bytes
+        each = f"a checkpoint takes more than the {_size(size)} written before the disk filled"
+        resume = "there is no earlier checkpoint: a relaunch starts at step 0"
+    if keep_last:
+        need = (
+            f"checkpoint.keep_last={keep_last} needs room for {keep_last + 1} checkpoints "
+            f"({keep_last} kept and the one being written: {_size((keep_last + 1) * size)}"
+            f"{' or more' if latest is None else ''})"
+        )
+    else:
+        need = "checkpoint.keep_last is unset: every checkpoint is kept, so each save needs room for one more"
+    return (
+        f"checkpoint of step {iteration} not saved: no space left on the filesystem of {root} "
+        f"({_size(usage.free)} free of {_size(usage.total)}, the partial save removed); {each} and {need}; "
+        f"{resume}. Free space there or lower checkpoint.keep_last, then relaunch"
+    )
 
 
 def _copy_tokenizer(cfg: Config, folder: Path) -> dict | None:
@@ -285,3 +383,62 @@ def plan_load(run_dir: str | os.PathLike, load: str | None, load_mode: str, fres
     meta = read_metadata(folder)
     mode = "weights" if meta.get("weights_only") else load_mode
     return LoadPlan(folder, mode, "load", iteration=int(meta.get("iteration", 0)), note=note)
+
+
+# What fixes a model's parameters and what they compute: it cannot change in the middle of a run
+# (parallel layout, fusions, dropout and the like can). Widths are compared as derived.
+_MODEL_IDENTITY = {
+    "model.num_layers": lambda m: m.num_layers,
+    "model.hidden_size": lambda m: m.hidden_size,
+    "model.num_attention_heads": lambda m: m.num_attention_heads,
+    "model.num_query_groups": lambda m: m.num_query_groups or m.num_attention_heads,
+    "model.activation": lambda m: m.activation,
+    "model.activation_kwargs": lambda m: m.activation_kwargs,
+    "model.untie_embeddings": lambda m: m.untie_embeddings,
+    "model.vocab_size": lambda m: m.vocab_size,
+    "model.moe.num_experts": lambda m: m.moe.num_experts or 0,
+    "model.moe.shared_expert_ffn_hidden_size": lambda m: m.moe.shared_expert_ffn_hidden_size,
+}
+_WIDTHS = {  # derived from the activation: compared when both models have the same one
+    "model.ffn_hidden_size": ffn_hidden_size,
+    "model.moe.ffn_hidden_size": lambda m: expert_ffn_hidden_size(m) if m.moe.num_experts else None,
+}
+
+
+def model_changes(saved: ModelConfig, model: ModelConfig) -> dict[str, list]:
+    """{field: [checkpoint's, config's]} for each value of the model's identity that differs."""
+    getters = dict(_MODEL_IDENTITY, **(_WIDTHS if saved.activation == model.activation else {}))
+    pairs = {name: [get(saved), get(model)] for name, get in getters.items()}
+    return {name: pair for name, pair in pairs.items() if pair[0] != pair[1]}
+
+
+def check_same_model(folder: Path, cfg: Config) -> None:
+    """CheckpointError (one line: the fields, the checkpoint's and the config's values, the fix)
+    when the checkpoint in ``folder`` holds another model than ``cfg`` builds. ``cfg``'s
+    vocabulary is resolved as the trainer resolves it (the tokenizer's when unset)."""
+    try:
+        saved = config_from_dict(read_metadata(folder)["config"]).model
+    except (ConfigError, KeyError, TypeError):
+        return  # not a config this version reads: the load itself says what is wrong
+    model = cfg.model
+    if model.vocab_size is None:
+        model = dataclasses.replace(model, vocab_size=resolve_vocab_size(cfg))
+    changes = model_changes(saved, model)
+    if changes:
+        theirs = ", ".join(f"{name}={old}" for name, (old, _) in changes.items())
+        ours = ", ".join(f"{name}={new}" for name, (_, new) in changes.items())
+        raise CheckpointError(
+            f"{folder} holds a model with {theirs}, this config asks for {ours}: a model cannot change "
+            f"shape in the middle of a run; set {theirs} to continue from it, or train the new model "
+            "in another run_dir (or with checkpoint.fresh=true and no checkpoint.load)"
+        )
+
+
+def plan_run_load(cfg: Config) -> LoadPlan:
+    """``plan_load`` for a job's config, and ``check_same_model`` on what it would load: what the
+    pre-launch check and the trainer call (CheckpointError: one line, exit 2 before launch)."""
+    c = cfg.checkpoint
+    plan = plan_load(cfg.run_dir, c.load, c.load_mode, c.fresh)
+    if plan.folder is not None:
+        check_same_model(plan.folder, cfg)
+    return plan

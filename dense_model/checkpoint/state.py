@@ -29,6 +29,7 @@ megatron-core is imported inside the functions: importing it costs seconds and p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -39,7 +40,10 @@ import torch.distributed as dist
 from dense_model import collectives
 from dense_model.checkpoint.layout import (
     CheckpointError,
+    disk_full_message,
+    folder_bytes,
     fsync_tree,
+    is_disk_full,
     iteration_dir,
     publish,
     read_metadata,
@@ -132,17 +136,46 @@ def save_checkpoint(
     fully_parallel: bool = False,
     weights_only: bool = False,
     keep_every: int | None = None,
+    record: dict | None = None,
 ) -> Path:
     """Save on every rank (collective). Returns the final iteration folder.
 
+    ``record``: more entries for its dense_model.json (the trainer's schedule in force and history).
+
     ``weights_only``: the model's sharded state alone (no optimizer, scheduler or RNG state), with
     ``"weights_only": true`` in its metadata, e.g. for imported weights (loads as weights, step 0).
-    Every node's first local rank fsyncs what its ranks wrote before rank 0 publishes the folder."""
-    from megatron.core import dist_checkpointing
-
+    Every node's first local rank fsyncs what its ranks wrote before rank 0 publishes the folder.
+    Out of space: CheckpointError, one line (``_disk_full_says_so``)."""
     root = Path(root)
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
+    with _disk_full_says_so(root, tmp, iteration, keep_last):
+        _save(root, tmp, final, iteration, model, cfg, optimizer, scheduler, extra, keep_last,
+              fully_parallel, weights_only, record, keep_every)  # fmt: skip
+    return final
+
+
+@contextlib.contextmanager
+def _disk_full_says_so(root: Path, tmp: Path, iteration: int, keep_last: int | None):
+    """A save that runs out of space raises CheckpointError with one line (the path, the space
+    free, what keep_last needs; ``disk_full_message``), its partial folder removed by rank 0; the
+    tracker still names the previous checkpoint. Any other failure is raised as it is."""
+    try:
+        yield
+    except BaseException as err:  # torch.distributed.checkpoint's CheckpointException is one
+        if isinstance(err, KeyboardInterrupt | SystemExit) or not is_disk_full(err, root):
+            raise
+        partial = folder_bytes(tmp)
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(disk_full_message(root, iteration, keep_last, partial)) from err
+
+
+def _save(root, tmp, final, iteration, model, cfg, optimizer, scheduler, extra, keep_last,
+          fully_parallel, weights_only, record, keep_every) -> None:  # fmt: skip
+    """save_checkpoint's body: every rank writes into ``tmp``, rank 0 publishes it as ``final``."""
+    from megatron.core import dist_checkpointing
+
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         for leftover in root.glob("iter_*.tmp"):
@@ -174,10 +207,9 @@ def save_checkpoint(
     _barrier()
 
     if _rank() == 0:
-        write_metadata(tmp, iteration, cfg, weights_only=weights_only)
+        write_metadata(tmp, iteration, cfg, weights_only=weights_only, record=record)
         publish(tmp, final, root, iteration, keep_last, keep_every)
     _barrier()
-    return final
 
 
 def finish_param_gather(model) -> None:

@@ -209,6 +209,12 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({f"activation/{k}": v for k, v in values.items()}, step=step)
 
+    def log_event(self, record: dict):
+        """A record of something that happened to the run (``{"step", "event", ...}``, e.g. a
+        schedule change on resume), in metrics.jsonl only."""
+        if self.enabled:
+            self._file.write(json.dumps(record) + "\n")
+
     def _write(self, record, line, prefix):
         # The record first (the file is line-buffered): a step the log shows is in metrics.jsonl,
         # also when the job is killed right after printing it.

@@ -6,6 +6,13 @@ scale run on torch's foreach kernels (``dense_model.compat.multi_tensor``) and i
 torch's fused AdamW kernel (``set_fused_adam``: megatron-core builds ``torch.optim.AdamW`` without
 ``fused=True``, i.e. the foreach path, ~8 passes over the fp32 state); ``OptimizerParamScheduler``
 for linear warmup then cosine (or linear/constant) decay to ``min_lr``; megatron ``DistributedDataParallel``.
+
+The schedule is a function of the step and the config (megatron-core's formula: linear warmup from
+0 over the warm-up steps to ``lr``, then the decay style down to ``min_lr`` at ``train_iters``). A
+resumed job takes the step from the checkpoint and everything else from its own config
+(``adopt_schedule``): a changed ``lr``, ``min_lr``, warm-up, decay style, length, weight decay or
+Adam betas/epsilon applies from the next step, as the new formula's value at that step (no restart
+of the warm-up, no rescaling), and the change is returned for the job to say and record.
 """
 
 from __future__ import annotations
@@ -182,6 +189,55 @@ def build_scheduler(optimizer, cfg: Config):
         end_wd=t.weight_decay,
         wd_incr_steps=iters,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        # The config's values, never the checkpoint's: only the step comes from a checkpoint
+        # (megatron-core's use_checkpoint_opt_param_scheduler would silently keep the old schedule).
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
+
+
+# Param-group settings that come from the config (the scheduler sets lr and weight_decay from them
+# at every step); torch's load_state_dict puts the checkpoint's back, adopt_schedule undoes that.
+_GROUP_SETTINGS = ("max_lr", "min_lr", "betas", "eps")
+
+
+def group_settings(optimizer) -> list[dict]:
+    """The config's settings in each param group of a just-built optimizer (before a load)."""
+    return [{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
+
+
+def schedule_values(scheduler_state: dict, group: dict) -> dict:
+    """The schedule as the config names it, from a scheduler state dict (megatron-core's) and one
+    optimizer param group: lr, min_lr, lr_decay_style, warmup_steps, train_steps, weight_decay,
+    adam_beta1, adam_beta2, adam_eps."""
+    beta1, beta2 = group["betas"]
+    return {
+        "lr": float(scheduler_state["max_lr"]),
+        "min_lr": float(scheduler_state["min_lr"]),
+        "lr_decay_style": scheduler_state["lr_decay_style"],
+        "warmup_steps": int(scheduler_state["lr_warmup_steps"]),
+        "train_steps": int(scheduler_state["lr_decay_steps"]),
+        "weight_decay": float(scheduler_state["end_wd"]),
+        "adam_beta1": float(beta1),
+        "adam_beta2": float(beta2),
+        "adam_eps": float(group["eps"]),
+    }
+
+
+def schedule_in_force(optimizer, scheduler) -> dict:
+    """The schedule this job trains with, and its step (what a checkpoint's metadata records)."""
+    return {**schedule_values(scheduler.state_dict(), optimizer.param_groups[0]), "step": scheduler.num_steps}
+
+
+def adopt_schedule(optimizer, scheduler, saved_scheduler: dict | None, settings: list[dict]) -> dict:
+    """After a resume's load: the config's schedule (``settings`` from ``group_settings`` before the
+    load; the scheduler built with the config's values) at the checkpoint's step. Returns
+    {name: [checkpoint's, config's]} for each value of ``schedule_values`` that changed (none
+    reported for a checkpoint without a scheduler state)."""
+    saved = saved_scheduler or scheduler.state_dict()
+    old = schedule_values(saved, optimizer.param_groups[0])  # the checkpoint's param groups now
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        group.update(own)
+    scheduler.step(0)  # lr and weight decay of every group from the config's formula at this step
+    new = schedule_values(scheduler.state_dict(), optimizer.param_groups[0])
+    return {name: [old[name], new[name]] for name in old if old[name] != new[name]}

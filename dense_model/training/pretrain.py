@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 
 from dense_model import collectives
-from dense_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dense_model.checkpoint.layout import LoadPlan, plan_load
+from dense_model.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from dense_model.checkpoint.layout import LoadPlan, plan_run_load
 from dense_model.compat.quiet import filter_known_warnings
 from dense_model.config import (
     Config,
@@ -54,7 +54,14 @@ from dense_model.training.activation_stats import ActivationStats
 from dense_model.training.batches import batch_iterator, build_datasets
 from dense_model.training.manual_gc import ManualGC, manual_gc_wanted
 from dense_model.training.metrics import MetricsLogger
-from dense_model.training.optim import build_scheduler, build_training_model, schedule_steps
+from dense_model.training.optim import (
+    adopt_schedule,
+    build_scheduler,
+    build_training_model,
+    group_settings,
+    schedule_in_force,
+    schedule_steps,
+)
 from dense_model.training.run_lock import RunDirBusy, RunDirClaim, RunDirLost
 from dense_model.training.signals import TerminationRequest
 from dense_model.training.step import forward_backward, lm_loss, reduce_lm_loss
@@ -123,6 +130,9 @@ class Trainer:
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
 
         self.state = TrainState()
+        # Each schedule change of the run: {"step", "changes": {name: [old, new]}} (checkpoint metadata).
+        self.schedule_history: list[dict] = []
+        self._schedule_change: dict | None = None  # this job's, logged once metrics.jsonl is open
         self._load(plan_job_load(cfg))
 
         self.train_ds, self.valid_ds = build_datasets(cfg, self.train_iters, self.tokenizer)
@@ -130,6 +140,13 @@ class Trainer:
         self.train_iter = batch_iterator(self.train_ds, cfg, self.state.consumed_samples, wrap=True)
         self._batch_iterator = batch_iterator
         self.metrics = MetricsLogger(cfg, enabled=self.rank == 0, resumed_from=self.state.iteration)
+        if self._schedule_change:
+            # Stamped with the first step it applies to: a relaunch from the same checkpoint sets it
+            # aside with that attempt's records and logs it again, so the run's file holds it once.
+            self.metrics.log_event(
+                {"step": self.state.iteration + 1, "event": "schedule_change", **self._schedule_change}
+            )
+        self.lr_used = self.optimizer.param_groups[0]["lr"]  # the last step's (metrics.jsonl)
         self.moe_monitor = None
         if moe_enabled(cfg.model):
             from dense_model.moe import MoEMonitor
@@ -163,6 +180,7 @@ class Trainer:
                 "training starts at step 0 with a fresh optimizer, schedule and data position"
             )
             return
+        settings = group_settings(self.optimizer)  # this config's, before the checkpoint's are loaded
         common = load_checkpoint(plan.folder, self.ddp, self.optimizer, self.scheduler)
         t = self.cfg.training
         self.state = TrainState(
@@ -177,6 +195,17 @@ class Trainer:
             f"resumed from {plan.folder} at step {self.state.iteration} ({source}; load_mode=resume: "
             "step, optimizer, schedule and data position continue)"
         )
+        self.schedule_history = list(read_metadata(plan.folder).get("schedule_history", []))
+        changes = adopt_schedule(self.optimizer, self.scheduler, common.get("scheduler"), settings)
+        if changes:
+            step = self.state.iteration
+            self._schedule_change = {"resumed_from": step, "changes": changes}
+            self.schedule_history.append({"step": step, "changes": changes})
+            said = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changes.items())
+            self._print(
+                f"schedule changed since the checkpoint of step {step}: {said}; the config's schedule "
+                f"applies from step {step + 1} (lr {self.optimizer.param_groups[0]['lr']:.4g} there)"
+            )
 
     def _print(self, msg: str) -> None:
         if self.rank == 0:
@@ -196,6 +225,7 @@ class Trainer:
             return self._bad_step(step, "the loss is NaN or Inf")
         if grad_bad:
             return self._bad_step(step, f"a gradient is NaN or Inf (loss {loss:.4f})")
+        self.lr_used = self.optimizer.param_groups[0]["lr"]  # this step's, set by the scheduler
         applied, grad_norm, _ = self.optimizer.step()
         grad_norm = float(grad_norm) if grad_norm is not None else None
         if applied:
@@ -309,6 +339,10 @@ class Trainer:
             keep_last=self.cfg.checkpoint.keep_last,
             keep_every=self.cfg.checkpoint.keep_every,
             fully_parallel=self.cfg.checkpoint.fully_parallel_save,
+            record={
+                "schedule": schedule_in_force(self.optimizer, self.scheduler),
+                "schedule_history": self.schedule_history,
+            },
         )
         self._print(f"saved checkpoint {folder}")
 
@@ -349,7 +383,7 @@ class Trainer:
                     step,
                     self.tokens(),
                     mean_loss,
-                    self.scheduler.get_lr(self.optimizer.param_groups[0]),
+                    self.lr_used,  # what the step's update used (the scheduler has moved on)
                     grad_norm if grad_norm is not None else float("nan"),
                     interval_time,
                     interval_tokens,
@@ -399,11 +433,10 @@ class Trainer:
 
 
 def plan_job_load(cfg: Config) -> LoadPlan:
-    """What this job loads; a path that does not resolve or a broken tracker is a ConfigError
-    (exit 2, before anything is written)."""
-    c = cfg.checkpoint
+    """What this job loads; a path that does not resolve, a broken tracker or a checkpoint of
+    another model is a ConfigError (exit 2, before anything is written)."""
     try:
-        return plan_load(cfg.run_dir, c.load, c.load_mode, c.fresh)
+        return plan_run_load(cfg)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
 
