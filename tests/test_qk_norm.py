@@ -109,6 +109,7 @@ def _worker(rank, world_size, runs, out_dir):
     """The training layouts (tests/test_sequence_parallel's _train); at world size 2 also the norm
     alone at TP=2, and a tiny GPT saved at TP=2 then loaded at TP=1 (DP=2) by the inference loader."""
     from megatron.core import parallel_state as ps
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from dense_model.checkpoint import save_checkpoint
     from dense_model.checkpoint.inference import load_model_for_inference
@@ -126,12 +127,14 @@ def _worker(rank, world_size, runs, out_dir):
     saved_logits = _logits(model)
     save_checkpoint(f"{out_dir}/ckpt", 1, model, cfg, weights_only=True)
     ps.destroy_model_parallel()
-    loaded = load_model_for_inference(f"{out_dir}/ckpt", tensor_model_parallel_size=1)
-    gain = loaded.model.decoder.layers[0].self_attention.q_layernorm.weight.detach().clone()
-    torch.save(
-        {"norm": norm, "saved": saved_logits, "loaded": _logits(loaded.model), "gain": gain},
-        f"{out_dir}/extra.rank{rank}",
-    )
+    result = {"norm": norm, "saved": saved_logits}
+    try:  # a failed load is the checkpoint test's failure, not every test's
+        loaded = load_model_for_inference(f"{out_dir}/ckpt", tensor_model_parallel_size=1)
+        result["loaded"] = _logits(loaded.model)
+        result["gain"] = loaded.model.decoder.layers[0].self_attention.q_layernorm.weight.detach().clone()
+    except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
+        result["load_error"] = f"{type(err).__name__}: {getattr(err, 'failures', err)}"
+    torch.save(result, f"{out_dir}/extra.rank{rank}")
     ps.destroy_model_parallel()
 
 
@@ -223,6 +226,7 @@ def test_a_checkpoint_saved_at_tp2_loads_at_tp1_with_the_same_logits(runs):
     """The gain is stored whole (sharded along TP): the TP=1 model reads both halves back."""
     extra = runs["extra"]
     for r in extra:
+        assert "load_error" not in r, r["load_error"][:500]
         torch.testing.assert_close(r["loaded"], extra[0]["saved"], rtol=1e-5, atol=1e-5)
     assert extra[0]["gain"].shape == (HIDDEN,)
     assert not torch.allclose(extra[0]["gain"], torch.ones(HIDDEN))  # the random gains, not the init
