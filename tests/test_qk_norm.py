@@ -255,3 +255,19 @@ def test_bad_qk_norm_layouts_are_one_line_and_exit_2(overrides, message, capsys)
     err = capsys.readouterr().err
     (line,) = err.splitlines()
     assert line.startswith(message), line
+
+
+@pytest.mark.parametrize("name", ["base", "swiglu", "polynorm", "polyrelu", "gelu", "relu", "squared_relu"])
+def test_1b_configs_use_the_seed_dense_runs_dropout_and_evaluation(name):
+    """docs/paper.md's "As the seed ran them": the seed's dense launch script left Megatron-LM
+    231007's dropout defaults (attention 0.1, hidden 0.1) and evaluated every 10,000 steps for 10
+    global batches; the 1B configs say so, the dropout reaches megatron-core's TransformerConfig
+    (embeddings, residual branches, attention probabilities), and the dense run has no QK-norm."""
+    from dense_model.model import transformer_config
+
+    cfg = load_config(f"configs/1b/{name}.yaml", ["model.vocab_size=32000"])
+    assert (cfg.logging.eval_interval, cfg.logging.eval_iters) == (10_000, 10)
+    assert cfg.model.qk_norm == "none"
+    config = transformer_config(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    assert (config.hidden_dropout, config.attention_dropout) == (0.1, 0.1)
+    assert not config.qk_layernorm
