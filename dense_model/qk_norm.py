@@ -51,7 +51,9 @@ class FullWidthQKNorm(torch.nn.Module):
     """The ``full`` QK-norm in megatron's q_layernorm / k_layernorm slot (``heads``: "query" or
     "key"). The slot passes ``hidden_size`` = head_dim; the head counts come from the config."""
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, heads: str = "query", tp_group=None, **unused):
+    def __init__(
+        self, config, hidden_size: int, eps: float = 1e-5, heads: str = "query", tp_group=None, **unused
+    ):
         super().__init__()
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes

@@ -22,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train_step, beside this file
 
-import torch  # noqa: E402
 from bench_train_step import run_interleaved, step_stats  # noqa: E402
 
 from dense_model.benchmarking import fmt, markdown_table, metadata_lines, run_metadata, write_json  # noqa: E402
@@ -33,7 +32,9 @@ from dense_model.parallel import initialize_parallel  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/moe/demo.yaml", help="YAML config (default: %(default)s)")
-    p.add_argument("--runs", default="none,full", help="comma-separated model.qk_norm values; the first is the baseline")
+    p.add_argument(
+        "--runs", default="none,full", help="comma-separated model.qk_norm values; the first is the baseline"
+    )
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
     p.add_argument("--steps", type=int, default=20, help="timed steps per run (alternating)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -46,7 +47,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     names = args.runs.split(",")
     # no tokenizer is loaded: the demo's vocabulary (4096) unless an override sets model.vocab_size
-    base = ["model.vocab_size=4096", *([] if args.device == "cuda" else ["training.bf16=false"]), *args.overrides]
+    base = [
+        "model.vocab_size=4096",
+        *([] if args.device == "cuda" else ["training.bf16=false"]),
+        *args.overrides,
+    ]
     cfgs = [load_config(args.config, [*base, f"model.qk_norm={name}"]) for name in names]
     initialize_parallel(1, 1, seed=cfgs[0].training.seed)
     args.dp_size = 1
@@ -58,10 +63,16 @@ def main(argv=None) -> int:
         q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
         stats = step_stats(run.step_ms)
         blob["runs"][name] = {"step_ms": stats, "ratio_to_first": {"q1": q1, "median": med, "q3": q3}}
-        rows.append([name, fmt(stats["median"], ".1f"), fmt(stats["iqr"], ".1f"), f"{med:.3f} [{q1:.3f}, {q3:.3f}]"])
+        rows.append(
+            [name, fmt(stats["median"], ".1f"), fmt(stats["iqr"], ".1f"), f"{med:.3f} [{q1:.3f}, {q3:.3f}]"]
+        )
         run.free()
     print(metadata_lines(blob["meta"]))
-    print(markdown_table(["model.qk_norm", "median step (ms)", "IQR (ms)", f"step / {names[0]}'s, same round"], rows))
+    print(
+        markdown_table(
+            ["model.qk_norm", "median step (ms)", "IQR (ms)", f"step / {names[0]}'s, same round"], rows
+        )
+    )
     write_json(args.json, blob)
     return 0
 

@@ -117,7 +117,20 @@ def _worker(rank, world_size, runs, out_dir):
     from dense_model.parallel import initialize_parallel
 
     _train(rank, world_size, runs, out_dir)
-    if world_size != 2:
+    if world_size == 1:  # the parameter count's formula against built models
+        from dense_model.model import count_parameters
+        from dense_model.qk_norm import QK_NORMS
+
+        initialize_parallel(1, 1, seed=11)
+        counts = {}
+        for qk_norm in QK_NORMS:
+            cfg = load_config(
+                None, [*dense_overrides(), f"model.qk_norm={qk_norm}", f"model.num_query_groups={GROUPS}"]
+            )
+            built = sum(p.numel() for p in build_model(cfg).parameters())
+            counts[qk_norm] = (built, count_parameters(cfg.model)["total"])
+        torch.save(counts, f"{out_dir}/counts.rank0")
+        ps.destroy_model_parallel()
         return
     initialize_parallel(2, 1, seed=11)
     norm = _norm_run(2, rank)
@@ -157,6 +170,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("qk_norm")
     results = run_layouts(_worker, LAYOUTS, out)
     results["extra"] = [torch.load(out / f"extra.rank{r}") for r in range(2)]
+    results["counts"] = torch.load(out / "counts.rank0")
     return results
 
 
@@ -230,6 +244,17 @@ def test_a_checkpoint_saved_at_tp2_loads_at_tp1_with_the_same_logits(runs):
         torch.testing.assert_close(r["loaded"], extra[0]["saved"], rtol=1e-5, atol=1e-5)
     assert extra[0]["gain"].shape == (HIDDEN,)
     assert not torch.allclose(extra[0]["gain"], torch.ones(HIDDEN))  # the random gains, not the init
+
+
+@pytest.mark.slow
+def test_parameter_count_includes_the_qk_norm_gains(runs):
+    """count_parameters (the launcher's --dry-run) equals the built model: per_head adds 2 x head_dim
+    per layer, full hidden + kv heads x head_dim."""
+    counts = runs["counts"]
+    for qk_norm, (built, formula) in counts.items():
+        assert built == formula, qk_norm
+    assert counts["per_head"][0] - counts["none"][0] == 2 * 2 * HEAD_DIM  # 2 layers
+    assert counts["full"][0] - counts["none"][0] == 2 * (HIDDEN + GROUPS * HEAD_DIM)
 
 
 @pytest.mark.parametrize(
