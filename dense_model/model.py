@@ -88,7 +88,8 @@ def activation_entry(m: ModelConfig):
 
 def layer_spec(cfg: ModelConfig, device: torch.device | None = None):
     """megatron-core's stock GPT layer spec with the MLP activation replaced by the registry's and the
-    core attention chosen by ``cfg.attention_backend`` for ``device`` (default: this rank's)."""
+    core attention chosen by ``cfg.attention_backend`` for ``device`` (default: this rank's), and the
+    q/k norm slots filled per ``cfg.qk_norm`` (``dense_model.qk_norm``)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
