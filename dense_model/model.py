@@ -26,6 +26,7 @@ from dense_model.activations import build_activation, get_activation_entry, impo
 from dense_model.backends import Kernels, installed_kernels, transformer_engine_available
 from dense_model.config import Config, ModelConfig, ffn_hidden_size, moe_enabled, padded_vocab_size
 from dense_model.mlp import RegistryActivation
+from dense_model.qk_norm import qk_norm_slots
 from dense_model.rope import install_rope_fusion, rope_fusion_backend
 
 
@@ -87,7 +88,8 @@ def activation_entry(m: ModelConfig):
 
 def layer_spec(cfg: ModelConfig, device: torch.device | None = None):
     """megatron-core's stock GPT layer spec with the MLP activation replaced by the registry's and the
-    core attention chosen by ``cfg.attention_backend`` for ``device`` (default: this rank's)."""
+    core attention chosen by ``cfg.attention_backend`` for ``device`` (default: this rank's), and the
+    q/k norm slots filled per ``cfg.qk_norm`` (``dense_model.qk_norm``)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -130,6 +132,9 @@ def layer_spec(cfg: ModelConfig, device: torch.device | None = None):
             for slot in ("input_layernorm", "pre_mlp_layernorm", "q_layernorm", "k_layernorm"):
                 if getattr(slots, slot, None) is WrappedTorchNorm:
                     setattr(slots, slot, RMSNorm)
+    qk_slots = qk_norm_slots(cfg.qk_norm, cfg.transformer_impl)  # model.qk_norm (dense_model.qk_norm)
+    if qk_slots is not None:
+        attention.q_layernorm, attention.k_layernorm = qk_slots
     if backend == "sdpa":
         attention.core_attention = SDPAttention
     elif backend == "local":
@@ -202,6 +207,9 @@ def transformer_config(
         bias_activation_fusion=False,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
+        # per_head's gain is shared by the heads of every TP rank: finalize_model_grads sums its
+        # gradient over TP when this is on (model.qk_norm=full's gain is TP-sharded: off).
+        qk_layernorm=m.qk_norm == "per_head",
         init_method_std=m.init_method_std,
         bf16=bf16,
         fp16=dtype == torch.float16,
@@ -354,7 +362,7 @@ def count_parameters(m: ModelConfig) -> dict[str, int]:
     act_params = sum(p.numel() for p in act.parameters())
     attention = h * (heads + 2 * groups) * kv + heads * kv * h
     mlp = h * ffn * (2 if gated else 1) + ffn * h
-    norms = 2 * h
+    norms = 2 * h + {"none": 0, "per_head": 2 * kv, "full": (heads + groups) * kv}[m.qk_norm]
     per_layer = attention + mlp + norms + act_params
     vocab = padded_vocab_size(m, 1)
     embedding = vocab * h

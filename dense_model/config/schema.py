@@ -117,6 +117,9 @@ class ModelConfig:
     attention_backend: Literal["auto", "local", "sdpa", "te"] = "auto"
     """Core attention: auto = Transformer Engine's with transformer_impl=transformer_engine, else torch's
     scaled_dot_product_attention on GPUs (dense_model.attention), else megatron-core's local module."""
+    qk_norm: Literal["none", "per_head", "full"] = "none"
+    """RMSNorm of queries and keys before RoPE (dense_model.qk_norm): none; per_head = megatron-core's
+    qk_layernorm (a head_dim gain shared by the heads); full = OLMoE's, over all heads (gain hidden wide)."""
 
     def validate(self) -> None:
         try:
