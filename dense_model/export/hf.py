@@ -327,6 +327,11 @@ def _export(folder: Path, tmp: Path | None, dtype: str, max_shard_size: str | in
             "run export_hf.py as a plain python process"
         )
     cfg = loaded.config
+    if cfg.model.qk_norm != "none":  # Llama's layout has no q/k norm; OLMoE's (q_norm/k_norm) is owed
+        raise ExportError(
+            f"{folder}: model.qk_norm={cfg.model.qk_norm!r}: the Hugging Face export has no q/k norm yet "
+            "(evaluate this checkpoint with the lm-eval model dense_model instead)"
+        )
     if moe_enabled(cfg.model):
         check_moe_router(loaded.model.config, folder)
     state = {

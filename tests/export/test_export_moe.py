@@ -25,6 +25,7 @@ SPECS = {
     "polynorm_olmoe_router": ("polynorm", 2, ["model.moe.router_score=softmax_then_topk"]),
 }
 DROPPING = ("polynorm", 2, ["model.moe.capacity_factor=1.0"])  # refused by the export
+QK_FULL = ("polynorm", 2, ["model.qk_norm=full"])  # refused: the export has no q/k norm yet
 
 
 def moe_config(activation, topk, extra, tokenizer):
@@ -54,7 +55,7 @@ def _job(rank, world_size, out_dir, tokenizer, tokens_file):
     tokens = torch.load(tokens_file)  # [b, s]
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     logits = {}
-    for name, spec in {**SPECS, "dropping": DROPPING}.items():
+    for name, spec in {**SPECS, "dropping": DROPPING, "qk_full": QK_FULL}.items():
         cfg = moe_config(*spec, tokenizer)
         model = build_model(cfg)
         perturb(model)  # norms and every expert's PolyNorm coefficients, each its own values
@@ -146,6 +147,13 @@ def test_token_dropping_checkpoint_is_refused(exported):
     message = (exported / "dropping.refused").read_text()
     assert "moe_expert_capacity_factor=1.0" in message and "model.moe.capacity_factor" in message
     assert not (exported / "hf" / "dropping").exists()
+
+
+@pytest.mark.slow
+def test_full_qk_norm_checkpoint_is_refused_before_anything_is_written(exported):
+    message = (exported / "qk_full.refused").read_text()
+    assert "model.qk_norm='full'" in message and "lm-eval model dense_model" in message
+    assert not (exported / "hf" / "qk_full").exists()
 
 
 @pytest.mark.slow
