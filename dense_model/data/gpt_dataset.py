@@ -58,10 +58,23 @@ def _check_splits_have_tokens(prefixes: Sequence[str], split_matrix, split: str)
             beg, end = int(round(bounds[0] * float(n))), int(round(bounds[1] * float(n)))
             if end <= beg or int(lengths[beg:end].sum(dtype="int64")) == 0:
                 raise ValueError(
-                    f"dataset {prefix} has {n} documents: split {split!r} leaves its {name} part empty "
+                    f"dataset {prefix} has {n} documents: data.split={split!r} leaves its {name} part empty "
                     f"(documents {beg}..{end}). Use more data, or a split that gives {name} nothing "
                     '(e.g. "98,2,0" drops test).'
                 )
+
+
+def check_split_against_datasets(prefixes: Sequence[str], split: str) -> None:
+    """The check before launch: ``split`` cut as megatron-core cuts it (``GPTDatasetConfig``'s split
+    matrix, ``round(bound * sequence count)`` per dataset) against each dataset's .idx header, no .bin
+    read; ValueError (one line naming the dataset, the part and the fix) where a part would be empty."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    _check_splits_have_tokens([str(p) for p in prefixes], matrix, split)
 
 
 class CacheDirNotSharedError(RuntimeError):
