@@ -21,7 +21,6 @@ import sys
 import yaml
 
 from dense_model.checkpoint.layout import CheckpointError, plan_load
-from dense_model.compat.quiet import filter_known_warnings
 from dense_model.config import (
     Config,
     ConfigError,
@@ -100,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     try:
-        filter_known_warnings()  # the datasets' check imports megatron-core's datasets (and its optimizer)
         check_data(cfg)
     except (ValueError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)

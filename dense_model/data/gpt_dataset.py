@@ -17,7 +17,9 @@ folder must be one all nodes share: `check_cache_dir_is_shared` says so in one l
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import re
 import socket
 import uuid
 import warnings
@@ -64,17 +66,23 @@ def _check_splits_have_tokens(prefixes: Sequence[str], split_matrix, split: str)
                 )
 
 
-def check_split_against_datasets(prefixes: Sequence[str], split: str) -> None:
-    """The check before launch: ``split`` cut as megatron-core cuts it (``GPTDatasetConfig``'s split
-    matrix, ``round(bound * sequence count)`` per dataset) against each dataset's .idx header, no .bin
-    read; ValueError (one line naming the dataset, the part and the fix) where a part would be empty."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
+def split_matrix(split: str) -> list[tuple[float, float] | None]:
+    """megatron-core's split matrix of ``split`` (``GPTDatasetConfig.split_matrix``: its
+    ``parse_and_normalize_split`` then ``convert_split_vector_to_split_matrix``), computed the same way
+    without importing megatron-core (seconds of a launcher's start): [(begin, end) or None] for
+    train, valid, test as fractions of a dataset's sequences."""
+    parts = [float(x) for x in re.findall(r"[.0-9]+", split)]
+    parts += [0.0] * (3 - len(parts))
+    total = sum(parts)  # float64, summed left to right as numpy.sum does for three numbers
+    bounds = list(itertools.accumulate([0.0, *(x / total for x in parts)]))
+    return [(beg, end) if end > beg else None for beg, end in zip(bounds, bounds[1:])]
 
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    _check_splits_have_tokens([str(p) for p in prefixes], matrix, split)
+
+def check_split_against_datasets(prefixes: Sequence[str], split: str) -> None:
+    """The check before launch: ``split`` cut as megatron-core cuts it (``split_matrix``,
+    ``round(bound * sequence count)`` per dataset) against each dataset's .idx header, no .bin read;
+    ValueError (one line naming the dataset, the part and the fix) where a part would be empty."""
+    _check_splits_have_tokens([str(p) for p in prefixes], split_matrix(split), split)
 
 
 class CacheDirNotSharedError(RuntimeError):
