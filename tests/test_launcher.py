@@ -241,4 +241,5 @@ def test_a_split_that_empties_a_datasets_part_is_refused_before_anything_is_writ
         assert line.startswith("config error: dataset ") and "_text_document has 63 documents: " in line, line
         assert "data.split='969,30,1' leaves its test part empty (documents 63..63)" in line, line
         assert not run_dir.exists()
-    assert len(load_blend(str(demo_data / "redpajama_sample_blend.json"))[0]) > 1  # cached, as the job uses it
+    # The demo's data stays cached for the job.
+    assert len(load_blend(str(demo_data / "redpajama_sample_blend.json"))[0]) > 1

@@ -189,7 +189,9 @@ def test_cache_dir_must_be_seen_by_every_node(tmp_path, shared):
             assert "filesystem all nodes share" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("split", ["969,30,1", "90,10,0", "98,2", "1", "0,1,0", "0.7,0.2,0.1", "1,1,1", "3,0,7"])
+@pytest.mark.parametrize(
+    "split", ["969,30,1", "90,10,0", "98,2", "1", "0,1,0", "0.7,0.2,0.1", "1,1,1", "3,0,7"]
+)
 def test_split_matrix_is_megatron_cores(split):
     """The launcher's split check cuts as megatron-core does without importing it: the same matrix."""
     from megatron.core.datasets.blended_megatron_dataset_config import (

@@ -211,5 +211,7 @@ def test_slurm_array_without_usable_array_variables_is_one_line_exit_2(tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --slurm-array: ") and message in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: --slurm-array: ") and message in lines[0], (
+        proc.stderr
+    )
     assert list(tmp_path.iterdir()) == [], "nothing is written"

@@ -346,7 +346,9 @@ def test_results_are_stamped_with_the_iteration_lm_eval_scored_when_the_run_trai
         f'  echo 6 > "{checkpoints}/latest_checkpointed_iteration.txt" ;;\nesac\n',
     )
     try:
-        run_study([path, "--task", names.index("polynorm_s2")], {**study["env"], "PYTHON": str(tmp_path / "python")})
+        run_study(
+            [path, "--task", names.index("polynorm_s2")], {**study["env"], "PYTHON": str(tmp_path / "python")}
+        )
         assert runner.read_latest_iteration(checkpoints) == 6, "the stand-in did not train on"
         (results,) = list((run.run_dir / "lm_eval").rglob("results*.json"))
         data = json.loads(results.read_text())

@@ -134,7 +134,9 @@ def array_task(args: argparse.Namespace, env=os.environ) -> tuple[int, int]:
     if not args.slurm_array:
         return (0 if args.task_index is None else args.task_index), (args.num_tasks or 1)
     if args.task_index is not None or args.num_tasks is not None:
-        raise ValueError("--slurm-array sets --task-index and --num-tasks from the array: give one or the other")
+        raise ValueError(
+            "--slurm-array sets --task-index and --num-tasks from the array: give one or the other"
+        )
     try:
         task_id, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
         first, step = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
