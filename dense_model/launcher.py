@@ -3,7 +3,8 @@
     python -m dense_model.launcher [CONFIG] [k=v ...] [--world-size N] [--dry-run] [--check-run-dir]
         [--torchrun TORCHRUN_ARGS...]
 
-The config loaded and validated for the world size (``dense_model.config``), the run directory not
+The config loaded and validated for the world size (``dense_model.config``), ``data.split`` against
+each dataset's document count (the .idx headers; the demo's data tokenised first), the run directory not
 held by another job (``--check-run-dir``, ``training.run_lock``), and ``--dry-run``'s report: the
 resolved config, the world layout, the batch arithmetic and the parameter count (``model``). A bad
 value is one line on stderr and exit 2. With ``--torchrun``, a config that passes is launched from the
@@ -19,7 +20,7 @@ import sys
 
 import yaml
 
-from dense_model.checkpoint.layout import CheckpointError, plan_load
+from dense_model.checkpoint.layout import CheckpointError, plan_run_load
 from dense_model.config import (
     Config,
     ConfigError,
@@ -30,6 +31,9 @@ from dense_model.config import (
     train_and_warmup_steps,
     validate,
 )
+from dense_model.data.blend import load_blend
+from dense_model.data.demo import demo_work_dir, prepare_demo_dataset
+from dense_model.data.gpt_dataset import check_split_against_datasets
 from dense_model.model import count_parameters
 from dense_model.training.run_lock import RunDirBusy, check_free
 
@@ -50,6 +54,21 @@ def describe_job(cfg: Config, world_size: int) -> str:
         f"({params['non_embedding']:,} without embeddings)"
     )
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False) + layout
+
+
+def check_data(cfg: Config) -> None:
+    """What needs the datasets' .idx headers only (no .bin read): ``data.split`` against each
+    dataset's document count, which the job would otherwise find after writing its run directory.
+    The demo's data is tokenised here on first use (the job's first step otherwise, cached either
+    way). Raises ValueError or FileNotFoundError with one line naming the dataset and the fix."""
+    d = cfg.data
+    if d.demo:
+        prefixes = load_blend(prepare_demo_dataset(demo_work_dir())["blend"])[0]
+    elif d.blend:
+        prefixes = load_blend(d.blend)[0]
+    else:
+        prefixes = list(d.paths)
+    check_split_against_datasets(prefixes, d.split)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,9 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config, overrides)
         validate(cfg, world_size=args.world_size)
-        c = cfg.checkpoint  # checkpoint.load resolves, the run's own tracker is sound
-        plan_load(cfg.run_dir, c.load, c.load_mode, c.fresh)
+        plan_run_load(cfg)
     except (ConfigError, CheckpointError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    try:
+        check_data(cfg)
+    except (ValueError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     if args.check_run_dir:

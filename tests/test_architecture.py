@@ -8,7 +8,8 @@ an arrow: the module needs the other one to work), or under ``if TYPE_CHECKING``
 the parent packages Python runs first when it imports ``a.b.c`` (``a`` and ``a.b``: every module of
 a package would otherwise import its package's ``__init__``), names that are not modules of the tree
 (``export/modeling_dense_model.py``'s ``.activation_dense_model`` is written next to it on export),
-and ``__main__`` modules (``python -m`` entry points: run, never imported, so at the top).
+and ``__main__`` modules (``python -m`` entry points: never imported; each sits on its package's
+floor, so ``python -m pkg`` runs nothing above ``pkg``).
 """
 
 from __future__ import annotations
@@ -138,9 +139,10 @@ def read_layers(doc: Path) -> list[tuple[str, list[str]]]:
 
 def layer_of(module: str, layers: list[tuple[str, list[str]]]) -> int | None:
     """The index (0 = bottom) of the layer whose pattern matches ``module`` most closely; the root
-    package's pattern matches the root package only; ``__main__`` modules sit above every layer."""
+    package's pattern matches the root package only; a ``__main__`` module sits on its package's layer
+    (``python -m dense_model.config`` once ran the launcher, an entry-floor module, from the config floor)."""
     if module.endswith(".__main__"):
-        return len(layers)
+        module = module[: -len(".__main__")]
     best, best_len = None, -1
     for i, (_, patterns) in enumerate(layers):
         for pattern in patterns:
@@ -157,8 +159,7 @@ def upward_arrows(graph: dict[str, set[str]], layers: list[tuple[str, list[str]]
         for target in sorted(graph[source]):
             low, high = layer_of(source, layers), layer_of(target, layers)
             if low is not None and high is not None and high > low:
-                up = "an entry point (__main__)" if high == len(layers) else f"layer {layers[high][0]}"
-                arrows.append(f"{source} (layer {layers[low][0]}) -> {target} ({up})")
+                arrows.append(f"{source} (layer {layers[low][0]}) -> {target} (layer {layers[high][0]})")
     return arrows
 
 

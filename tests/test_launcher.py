@@ -206,3 +206,40 @@ def test_dry_run_describes_the_job_and_starts_nothing():
     assert f"| {params:,} parameters" in layout
     assert "-m torch.distributed.run" in command and "--nproc_per_node 2" in command
     assert not (REPO / "runs/demo/job.lock").exists()
+
+
+@pytest.mark.slow  # run_pretrain.sh twice, the demo's data built first (~20 s of CPU)
+def test_a_split_that_empties_a_datasets_part_is_refused_before_anything_is_written(tmp_path):
+    """``data.split=969,30,1`` on the demo (63 documents in its smallest subset: the test part is
+    documents 63..63) and the demo's blend trained as an import with the default split: one line,
+    exit 2, the run directory not created, torchrun never started. The demo's data is not built yet
+    (a fresh cache): the check tokenises it first, as the job would, and it stays cached."""
+    from dense_model.data.blend import load_blend
+    from dense_model.procutil import kill_process_tree
+
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    env = {**real_launcher_env(), "DENSE_MODEL_CACHE": str(cache)}
+    demo_data = cache / "demo_data"
+    imported = [  # data.split as schema.py's default (an import's config does not set it)
+        "data.demo=false", f"data.blend={demo_data}/redpajama_sample_blend.json",
+        f"data.tokenizer_model={demo_data}/demo_tokenizer.model", "data.split=969,30,1",
+    ]  # fmt: skip
+    for overrides in (["data.split=969,30,1"], imported):
+        proc = subprocess.Popen(
+            ["bash", "run_pretrain.sh", "configs/demo.yaml", f"run_dir={run_dir}", *overrides],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:  # the check let the job start: no training left behind
+            kill_process_tree(proc.pid)
+            raise
+        assert proc.returncode == 2, err
+        assert out == ""  # the torchrun command is printed only when it is about to run
+        (line,) = err.splitlines()
+        assert line.startswith("config error: dataset ") and "_text_document has 63 documents: " in line, line
+        assert "data.split='969,30,1' leaves its test part empty (documents 63..63)" in line, line
+        assert not run_dir.exists()
+    # The demo's data stays cached for the job.
+    assert len(load_blend(str(demo_data / "redpajama_sample_blend.json"))[0]) > 1

@@ -13,8 +13,8 @@ Split by what it does (each file reads at once):
   rules.py    ``validate()``: every section's, then the settings that span sections (hidden not
               divisible by heads, FFN width not divisible by TP, warm-up not shorter than training, ...)
 Every message names the field's dotted name and the fix. The check before launch (world size,
-run directory, ``--dry-run``) is ``dense_model.launcher``, above training; ``python -m
-dense_model.config`` still runs it.
+run directory, ``--dry-run``) is ``dense_model.launcher``, above training
+(``python -m dense_model.launcher``).
 """
 
 from dense_model.config.checks import ConfigError, fraction, non_negative, positive

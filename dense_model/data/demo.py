@@ -53,6 +53,11 @@ def _exclusive(work_dir: str):
         os.close(fd)
 
 
+def demo_work_dir() -> str:
+    """Where the demo's data is cached: ``$DENSE_MODEL_CACHE/demo_data`` (default ``.cache/demo_data``)."""
+    return os.path.join(os.environ.get("DENSE_MODEL_CACHE", ".cache"), "demo_data")
+
+
 def prepare_demo_dataset(work_dir: str) -> dict:
     """{'tokenizer_model': path of the .model, 'blend': path of the blend JSON} for the demo sample.
 

@@ -17,7 +17,9 @@ folder must be one all nodes share: `check_cache_dir_is_shared` says so in one l
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import re
 import socket
 import uuid
 import warnings
@@ -58,10 +60,29 @@ def _check_splits_have_tokens(prefixes: Sequence[str], split_matrix, split: str)
             beg, end = int(round(bounds[0] * float(n))), int(round(bounds[1] * float(n)))
             if end <= beg or int(lengths[beg:end].sum(dtype="int64")) == 0:
                 raise ValueError(
-                    f"dataset {prefix} has {n} documents: split {split!r} leaves its {name} part empty "
+                    f"dataset {prefix} has {n} documents: data.split={split!r} leaves its {name} part empty "
                     f"(documents {beg}..{end}). Use more data, or a split that gives {name} nothing "
                     '(e.g. "98,2,0" drops test).'
                 )
+
+
+def split_matrix(split: str) -> list[tuple[float, float] | None]:
+    """megatron-core's split matrix of ``split`` (``GPTDatasetConfig.split_matrix``: its
+    ``parse_and_normalize_split`` then ``convert_split_vector_to_split_matrix``), computed the same way
+    without importing megatron-core (seconds of a launcher's start): [(begin, end) or None] for
+    train, valid, test as fractions of a dataset's sequences."""
+    parts = [float(x) for x in re.findall(r"[.0-9]+", split)]
+    parts += [0.0] * (3 - len(parts))
+    total = sum(parts)  # float64, summed left to right as numpy.sum does for three numbers
+    bounds = list(itertools.accumulate([0.0, *(x / total for x in parts)]))
+    return [(beg, end) if end > beg else None for beg, end in zip(bounds, bounds[1:])]
+
+
+def check_split_against_datasets(prefixes: Sequence[str], split: str) -> None:
+    """The check before launch: ``split`` cut as megatron-core cuts it (``split_matrix``,
+    ``round(bound * sequence count)`` per dataset) against each dataset's .idx header, no .bin read;
+    ValueError (one line naming the dataset, the part and the fix) where a part would be empty."""
+    _check_splits_have_tokens([str(p) for p in prefixes], split_matrix(split), split)
 
 
 class CacheDirNotSharedError(RuntimeError):

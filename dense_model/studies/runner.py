@@ -3,8 +3,8 @@
 Every run goes through ``run_pretrain.sh`` with the study's base config and the run's overrides, so
 a run of a study is an ordinary run: it resumes from its own ``checkpoints/`` when relaunched. A run
 is finished when its latest checkpoint is at the run's last step (and, when the study names lm-eval
-tasks, ``lm_eval/`` holds readable results stamped with that checkpoint's iteration and the study's
-task list: ``publish_results`` writes them atomically); finished runs are skipped, so rerunning the
+tasks, ``lm_eval/`` holds readable results stamped with the iteration lm-eval scored, that checkpoint's,
+and the study's task list: ``publish_results`` writes them atomically); finished runs are skipped, so rerunning the
 study command after an interruption only trains and evaluates what is missing.
 """
 
@@ -49,6 +49,13 @@ def eval_stamp(study: Study, run: StudyRun) -> dict:
     return {"iteration": read_latest_iteration(run.run_dir / "checkpoints"), "tasks": list(study.eval_tasks)}
 
 
+def scored_iteration(results: dict) -> int | None:
+    """The checkpoint iteration lm-eval scored: our adapter's ``dense_model_iteration`` in the results'
+    ``config`` (``DenseModelLM.get_model_info``); None when absent (such results never count)."""
+    config = results.get("config")
+    return config.get("dense_model_iteration") if isinstance(config, dict) else None
+
+
 def current_results(study: Study, run: StudyRun, say=print) -> list[dict]:
     """The run's lm-eval results (``results*.json`` under ``lm_eval/``) made from its latest
     checkpoint with the study's tasks. An unreadable file (a torn write) or results of an older
@@ -73,7 +80,8 @@ def is_evaluated(study: Study, run: StudyRun, say=print) -> bool:
 
 def publish_results(study: Study, run: StudyRun, staging: Path) -> None:
     """Move lm-eval's output from ``staging`` into ``lm_eval/``: every results file stamped with
-    the checkpoint iteration and task list, written to a temporary name, fsynced and renamed (a kill
+    the iteration lm-eval scored (not the tracker's now: the run may have trained on meanwhile) and
+    the task list, written to a temporary name, fsynced and renamed (a kill
     leaves the old results or the new, never a torn file); other files (samples) renamed first. An
     unreadable results file already there is renamed to ``*.json.torn``."""
     target = run.run_dir / EVAL_DIR
@@ -89,7 +97,7 @@ def publish_results(study: Study, run: StudyRun, staging: Path) -> None:
         os.replace(path, dest)
     for path in results:
         data = json.loads(path.read_text())
-        data[STAMP] = eval_stamp(study, run)
+        data[STAMP] = {"iteration": scored_iteration(data), "tasks": list(study.eval_tasks)}
         dest = target / path.relative_to(staging)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fsync_write(dest, json.dumps(data, indent=2))

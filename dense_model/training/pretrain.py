@@ -45,7 +45,7 @@ from dense_model.config import (
     split_config_argument,
     validate,
 )
-from dense_model.data.demo import prepare_demo_dataset
+from dense_model.data.demo import demo_work_dir, prepare_demo_dataset
 from dense_model.data.tokenizers import build_tokenizer
 from dense_model.data.validation_sets import build_validation_set, resolve_validation_sets
 from dense_model.parallel import destroy_parallel, initialize_parallel_from
@@ -92,7 +92,7 @@ def prepare_data_config(cfg: Config) -> None:
     if not cfg.data.demo:
         return
 
-    work_dir = Path(os.environ.get("DENSE_MODEL_CACHE", ".cache")) / "demo_data"
+    work_dir = demo_work_dir()
     if collectives.rank() == 0:
         prepare_demo_dataset(str(work_dir))
     collectives.barrier()

@@ -57,3 +57,18 @@ def test_what_may_change_on_a_relaunch_passes(tmp_path):
     fresh = _config(tmp_path, hidden_size=128)
     fresh.checkpoint.fresh = True  # a fresh start loads nothing, whatever the old run's model
     assert layout.plan_run_load(fresh).folder is None
+
+
+def test_the_launcher_refuses_another_shape_before_launch(tmp_path, capsys):
+    """run_pretrain.sh's check (launcher.main): exit 2, one line, nothing written to the run."""
+    from dense_model import launcher
+    from dense_model.config import load_config
+
+    run = tmp_path / "run"
+    config = "configs/demo.yaml"
+    _saved_run(run, load_config(config, [f"run_dir={run}"]))
+    before = sorted(p.name for p in run.rglob("*"))
+    assert launcher.main([config, f"run_dir={run}", "model.hidden_size=96"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("config error: ") and "model.hidden_size=" in line and "cannot change shape" in line
+    assert sorted(p.name for p in run.rglob("*")) == before

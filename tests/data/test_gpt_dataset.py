@@ -187,3 +187,18 @@ def test_cache_dir_must_be_seen_by_every_node(tmp_path, shared):
             assert message.startswith(f"data.cache_dir {dirs[rank]} is not visible from ")
             assert "(rank 1)" in message and "(rank 0)" not in message
             assert "filesystem all nodes share" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "split", ["969,30,1", "90,10,0", "98,2", "1", "0,1,0", "0.7,0.2,0.1", "1,1,1", "3,0,7"]
+)
+def test_split_matrix_is_megatron_cores(split):
+    """The launcher's split check cuts as megatron-core does without importing it: the same matrix."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    from dense_model.data.gpt_dataset import split_matrix
+
+    assert split_matrix(split) == convert_split_vector_to_split_matrix(parse_and_normalize_split(split))

@@ -15,7 +15,7 @@ import pytest
 
 from dense_model.data.preprocess import PreprocessConfig, _claim_merge, preprocess
 from dense_model.data.preprocess.claims import ClaimError
-from tests.data.helpers import wait_for_done_shards
+from tests.data.helpers import run_cli, wait_for_done_shards
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "scripts" / "slurm" / "preprocess_array.sbatch"
@@ -135,3 +135,83 @@ def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+# An array of 2 tasks as SLURM describes it to each of them (SLURM_ARRAY_TASK_ID added per task).
+ARRAY_OF_TWO = {"SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"}
+
+
+def _cli(args: list[str], env: dict) -> tuple[int, str]:
+    proc = run_cli(args, env_extra=env)
+    out = proc.communicate(timeout=300)[0]
+    return proc.returncode, out
+
+
+def _cli_args(root: str, spm_model: str, prefix: Path, *extra: str) -> list[str]:
+    return [
+        "--input", root, "--output-prefix", str(prefix), "--tokenizer-type", "sentencepiece",
+        "--tokenizer-model", spm_model, "--append-eod", "--workers", "1", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def _documents(prefix: Path) -> int:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return len(IndexedDataset(f"{prefix}_text_document"))
+
+
+def test_an_array_of_one_task_per_dataset_tokenises_all_of_each(tmp_path, spm_model, corpora, texts):
+    """Array task 1 of 2 preprocesses its own dataset (its own --output-prefix; task 0 another one),
+    without --slurm-array: the array's variables must not cut the dataset into halves nobody merges."""
+    prefix = tmp_path / "dataset1"
+    code, out = _cli(_cli_args(corpora[None], spm_model, prefix), dict(ARRAY_OF_TWO, SLURM_ARRAY_TASK_ID="1"))
+    assert code == 0, out
+    assert "note: this SLURM array task tokenises all of its input" in out, out
+    assert _documents(prefix) == len(texts), out
+    assert not Path(f"{prefix}.shards").exists()
+
+
+def test_an_array_task_that_no_other_task_joined_exits_non_zero_keeping_its_shards(
+    tmp_path, spm_model, corpora, texts
+):
+    prefix = tmp_path / "red"
+    args = _cli_args(corpora[None], spm_model, prefix, "--slurm-array", "--shard-size-mb", "0.01")
+    code, out = _cli(args, dict(ARRAY_OF_TWO, SLURM_ARRAY_TASK_ID="0"))
+    assert code == 1, out
+    error = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "no other task of this run has registered" in error[0], out
+    assert "nothing is merged" in error[0] and "--task-index" in error[0], out
+    assert not list(tmp_path.glob("red_*.bin")) and list(Path(f"{prefix}.shards").glob("*.done.json"))
+    code, out = _cli(args, dict(ARRAY_OF_TWO, SLURM_ARRAY_TASK_ID="1"))  # the partner comes: it merges
+    assert code == 0 and "published" in out, out
+    assert _documents(prefix) == len(texts)
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({}, "SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT unset"),
+        (dict(ARRAY_OF_TWO, SLURM_ARRAY_TASK_ID="3"), "array task 3 is not one of 2 evenly spaced tasks"),
+        (dict(ARRAY_OF_TWO, SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_TASK_MIN="1", SLURM_ARRAY_TASK_STEP="4",
+              SLURM_ARRAY_TASK_COUNT="3"), None),  # --array=1-9:4 is tasks 0..2: no error (checked below)
+    ],
+)  # fmt: skip
+def test_slurm_array_without_usable_array_variables_is_one_line_exit_2(tmp_path, env, message):
+    from dense_model.data.preprocess.cli import array_task, parse_args
+
+    args = ["--input", str(tmp_path), "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "x",
+            "--tokenizer-model", "x", "--slurm-array"]  # fmt: skip
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    if message is None:
+        assert array_task(parse_args(args), dict(clean, **env)) == (0, 3)
+        return
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "toolkits" / "pretrain_data_preprocessing" / "preprocess_data.py"), *args],
+        env=dict(clean, PYTHONPATH=str(REPO), **env), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --slurm-array: ") and message in lines[0], (
+        proc.stderr
+    )
+    assert list(tmp_path.iterdir()) == [], "nothing is written"

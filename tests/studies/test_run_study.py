@@ -5,6 +5,7 @@ runs' metrics with scipy, and the SLURM array path under stand-in sbatch/srun/sc
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 import subprocess
 import sys
@@ -321,3 +322,40 @@ def test_lm_eval_results_are_stamped_and_torn_or_older_ones_do_not_count(study):
     report = json.loads((study["tmp"] / "out" / "report.json").read_text())
     (row,) = [r for r in report["runs"] if r["name"] == "gelu_s2"]
     assert list(row["lm_eval"]) and list(row["lm_eval"])[0].startswith("tiny_python_mc/")
+
+
+@pytest.mark.slow  # reads the study the lm-eval test evaluated: they run together
+def test_results_are_stamped_with_the_iteration_lm_eval_scored_when_the_run_trained_on(study, tmp_path):
+    """lm-eval scores iteration 4; before the study publishes, the run saves iteration 6 (the trainer's
+    order: the folder, then the tracker). The results say 4, as lm-eval's own config does, and count
+    for iteration 4 only: at 6 the run is not evaluated, so the next study command scores it again."""
+    from dense_model.studies import runner
+    from dense_model.studies.spec import load_study
+
+    path = study["tmp"] / "study_eval.yaml"  # written by the lm-eval test
+    spec = load_study(path)
+    names = [r.name for r in spec.runs()]
+    run = spec.runs()[names.index("polynorm_s2")]
+    checkpoints = run.run_dir / "checkpoints"
+    shutil.rmtree(run.run_dir / "lm_eval")  # not evaluated: the study command scores it
+    # PYTHON for run_lm_eval.sh: lm-eval, then the run "trains on" to iteration 6 before the publish.
+    _script(
+        tmp_path / "python",
+        f'#!/bin/sh\n"{sys.executable}" "$@" || exit $?\ncase "$*" in *run_lm_eval.py*)\n'
+        f'  cp -r "{checkpoints}/iter_0000004" "{checkpoints}/iter_0000006"\n'
+        f'  echo 6 > "{checkpoints}/latest_checkpointed_iteration.txt" ;;\nesac\n',
+    )
+    try:
+        run_study(
+            [path, "--task", names.index("polynorm_s2")], {**study["env"], "PYTHON": str(tmp_path / "python")}
+        )
+        assert runner.read_latest_iteration(checkpoints) == 6, "the stand-in did not train on"
+        (results,) = list((run.run_dir / "lm_eval").rglob("results*.json"))
+        data = json.loads(results.read_text())
+        assert data["config"]["dense_model_iteration"] == 4
+        assert data["dense_model_study"] == {"iteration": 4, "tasks": ["tiny_python_mc"]}
+        assert not runner.is_evaluated(spec, run), "iteration 4's scores counted for iteration 6"
+    finally:  # the study as it was, for the tests that read it after this one
+        (checkpoints / "latest_checkpointed_iteration.txt").write_text("4\n")
+        shutil.rmtree(checkpoints / "iter_0000006", ignore_errors=True)
+    assert runner.is_evaluated(spec, run)

@@ -10,8 +10,10 @@ plus zstd/gzip input, resume after a crash, bad-line skipping, and per-subset da
 
 Input may also be Parquet files, Arrow files / `save_to_disk` folders, or a Hugging Face dataset
 from the local cache (`--hf-dataset NAME --hf-split train`). On a cluster, run the same command as
-N tasks (`--task-index I --num-tasks N`, or a SLURM job array): each tokenises its share, the last
-one merges (see scripts/slurm/preprocess_array.sbatch).
+N tasks (`--task-index I --num-tasks N`, or `--slurm-array` in a SLURM job array): each tokenises its
+share, the last one merges (see scripts/slurm/preprocess_array.sbatch). The array's variables are read
+only with `--slurm-array`: an array of one task per dataset (each its own --output-prefix) tokenises
+all of each.
 
 Rerun the same command after a crash or Ctrl-C: finished shards are kept, the rest is redone.
 The logic lives in dense_model/data/preprocess/ (this is its command line).
@@ -87,14 +89,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--task-index",
         type=int,
-        default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)),
-        help="this task's share of the work when N tasks run the same command (default: SLURM_ARRAY_TASK_ID)",
+        default=None,
+        help="this task's share of the work when N tasks run the same command (default 0)",
     )
     g.add_argument(
         "--num-tasks",
         type=int,
-        default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
-        help="how many tasks share the work (default: SLURM_ARRAY_TASK_COUNT); the last to finish merges",
+        default=None,
+        help="how many tasks share the work (default 1); the last to finish merges",
+    )
+    g.add_argument(
+        "--slurm-array",
+        action="store_true",
+        help="the tasks of this SLURM job array share the work: --task-index and --num-tasks from "
+        "SLURM_ARRAY_TASK_ID (less SLURM_ARRAY_TASK_MIN) and SLURM_ARRAY_TASK_COUNT",
     )
     g.add_argument(
         "--merge-only", action="store_true", help="tokenise nothing; merge once every task's shards are done"
@@ -120,12 +128,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def array_task(args: argparse.Namespace, env=os.environ) -> tuple[int, int]:
+    """(task index, number of tasks): the flags', or with --slurm-array the SLURM array's. Raises
+    ValueError (one line naming the variable or flag and the fix) when they cannot be used."""
+    if not args.slurm_array:
+        return (0 if args.task_index is None else args.task_index), (args.num_tasks or 1)
+    if args.task_index is not None or args.num_tasks is not None:
+        raise ValueError(
+            "--slurm-array sets --task-index and --num-tasks from the array: give one or the other"
+        )
+    try:
+        task_id, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+        first, step = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
+    except (KeyError, ValueError) as err:
+        raise ValueError(
+            f"--slurm-array: SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT unset or not numbers ({err}); "
+            "run it as a task of `sbatch --array=0-N`, or drop --slurm-array"
+        ) from None
+    index, off_step = divmod(task_id - first, step)
+    if off_step or not 0 <= index < count:  # a list such as --array=1,5,9 has no index 0..N-1
+        raise ValueError(
+            f"--slurm-array: array task {task_id} is not one of {count} evenly spaced tasks from "
+            f"{first}; submit a range (sbatch --array=0-{count - 1}) or give --task-index/--num-tasks"
+        )
+    return index, count
+
+
 def main(argv=None) -> int:
     from dense_model.data.jsonl import BadLineError
     from dense_model.data.preprocess.config import NoDocumentsError, PreprocessConfig, ResumeError, Terminated
     from dense_model.data.preprocess.run import preprocess
 
     args = parse_args(argv)
+    try:
+        task_index, num_tasks = array_task(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not args.slurm_array and num_tasks == 1 and int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)) > 1:
+        print(
+            "note: this SLURM array task tokenises all of its input into its --output-prefix "
+            "(--slurm-array shares one run among the array's tasks)",
+            file=sys.stderr,
+        )
     cfg = PreprocessConfig(
         inputs=args.input,
         output_prefix=args.output_prefix,
@@ -145,8 +190,8 @@ def main(argv=None) -> int:
         log_interval=args.log_interval,
         hf_dataset=args.hf_dataset,
         hf_split=args.hf_split,
-        task_index=args.task_index,
-        num_tasks=args.num_tasks,
+        task_index=task_index,
+        num_tasks=num_tasks,
         merge_only=args.merge_only,
         batch_delay=args.debug_batch_delay,
     )

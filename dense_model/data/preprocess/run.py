@@ -44,6 +44,7 @@ from dense_model.data.preprocess.workdir import (
     published_outputs,
     reset_work_dir,
     run_settings,
+    task_claim_path,
 )
 from dense_model.data.tokenizers import build_tokenizer
 
@@ -196,6 +197,13 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
                     f"--merge-only: {missing} of {len(shards)} shards in {work_dir} are not finished; rerun "
                     "the tasks that own them (the same command with their --task-index) first."
                 )
+            if missing and not other_tasks_seen(work_dir, cfg, shards, results, share):
+                raise RuntimeError(
+                    f"{task}this task's shards are done but {missing} of {len(shards)} are other tasks' and no "
+                    f"other task of this run has registered in {work_dir}: nothing is merged, no "
+                    f"{cfg.output_prefix}_*.bin written. Run the other --task-index values (or drop "
+                    "--task-index/--num-tasks/--slurm-array to do it all in one task)"
+                )
             if missing:
                 say(
                     f"{task}this task's shards are done; {missing} shards of other tasks are not: the last task merges"
@@ -214,3 +222,12 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
     if not cfg.keep_shards:
         shutil.rmtree(work_dir, ignore_errors=True)
     return summary(outputs, bad, lines, blends)
+
+
+def other_tasks_seen(work_dir: str, cfg: PreprocessConfig, shards, results: dict, share: set) -> bool:
+    """Whether another task of this run ever registered: a claim other than this task's (a task's,
+    the merge's), or a finished shard outside this task's share."""
+    own = os.path.basename(task_claim_path(work_dir, cfg))
+    if any(s.id in results and s.id not in share for s in shards):
+        return True
+    return any(n.endswith(".claim") and n != own for n in os.listdir(work_dir))
