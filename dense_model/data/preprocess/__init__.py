@@ -39,11 +39,12 @@ How a run goes (`preprocess`):
    to inputs + 2x outputs; with layout subsets about inputs + outputs + the subsets merging at that
    moment, the largest first (a filesystem with reflinks shares the copies' extents).
 
-Several tasks (`--task-index I --num-tasks N`, e.g. a SLURM job array): every task plans the same
+Several tasks (`--task-index I --num-tasks N`, or `--slurm-array` in a SLURM job array): every task plans the same
 shards; task I takes every N-th of them, largest first, into the shared work folder. The task that
 then finds every shard done merges; `merge.claim`, created with O_EXCL, lets only one do so (the same
 task index requeued takes it over; `--merge-only` only if its claimant is gone). Each task index is
-held by one process at a time (`task.I.claim`: host, pid, start time, SLURM job; see `claims.py`):
+held by one process at a time (`task.I.claim`: host, boot id, pid namespace, pid, start time, SLURM
+job and restart count; see `claims.py` and `procutil.holder_state`):
 a second instance exits with a line naming the holder.
 
 Resume: rerunning the same command after a crash, a kill, Ctrl-C or SIGTERM reuses every finished
