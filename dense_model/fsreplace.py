@@ -206,8 +206,8 @@ def recover(target: Path, say: Callable[[str], None] | None = None) -> None:
 
 
 @contextlib.contextmanager
-def _locked(target: Path, what: str, label: str) -> Iterator[None]:
-    """Hold ``PARENT/.NAME.lock`` (flock; its holder's host/pid inside for the message)."""
+def target_lock(target: Path, what: str, label: str) -> Iterator[None]:
+    """Hold ``PARENT/.NAME.lock`` (flock: the kernel frees a dead holder's; its holder's host/pid inside for the message)."""
     path = target.parent / f".{target.name}.lock"
     while True:
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
@@ -277,10 +277,10 @@ def replacing(
         if rel in refused:
             raise ReplaceError(
                 f"{label} {target} {rel} {their_name} {path}; writing there could delete it: "
-                f"pick a {label} outside it"
+                f"pick another {label}, outside it"
             )
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target, what, label):
+    with target_lock(target, what, label):
         recover(target, say)
 
         def check() -> None:
