@@ -97,7 +97,9 @@ def test_replacement_refuses_runs_locks_and_claims_unless_they_are_its_own(tmp_p
 def test_one_replacement_per_target_and_a_dead_holders_lock_is_free(tmp_path):
     target = tmp_path / "out"
     with replacing(target, what="export", overwrite=True):
-        with pytest.raises(ReplaceError, match=rf"out is being written by another export \(host .*, pid {os.getpid()},"):
+        with pytest.raises(
+            ReplaceError, match=rf"out is being written by another export \(host .*, pid {os.getpid()},"
+        ):
             _publish(target, "second")
     pid = os.fork()
     if pid == 0:  # a holder killed while it holds the lock
