@@ -301,7 +301,9 @@ def export_hf(
     """
     folder = resolve_checkpoint(checkpoint)  # CheckpointError for a missing or foreign path
     output_dir = Path(output_dir)
-    check_outside_run(folder, output_dir)  # OutputError: the export could delete its own source
+    check_outside_run(
+        Path(checkpoint), folder, output_dir
+    )  # OutputError: the export could delete its own source
     if dtype != "auto" and dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     # rank 0 writes: one export per output (a lock), published by renames (see export/output.py)

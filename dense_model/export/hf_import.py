@@ -29,9 +29,12 @@ a safetensors tensor is read with pread(2) (nothing mapped), a
 about one copy of the model plus the largest file's pages for .bin (docs/evaluation.md has the
 measured figure).
 
-The output is written into a fresh folder next to OUT_RUN_DIR and renamed into place at the end,
-so a failed import leaves nothing half-written; a non-empty OUT_RUN_DIR is replaced only with
-``--overwrite``.
+The output is written into a fresh folder next to OUT_RUN_DIR and renamed into place at the end
+(``dense_model.fsreplace``), so a failed import leaves nothing half-written. A non-empty
+OUT_RUN_DIR is replaced only with ``--overwrite``, and then only if it holds no run: an earlier
+import (its ``imported_from.json``) that nobody trained in is replaced, a run that trained (metrics,
+a newer checkpoint, a lock) or a folder holding runs is refused. OUT_RUN_DIR may not be or hold
+HF_DIR (compared by device and inode, not by name).
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ import os
 import re
 import shutil
 import sys
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +54,6 @@ from dense_model.checkpoint.layout import (
     CHECKPOINTS,
     METADATA,
     TRACKER,
-    fsync_dir,
-    fsync_tree,
     fsync_write,
     iteration_dir,
     read_metadata,
@@ -63,6 +63,7 @@ from dense_model.config import Config, ConfigError, config_from_dict, config_to_
 from dense_model.data.tokenizers import build_tokenizer
 from dense_model.export.hf import DTYPES
 from dense_model.export.mapping import Rule, from_hf, hf_shapes, weight_rules
+from dense_model.fsreplace import ReplaceError, replacing
 
 
 class HFImportError(RuntimeError):
@@ -237,6 +238,7 @@ class TensorSource:
 
     def __init__(self, hf_dir: Path):
         self.dir = hf_dir
+        self._open_bin: dict[Path, dict] = {}  # before _names_in: a single .bin is opened to list its names
         found = next((name for name in WEIGHT_FILES if (hf_dir / name).is_file()), None)
         if found is None:
             raise HFImportError(f"{hf_dir} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
@@ -258,7 +260,6 @@ class TensorSource:
         self.remaining: dict[Path, int] = {}
         for path in self.file_of.values():
             self.remaining[path] = self.remaining.get(path, 0) + 1
-        self._open_bin: dict[Path, dict] = {}
 
     def _names_in(self, path: Path) -> list[str]:
         if self.safetensors:
@@ -521,14 +522,56 @@ def shape_mismatches(plan: ImportPlan, params: dict) -> list[str]:
     return bad
 
 
+IMPORT_MARKER = "imported_from.json"  # OUT/imported_from.json: this run directory is an import
+
+
+def _an_untrained_import(out: Path) -> bool:
+    """Whether ``out`` is an earlier import nobody trained in: its marker, the tracker still at the
+    import's iteration 0 with no other checkpoint, no metrics, no lock, no TensorBoard."""
+    root = out / CHECKPOINTS
+    try:
+        marker = json.loads((out / IMPORT_MARKER).read_text())
+        tracker = (root / TRACKER).read_text().strip()
+        checkpoints = sorted(p.name for p in root.iterdir())
+    except (OSError, ValueError):
+        return False
+    trained = [n for n in ("metrics.jsonl", "job.lock", "tensorboard") if os.path.lexists(out / n)]
+    return (
+        isinstance(marker, dict)
+        and tracker == "0"
+        and checkpoints == sorted([TRACKER, iteration_dir(root, 0).name])
+        and not trained
+        and not any(out.glob("metrics.attempt-*.jsonl"))
+    )
+
+
+def _output_rules(hf_dir: Path, overwrite: bool) -> dict:
+    """How ``fsreplace.replacing`` treats OUT_RUN_DIR: never HF_DIR or a folder holding it, and
+    over an existing run directory only an import nobody trained in."""
+    return dict(
+        what="import",
+        overwrite=overwrite,
+        label="OUT_RUN_DIR",
+        kind="an earlier import nobody trained in",
+        ours=_an_untrained_import,
+        apart=[(hf_dir, "HF_DIR", ("is", "contains"))],
+    )
+
+
 def _check_output(hf_dir: Path, out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise HFImportError(f"OUT_RUN_DIR {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise HFImportError(f"OUT_RUN_DIR {out} exists and is not empty; remove it or pass --overwrite")
-    src, dst = hf_dir.resolve(), out.resolve()
-    if src == dst or dst in src.parents:
-        raise HFImportError(f"OUT_RUN_DIR {out} holds HF_DIR {hf_dir}; write the import somewhere else")
+    """HFImportError now, before the model is read, for an OUT_RUN_DIR the import would refuse
+    at the end (checked again, under the lock, before anything is replaced)."""
+    try:
+        with replacing(out, **_output_rules(hf_dir, overwrite)):
+            raise _Checked
+    except _Checked:
+        pass
+    except ReplaceError as err:
+        raise HFImportError(str(err)) from None
+
+
+class _Checked(Exception):
+    """Leaves ``replacing`` once its checks passed, publishing nothing."""
 
 
 @torch.no_grad()
@@ -540,8 +583,6 @@ def import_hf(
 ) -> Path:
     """Import HF_DIR into the run directory ``out_dir`` (see the module docstring). Starts the
     process groups (world size 1) if needed; HFImportError before anything is written."""
-    from megatron.core import dist_checkpointing
-
     hf_dir, out = Path(hf_dir), Path(out_dir)
     _check_output(hf_dir, out, overwrite)
     plan = plan_import(hf_dir, out, dtype)
@@ -569,48 +610,42 @@ def import_hf(
     if unfilled:
         raise HFImportError(f"our model has parameters no Hugging Face tensor fills: {unfilled[:5]}")
 
-    tmp = out.parent / f".{out.name}.import-{uuid.uuid4().hex[:8]}"
     try:
-        root = tmp / CHECKPOINTS
-        folder = iteration_dir(root, 0)
-        folder.mkdir(parents=True)
-        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(folder))
-        del model, params
-        tok_dir = tmp / Path(cfg.data.tokenizer_model).name
-        if plan.tokenizer_type == "huggingface":
-            tok_dir.mkdir()
-            for path in plan.tokenizer_files:
-                shutil.copy2(path, tok_dir / path.name)
-        else:
-            shutil.copy2(plan.tokenizer_files[0], tok_dir)
-        staged = config_from_dict(config_to_dict(cfg))
-        staged.data.tokenizer_model = str(tok_dir)
-        write_metadata(folder, 0, staged, weights_only=True)
-        # the metadata names the final paths (the tokenizer copy above was made from the staging one)
-        meta = read_metadata(folder)
-        meta["config"] = config_to_dict(cfg)
-        fsync_write(folder / METADATA, json.dumps(meta, indent=2))
-        save_config(cfg, folder / "config.yaml")
-        fsync_write(root / TRACKER, "0")
-        save_config(cfg, tmp / "config.yaml")
-        _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with replacing(out, **_output_rules(hf_dir, overwrite)) as tmp:
+            _write_run(tmp, hf_dir, plan, model)
+            del model, params
+    except ReplaceError as err:
+        raise HFImportError(str(err)) from None
     return out
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished (fsynced) ``tmp`` to ``out``; an existing ``out`` (empty, or --overwrite)
-    is moved aside first and deleted only once the new one is in place."""
-    fsync_tree(tmp)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _write_run(tmp: Path, hf_dir: Path, plan: ImportPlan, model) -> None:
+    """The run directory (see the module docstring) in ``tmp``, to be renamed to the final name."""
+    from megatron.core import dist_checkpointing
+
+    cfg = plan.cfg
+    root = tmp / CHECKPOINTS
+    folder = iteration_dir(root, 0)
+    folder.mkdir(parents=True)
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(folder))
+    tok_dir = tmp / Path(cfg.data.tokenizer_model).name
+    if plan.tokenizer_type == "huggingface":
+        tok_dir.mkdir()
+        for path in plan.tokenizer_files:
+            shutil.copy2(path, tok_dir / path.name)
+    else:
+        shutil.copy2(plan.tokenizer_files[0], tok_dir)
+    staged = config_from_dict(config_to_dict(cfg))
+    staged.data.tokenizer_model = str(tok_dir)
+    write_metadata(folder, 0, staged, weights_only=True)
+    # the metadata names the final paths (the tokenizer copy above was made from the staging one)
+    meta = read_metadata(folder)
+    meta["config"] = config_to_dict(cfg)
+    fsync_write(folder / METADATA, json.dumps(meta, indent=2))
+    save_config(cfg, folder / "config.yaml")
+    fsync_write(root / TRACKER, "0")
+    save_config(cfg, tmp / "config.yaml")
+    fsync_write(tmp / IMPORT_MARKER, json.dumps({"hf_dir": str(hf_dir.resolve()), "iteration": 0}))
 
 
 def main(argv: list[str] | None = None) -> int:

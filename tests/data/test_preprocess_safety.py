@@ -224,3 +224,52 @@ def test_sigterm_to_the_process_group_mid_tokenise_stops_the_workers_cleanly(tmp
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "interrupted (signal 15)" in out and "Traceback" not in out, out
     assert _temporaries(prefix) == [] and not list(work.glob("*.claim"))
+
+
+@pytest.mark.parametrize("task", ["0", "1"])
+def test_restart_while_a_task_runs_is_refused_before_anything_is_deleted(tmp_path, spm_model, corpora, task):
+    """--restart (one machine) discards every task's shards: while task 0 (the index a one-machine run
+    claims too) or task 1 of 2 works, it is refused (exit 2, naming the running task), the finished
+    shards are kept and the task goes on."""
+    prefix = tmp_path / "out"
+    work = Path(str(prefix) + ".shards")
+    args = _args(corpora[None], spm_model, prefix, "--shard-size-mb", "0.01")
+    # 6 shards for this task at 5 s each: it still runs when the --restart (a fresh Python) gets there
+    first = run_cli([*args, "--num-tasks", "2", "--task-index", task, "--debug-batch-delay", "5"])
+    wait_for(first, lambda: any(work.glob("*.done.json")), f"a finished shard of task {task}")
+    done = {p.name: p.read_bytes() for p in work.iterdir() if ".tmp." not in p.name}
+    second = run_cli([*args, "--restart"])
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 2, out
+    (line,) = out.strip().splitlines()
+    claimed = "This --output-prefix is claimed by" if task == "0" else "--restart would delete the shards"
+    assert line.startswith(f"error: {claimed}") and f"pid {first.pid} on " in line, out
+    assert all(work.joinpath(name).read_bytes() == data for name, data in done.items())
+    assert first.poll() is None, f"the refused --restart stopped task {task}"
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM, out
+    assert all(
+        work.joinpath(name).read_bytes() == data for name, data in done.items() if ".claim" not in name
+    )
+
+
+def test_dead_temporaries_are_removed_by_exact_name_and_a_foreign_folder_is_kept(
+    tmp_path, spm_model, corpora
+):
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    ours = tmp_path / f"red_text_document.bin.tmp.{proc.pid}"  # a dead merge of prefix red
+    theirs = tmp_path / f"red_v2_text_document.bin.tmp.{proc.pid}"  # prefix red_v2's, or a live host's
+    for path in (ours, theirs):
+        path.write_bytes(b"x")
+    preprocess(preprocess_config(spm_model, tmp_path / "red", [corpora["gz"]]), log=None)
+    assert not ours.exists() and theirs.read_bytes() == b"x"
+    # a folder named like the work folder that preprocessing did not make: refused, kept
+    (tmp_path / "blue.shards").mkdir()
+    (tmp_path / "blue.shards" / "notes.txt").write_text("mine")
+    with pytest.raises(ResumeError, match=r"blue\.shards holds notes\.txt but no manifest\.json"):
+        preprocess(preprocess_config(spm_model, tmp_path / "blue", [corpora["gz"]]), log=None)
+    assert (tmp_path / "blue.shards" / "notes.txt").read_text() == "mine"

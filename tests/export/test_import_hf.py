@@ -35,7 +35,7 @@ def llama_config(**fields):
 
     theta = fields.pop("rope_theta")
     return LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=fields.pop("vocab_size", VOCAB),
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=2,
@@ -246,7 +246,7 @@ def test_bad_folders_are_refused(imported, tmp_path, capsys):
         copy_hf(imported, tmp_path / "again"), out, "exists and is not empty; remove it or pass --overwrite"
     )
     assert (out / "notes.txt").read_text() == "mine"
-    refused(folder, folder.parent, "holds HF_DIR", "--overwrite")
+    refused(folder, folder.parent, f"contains HF_DIR {folder}", "--overwrite")
 
 
 def test_cli_dry_run_lists_unmatched_tensors_and_overwrite_replaces(imported, tmp_path):
@@ -282,3 +282,119 @@ def test_cli_dry_run_lists_unmatched_tensors_and_overwrite_replaces(imported, tm
         and (busy / "checkpoints" / "latest_checkpointed_iteration.txt").is_file()
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "tied"]
+
+
+# --------------------------------------------------------------------------------------------
+# One pytorch_model.bin (no index), as older checkpoints ship it; a tied model's state dict
+# holds lm_head.weight too. 520 tokens in config.json: our embedding is padded to 640 rows.
+PADDED_VOCAB = 520
+SINGLE_BIN = {
+    "bin_tied": dict(MODELS["tied"], vocab_size=PADDED_VOCAB),
+    "bin_untied": dict(MODELS["gqa_untied"], vocab_size=PADDED_VOCAB),
+}
+
+
+def _single_bin_job(rank, world_size, out_dir, tokens_file):
+    """Import each single-.bin folder; our logits and the padding rows of the embedding and output."""
+    from dense_model.checkpoint.inference import load_model_for_inference
+    from dense_model.export.hf_import import import_hf
+
+    tokens = torch.load(tokens_file)  # [b, s]
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    found = {}
+    for name in SINGLE_BIN:
+        run = import_hf(Path(out_dir) / "hf" / name, Path(out_dir) / "runs" / name)
+        model = load_model_for_inference(run).model
+        with torch.no_grad():
+            logits = model(tokens, positions, None).clone()  # [b, s, padded vocab]
+        rows = [model.embedding.word_embeddings.weight[PADDED_VOCAB:]]  # [padded - vocab, hidden]
+        if model.output_layer.weight is not None:
+            rows.append(model.output_layer.weight[PADDED_VOCAB:])
+        found[name] = (logits, [r.detach().clone() for r in rows])
+    torch.save(found, Path(out_dir) / "found.pt")
+
+
+@pytest.fixture(scope="module")
+def single_bin(tmp_path_factory, spm_model):
+    out = tmp_path_factory.mktemp("single_bin")
+    tokens = torch.randint(0, VOCAB, (2, SEQ))  # [b, s], fresh random tokens each run
+    torch.save(tokens, out / "tokens.pt")
+    hf_logits = {}
+    for name, fields in SINGLE_BIN.items():
+        folder = out / "hf" / name
+        model = make_hf_model(folder, spm_model, max_shard_size="1GB", **fields)
+        for weights in folder.glob("model*.safetensors*"):
+            weights.unlink()
+        state = model.state_dict()
+        assert "lm_head.weight" in state  # tied too: what .bin state dicts hold
+        torch.save({k: v.clone() for k, v in state.items()}, folder / "pytorch_model.bin")
+        with torch.no_grad():
+            hf_logits[name] = model(tokens).logits  # [b, s, vocab]
+    spawn_workers(_single_bin_job, 1, str(out), str(out / "tokens.pt"))
+    return hf_logits, torch.load(out / "found.pt")
+
+
+@pytest.mark.parametrize("name", SINGLE_BIN)
+def test_a_single_pytorch_model_bin_imports_with_transformers_logits_and_zero_padding(single_bin, name):
+    hf_logits, found = single_bin
+    theirs, (ours, padding) = hf_logits[name], found[name]
+    assert ours.shape[-1] == 640 and theirs.shape[-1] == PADDED_VOCAB
+    diff = (ours[..., :PADDED_VOCAB] - theirs).abs().max() / theirs.abs().max()
+    assert theirs.abs().max() > 1.0 and diff < 1e-5, f"{name}: max |ours - HF| / max |HF| = {diff:.3g}"
+    assert len(padding) == (2 if name == "bin_untied" else 1)
+    for rows in padding:  # the padded vocabulary's rows: zeros, never looked up, cut at export
+        assert rows.shape[0] == 640 - PADDED_VOCAB and torch.count_nonzero(rows) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# What --overwrite may replace
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_replaces_an_untrained_import_never_a_run_that_trained(imported, tmp_path):
+    import shutil
+
+    out, _, _ = imported
+    hf = copy_hf(imported, tmp_path, "tied")
+    runs = tmp_path / "runs"
+    earlier = Path(shutil.copytree(out / "runs" / "tied", runs / "x"))
+    assert (earlier / "imported_from.json").is_file()
+    done = import_cli([hf, earlier, "--overwrite"], tmp_path)  # an import nobody trained in
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (earlier / "imported_from.json").is_file()
+
+    # then a job trained in it: metrics, a checkpoint past the import's, its lock
+    (earlier / "metrics.jsonl").write_text('{"step": 10, "loss": 4.0}\n')
+    (earlier / "job.lock").write_text('{"host": "h", "pid": 1}')
+    shutil.copytree(earlier / "checkpoints" / "iter_0000000", earlier / "checkpoints" / "iter_0000010")
+    (earlier / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("10")
+    before = _snapshot(runs)
+    for target in (earlier, runs, tmp_path / "runs" / "." / "x" / ""):
+        result = import_cli([hf, target, "--overwrite"], tmp_path)
+        assert result.returncode == 2, result.stderr[-3000:]
+        (line,) = [x for x in result.stderr.splitlines() if "error" in x]
+        assert "so it is not an earlier import nobody trained in: nothing was deleted" in line, line
+    # the tracker alone moved on (no metrics yet): still a run that trained
+    (earlier / "metrics.jsonl").unlink()
+    (earlier / "job.lock").unlink()
+    result = import_cli([hf, earlier, "--overwrite"], tmp_path)
+    assert result.returncode == 2 and "holds a checkpoint tracker" in result.stderr, result.stderr[-3000:]
+    assert {k: v for k, v in _snapshot(runs).items() if "metrics" not in k and "job.lock" not in k} == {
+        k: v for k, v in before.items() if "metrics" not in k and "job.lock" not in k
+    }
+
+
+def test_relative_hf_dir_inside_out_is_refused_with_the_model_kept(imported, tmp_path, monkeypatch, capsys):
+    from dense_model.export.hf_import import main
+
+    hf = copy_hf(imported, tmp_path / "out", "tied")
+    before = _snapshot(hf)
+    monkeypatch.chdir(tmp_path)
+    for out in ("out", "out/", "out/tied/..", "out/tied", "./out/tied/."):
+        assert main(["out/tied", out, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "HF_DIR out/tied; writing there could delete it" in err and err.count("\n") == 1, err
+    assert _snapshot(hf) == before

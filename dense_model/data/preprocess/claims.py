@@ -158,11 +158,12 @@ def temporary_pid(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def remove_stale_temporaries(work_dir: str, output_prefix: str, say) -> int:
+def remove_stale_temporaries(work_dir: str, output_prefix: str, say, outputs=None) -> int:
     """Remove the temporaries a dead run of this prefix left, those of no live claim's process: in the
     work folder, of the manifest and the published records (a shard's are its task's to remove: a
     worker's pid is no claim's); next to the outputs (`PREFIX_*.tmp.PID`: an interrupted merge, up to
-    a whole output), also only if that pid is dead on this host. Returns how many."""
+    a whole output), also only if that pid is dead on this host; with `outputs` (file names), only
+    those names' temporaries (another prefix's `PREFIX_v2_*` is not this prefix's). Returns how many."""
     live = live_claim_pids(work_dir)
     removed = 0
     folder, base = os.path.split(os.path.abspath(output_prefix))
@@ -171,6 +172,8 @@ def remove_stale_temporaries(work_dir: str, output_prefix: str, say) -> int:
         for name in os.listdir(place):
             pid = temporary_pid(name)
             if pid is None or not name.startswith(starts) or pid in live or (check_host and pid_alive(pid)):
+                continue
+            if check_host and outputs is not None and name.rsplit(".tmp.", 1)[0] not in outputs:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(place, name))

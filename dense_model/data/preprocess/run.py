@@ -40,6 +40,7 @@ from dense_model.data.preprocess.workdir import (
     is_run_file,
     locked,
     merge_claim_path,
+    output_names,
     prepare_work_dir,
     published_outputs,
     reset_work_dir,
@@ -66,12 +67,15 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
 
     with sigterm_as_interrupt(), contextlib.ExitStack() as lock, contextlib.ExitStack() as merging:
         lock.enter_context(locked(work_dir, wait=several_tasks))
+        # Claim, then check, then delete: a second instance of a running task index (or a --restart
+        # while any task works) is refused before anything of the running one is touched.
+        if not cfg.merge_only:  # one process per task index (a resubmission would delete our files)
+            merging.callback(release, claim_task(work_dir, cfg))
+        output_files = output_names(work_dir, cfg)  # read before a --restart forgets the subsets merged
         manifest = prepare_work_dir(work_dir, settings, cfg.restart, say, merge_only=cfg.merge_only)
         if manifest is None:
             reset_work_dir(work_dir)
-        if not cfg.merge_only:  # one process per task index (a resubmission would delete our files)
-            merging.callback(release, claim_task(work_dir, cfg))
-        remove_stale_temporaries(work_dir, cfg.output_prefix, say)
+        remove_stale_temporaries(work_dir, cfg.output_prefix, say, outputs=output_files)
         total_bytes = sum(os.path.getsize(p) for p, _ in files)
         if cfg.shard_size_mb is not None:
             shard_size = max(int(cfg.shard_size_mb * MB), 1)

@@ -8,9 +8,9 @@ import os
 from collections.abc import Sequence
 
 from dense_model.data.preprocess import claims
-from dense_model.data.preprocess.claims import CLAIM_SUFFIX, ClaimError, describe, read_claim, take
+from dense_model.data.preprocess.claims import CLAIM_SUFFIX, ClaimError, describe, is_stale, read_claim, take
 from dense_model.data.preprocess.config import MANIFEST_VERSION, PreprocessConfig, ResumeError
-from dense_model.data.preprocess.plan import ShardSpec
+from dense_model.data.preprocess.plan import ShardSpec, blend_path_for, output_prefix_for
 from dense_model.data.preprocess.shard import shard_is_intact
 from dense_model.data.tokenizers import Tokenizer
 
@@ -47,8 +47,15 @@ def prepare_work_dir(
     --merge-only takes the task count of the run it merges."""
     manifest_path = os.path.join(work_dir, "manifest.json")
     if not os.path.exists(manifest_path):
+        foreign = sorted(n for n in os.listdir(work_dir) if not is_run_file(n) and ".tmp." not in n)
+        if foreign:  # reset_work_dir would delete them: not a work folder, or not ours
+            raise ResumeError(
+                f"{work_dir} holds {foreign[0]} but no manifest.json: it is not a preprocess work folder; "
+                "nothing was deleted: choose another --output-prefix, or move that folder away"
+            )
         return None
     if restart:
+        check_no_other_claims(work_dir)  # --restart deletes every task's shards
         log(f"--restart: discarding the shards in {work_dir}")
         return None
     try:
@@ -79,6 +86,41 @@ PUBLISHED = "published."  # published.HASH.json: an output merged, renamed and r
 
 def is_run_file(name: str) -> bool:
     return name in RUN_FILES or name.startswith(PUBLISHED) or name.endswith(CLAIM_SUFFIX)
+
+
+def check_no_other_claims(work_dir: str) -> None:
+    """ClaimError while a live process other than this one holds a claim in ``work_dir``."""
+    for name in sorted(os.listdir(work_dir)):
+        if name.endswith(CLAIM_SUFFIX):
+            path = os.path.join(work_dir, name)
+            record = read_claim(path)
+            if record and not is_stale(record) and record.get("pid") != os.getpid():
+                raise ClaimError(
+                    "--restart would delete the shards of a run still working: "
+                    + describe(name.removesuffix(CLAIM_SUFFIX), path, record)
+                )
+
+
+def output_names(work_dir: str, cfg: PreprocessConfig) -> set[str]:
+    """The file names this prefix's merge writes next to the outputs (``PREFIX[_SUBSET]_KEY_document``
+    .bin/.idx and the blends), for the subsets its finished shards and published records name: a
+    merge's temporary is one of these with ``.tmp.PID`` (another prefix's ``PREFIX_v2_...`` is not)."""
+    subsets: set[str | None] = {None}
+    for name in os.listdir(work_dir):
+        if name.endswith(".done.json") or (name.startswith(PUBLISHED) and name.endswith(".json")):
+            try:
+                with open(os.path.join(work_dir, name)) as f:
+                    record = json.load(f)
+                subsets.update(o["subset"] for o in record.get("outputs", [record]))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+    names = set()
+    for key in cfg.json_keys:
+        names.add(os.path.basename(blend_path_for(cfg.output_prefix, key, cfg.json_keys)))
+        for subset in subsets:
+            stem = os.path.basename(output_prefix_for(cfg.output_prefix, key, subset))
+            names.update((stem + ".bin", stem + ".idx"))
+    return names
 
 
 def reset_work_dir(work_dir: str) -> None:
