@@ -11,8 +11,8 @@ preprocessing's ``--restart``. Four rules:
   ``metrics.jsonl``, a ``job.lock``), a lock or a claim anywhere below it is refused unless the
   caller recognises the target as its own kind of output (``ours``: e.g. the import's marker with
   nothing trained since) (``check_replaceable``).
-- **Check and claim before deleting.** ``replacing`` takes ``PARENT/.NAME.lock`` (``flock``: a dead
-  holder's lock is free), checks, stages the new folder next to the target, checks again, then
+- **Check and claim before deleting.** ``replacing`` takes ``PARENT/.NAME.lock`` (an ``O_EXCL``
+  file naming its holder, taken over once its holder is gone: ``procutil.held_lock``), checks, stages the new folder next to the target, checks again, then
   renames: target -> ``.NAME.old``, staging -> target, ``.NAME.old`` deleted last.
 - **Crash at any point, the rerun restores or finishes.** Under the lock, first: a ``.NAME.old`` with
   no target is renamed back (killed between the two renames); with the target there it is deleted
@@ -28,18 +28,15 @@ Published folders get the umask's permissions (others of a shared project can re
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import re
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from dense_model.procutil import process_start_time
+from dense_model.procutil import held_lock, holder_identity
 
 # What marks a folder as someone's work in progress or a training run. The names are those of
 # checkpoint/layout.py (TRACKER) and training/run_lock.py (job.lock): this floor cannot import them,
@@ -205,41 +202,20 @@ def recover(target: Path, say: Callable[[str], None] | None = None) -> None:
         shutil.rmtree(path)
 
 
-@contextlib.contextmanager
-def target_lock(target: Path, what: str, label: str) -> Iterator[None]:
-    """Hold ``PARENT/.NAME.lock`` (flock: the kernel frees a dead holder's; its holder's host/pid inside for the message)."""
-    path = target.parent / f".{target.name}.lock"
-    while True:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            with os.fdopen(fd) as f:
-                try:
-                    holder = json.loads(f.read() or "{}")
-                except ValueError:
-                    holder = {}
-            raise ReplaceError(
-                f"{label} {target} is being written by another {holder.get('what', 'process')} (host "
-                f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {holder.get('since', '?')}); "
-                "wait for it or pick another folder"
-            ) from None
-        try:
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                break  # not a file its last holder unlinked after we opened it
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        record = {"what": what, "host": socket.gethostname(), "pid": os.getpid(),
-                  "start": process_start_time(os.getpid()), "since": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # unlinked while locked: a waiting opener sees another inode and retries
-        os.close(fd)
+def target_lock(target: Path, what: str, label: str) -> contextlib.AbstractContextManager[None]:
+    """Hold ``PARENT/.NAME.lock``: an ``O_EXCL`` file naming its holder, with a heartbeat
+    (``procutil.held_lock``; not ``flock``, which some NFS mounts grant to everyone). A dead
+    holder's lock is taken over; a live one's is refused naming it."""
+
+    def busy(holder: dict) -> ReplaceError:
+        return ReplaceError(
+            f"{label} {target} is being written by another {holder.get('what', 'process')} (host "
+            f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {holder.get('since', '?')}); "
+            "wait for it or pick another folder"
+        )
+
+    record = {"what": what, **holder_identity(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return held_lock(target.parent / f".{target.name}.lock", record, busy)
 
 
 def _name(target: str | os.PathLike) -> Path:

@@ -18,19 +18,23 @@ holder; tasks and steps of one run of a job share both numbers and are never a r
 other. Records written before these fields existed are judged by host and pid, as they were.
 
 ``create_exclusive``/``read_lock``/``remove_if``/``claim_file`` are the ``O_EXCL`` lock file
-itself (no ``flock``: some NFS mounts grant it to everyone), with race-free takeover of a stale one.
+itself (no ``flock``: some NFS mounts grant it to everyone), with race-free takeover of a stale one;
+``held_lock`` holds one for a block with a heartbeat (the preprocessing work folder's lock, the lock
+of a folder being replaced: ``fsreplace``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -318,3 +322,43 @@ def claim_file(
             return None, holder
         _take_over(path, (holder, ident), record, stale_reason)
     return None, read_lock(path)[0] or {}
+
+
+# A held lock's mtime is refreshed every LOCK_BEAT_S; one untouched for LOCK_STALE_S whose holder
+# cannot be checked from here (another host or container) was left by a dead one.
+LOCK_BEAT_S, LOCK_STALE_S = 30.0, 600.0
+
+
+@contextlib.contextmanager
+def held_lock(
+    path: Path, record: dict, busy: Callable[[dict], Exception], wait: bool = False
+) -> Iterator[None]:
+    """Hold the ``O_EXCL`` lock file ``path`` (holding ``record``) for the block, refreshing its mtime
+    every LOCK_BEAT_S through its own descriptor (never touching a lock taken after ours). A stale
+    lock (its holder gone, this SLURM job requeued, or elsewhere and silent for LOCK_STALE_S:
+    ``stale_by_heartbeat``) is taken over; a live one is waited for (``wait``) or ``busy(holder)``
+    is raised. Released (removed only if still ours) on any exit."""
+    path = Path(path)
+    while True:
+        fd, holder = claim_file(path, record, lambda h, p: stale_by_heartbeat(h, p, LOCK_STALE_S))
+        if fd is not None:
+            break
+        if not wait:
+            raise busy(holder)
+        time.sleep(0.2)
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(LOCK_BEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(fd)
+
+    beating = threading.Thread(target=beat, name=f"lock-heartbeat:{path.name}", daemon=True)
+    beating.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beating.join()
+        remove_if(path, file_identity(os.fstat(fd)), record)
+        os.close(fd)

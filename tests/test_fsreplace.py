@@ -109,7 +109,7 @@ def test_one_replacement_per_target_and_a_dead_holders_lock_is_free(tmp_path):
         finally:
             os._exit(1)
     os.waitpid(pid, 0)
-    _publish(target, "after")  # the kernel released a dead holder's flock
+    _publish(target, "after")  # a dead holder's lock is taken over (its pid is gone on this host)
     assert _tree(target) == {"sub/weights": "after"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from dense_model import procutil
 from dense_model.data.preprocess import claims
 from dense_model.data.preprocess.claims import ClaimError, is_stale, owner, take
 from dense_model.data.preprocess.workdir import locked
@@ -128,7 +129,7 @@ def test_the_work_folder_lock_is_an_exclusive_file_naming_its_holder(tmp_path):
     threading.Thread(target=release_soon).start()
     with locked(work, wait=True):  # a task of a multi-task run waits for the setup under way
         assert released
-    old = time.time() - claims.LOCK_STALE_S - 5
+    old = time.time() - procutil.LOCK_STALE_S - 5
     for stale, age in (
         (json.dumps({**owner(""), "pid": dead_pid()}), None),
         (json.dumps(container), old),

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -26,21 +25,15 @@ from dense_model.data.preprocess.config import ResumeError
 from dense_model.procutil import (
     ELSEWHERE,
     GONE,
-    claim_file,
-    file_identity,
+    held_lock,
     holder_identity,
     holder_state,
     is_this_process,
     process_start_time,
-    remove_if,
     requeued,
-    stale_by_heartbeat,
 )
 
 CLAIM_SUFFIX = ".claim"
-# The work folder's lock is refreshed every LOCK_BEAT_S while held; one untouched for LOCK_STALE_S
-# whose holder cannot be checked from here (another host or container) was left by a dead one.
-LOCK_BEAT_S, LOCK_STALE_S = 30.0, 600.0
 _TEMPORARY = re.compile(r"\.tmp\.(\d+)$")  # indexed.tmp_name: PATH.tmp.PID
 
 
@@ -185,38 +178,16 @@ def remove_stale_temporaries(work_dir: str, output_prefix: str, say, outputs=Non
     return removed
 
 
-@contextlib.contextmanager
 def folder_lock(path: str, busy: str, wait: bool):
-    """Hold the lock file `path` (O_EXCL: `flock` is unreliable on NFS), refreshing its mtime while
-    held. Taken over when its holder is gone, is this SLURM job requeued, or elsewhere and silent for
-    LOCK_STALE_S (`procutil.stale_by_heartbeat`); else wait for it, or raise ClaimError: `busy`,
-    the holder and how to clear it."""
-    lock = Path(path)
-    record = owner("the work folder's lock")
-    while True:
-        fd, holder = claim_file(lock, record, lambda h, p: stale_by_heartbeat(h, p, LOCK_STALE_S))
-        if fd is not None:
-            break
-        if not wait:
-            raise ClaimError(
-                f"{busy} ({path} is held by pid {holder.get('pid')} on {holder.get('host')} since "
-                f"{holder.get('since')}); wait for it or pick another --output-prefix, or if that "
-                f"process is gone, delete {path} and rerun."
-            )
-        time.sleep(0.2)
-    stop = threading.Event()
+    """Hold the lock file `path` (O_EXCL: `flock` is unreliable on NFS; `procutil.held_lock`): taken
+    over when its holder is gone, is this SLURM job requeued, or elsewhere and silent for
+    LOCK_STALE_S; else wait for it, or raise ClaimError: `busy`, the holder and how to clear it."""
 
-    def beat():  # through our descriptor: it never touches a lock taken after ours
-        while not stop.wait(LOCK_BEAT_S):
-            with contextlib.suppress(OSError):
-                os.utime(fd)
+    def refused(holder: dict) -> ClaimError:
+        return ClaimError(
+            f"{busy} ({path} is held by pid {holder.get('pid')} on {holder.get('host')} since "
+            f"{holder.get('since')}); wait for it or pick another --output-prefix, or if that "
+            f"process is gone, delete {path} and rerun."
+        )
 
-    beating = threading.Thread(target=beat, name="work-folder-lock", daemon=True)
-    beating.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        beating.join()
-        remove_if(lock, file_identity(os.fstat(fd)), record)
-        os.close(fd)
+    return held_lock(Path(path), owner("the work folder's lock"), refused, wait)
