@@ -3,10 +3,14 @@ the other samples' loss) and is counted for the log."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from dense_model.config import load_config
 from dense_model.testing import spawn_workers, tiny_model_overrides
+from tests.training.pretrain_jobs import trained_ok
 
 SEQ = 64
 
@@ -73,3 +77,22 @@ def test_a_repetitive_sample_adds_nothing_to_the_loss_and_is_counted(tmp_path):
     others = on["losses"][[0, 1, 3]].mean().item()
     assert abs(on["loss"] - others) < 1e-6 and abs(off["loss"] - on["losses"].mean().item()) < 1e-6
     assert on["keys"] == off["keys"] == ["labels", "loss_mask", "position_ids", "tokens"]
+
+
+@pytest.mark.slow
+def test_filtered_instances_are_logged_summed_over_data_parallel_ranks(tiny_config):
+    """max_count 1 catches every sample: each step logs the whole global batch (8), counted on two
+    data-parallel ranks (4 each) and summed, and an all-masked batch's loss is 0."""
+    config, run_dir = tiny_config(
+        "filter",
+        "training.train_iters=3",
+        "checkpoint.save_interval=100",
+        "data.repetition_filter.enabled=true",
+        "data.repetition_filter.max_period=1",
+        "data.repetition_filter.max_count=1",
+    )
+    trained_ok(config, nproc=2)
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r and "filtered_instances" in r]
+    assert [r["step"] for r in train] == [1, 2, 3], records
+    assert all(r["filtered_instances"] == 8 and r["loss"] == 0.0 for r in train), train
