@@ -274,6 +274,31 @@ class TrainingConfig:
 
 
 @dataclass
+class RepetitionFilterConfig:
+    """OLMo's instance filter (the seed's data.instance_filter): a train sample with a token sequence of
+    period min_period..max_period repeated max_count times or more is masked from the loss."""
+
+    enabled: bool = False
+    """Apply the filter to training samples (validation samples are never filtered)."""
+    min_period: int = 1
+    """Shortest repeated sequence checked, in tokens (seed: repetition_min_period 1)."""
+    max_period: int = 13
+    """Longest repeated sequence checked, in tokens (seed: repetition_max_period 13)."""
+    max_count: int = 32
+    """Repeats back to back that filter a sample (seed: repetition_max_count 32)."""
+
+    def validate(self) -> None:
+        for name in ("min_period", "max_period", "max_count"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.repetition_filter.{name}={getattr(self, name)}: give a positive number")
+        if self.min_period > self.max_period:
+            raise ConfigError(
+                f"data.repetition_filter.min_period={self.min_period} > max_period={self.max_period}; "
+                "give min_period <= max_period"
+            )
+
+
+@dataclass
 class DataConfig:
     blend: str | None = None
     """Blend file (JSON) written by preprocess_data.py --split-by-subset."""
@@ -296,9 +321,12 @@ class DataConfig:
     validation_sets: dict[str, str] = field(default_factory=dict)
     """Named held-out sets {NAME: dataset prefix or blend .json}, each scored at every evaluation
     (the same samples: eval_iters batches at most) and logged as valid/NAME/loss and /ppl."""
+    repetition_filter: RepetitionFilterConfig = field(default_factory=RepetitionFilterConfig)
+    """OLMo's repetition filter on training samples (off unless enabled)."""
 
     def validate(self) -> None:
         non_negative(self, "data", "num_workers")
+        self.repetition_filter.validate()
         check_split(self.split)
         try:  # names and files here; batch size and vocabulary in rules.validate
             resolve_validation_sets(self.validation_sets)

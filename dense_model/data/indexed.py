@@ -210,6 +210,13 @@ class DocumentWriter:
         self._lengths.extend(lengths)
         self.tokens += n
 
+    def add_flat(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append tokens [n] as they are; `lengths` closes documents (sum may differ from n: a
+        document may continue into the next call's tokens, whose lengths then count it)."""
+        self._bin.write(memoryview(np.ascontiguousarray(tokens, dtype=self.dtype)))
+        self._lengths.extend(np.asarray(lengths, dtype=np.int32).tolist())
+        self.tokens += int(tokens.shape[0])
+
     def finish(self) -> None:
         _close(self._bin, self.durable)
         idx_tmp = tmp_name(self.prefix + ".idx")

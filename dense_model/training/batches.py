@@ -8,6 +8,7 @@ do not depend on the data-parallel size (DP=2 and DP=1 with the same global batc
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from dense_model.config import Config
 from dense_model.data.blend import load_blend
 from dense_model.data.gpt_dataset import build_gpt_datasets
+from dense_model.data.repetition import is_repetitive
 from dense_model.model import model_device
 
 
@@ -74,9 +76,12 @@ def batch_iterator(
     wrap: bool = False,
     num_workers: int | None = None,
     device: torch.device | None = None,
+    filter_repeats: bool = False,
 ):
     """An iterator of micro-batch dicts (tokens, labels, loss_mask, position_ids) for this rank,
-    on ``device`` (default: the model's, ``dense_model.model.model_device``)."""
+    on ``device`` (default: the model's, ``dense_model.model.model_device``). With
+    ``filter_repeats`` and ``data.repetition_filter.enabled``, samples the filter catches get loss
+    mask 0 and the iterator's ``take_filtered()`` counts them."""
     from megatron.core import parallel_state as ps
 
     t = cfg.training
@@ -90,20 +95,44 @@ def batch_iterator(
         wrap,
     )
     workers = cfg.data.num_workers if num_workers is None else num_workers
+    rf = cfg.data.repetition_filter
     device = model_device() if device is None else device
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,
-        collate_fn=_collate,
+        collate_fn=partial(_collate, rf if filter_repeats and rf.enabled else None),
         # Its own generator: creating an iterator draws a seed, which from the global generator
         # would shift the dropout stream of a resumed run (it restores the RNG, then builds this).
         generator=torch.Generator().manual_seed(t.seed),
         # Page-locked host memory lets the copy below overlap with the GPU's work.
         pin_memory=device.type == "cuda",
     )
-    return (to_device(batch, device) for batch in loader)
+    return Batches(loader, device)
+
+
+class Batches:
+    """The loader's micro-batches moved to ``device``, counting the samples the repetition filter masked."""
+
+    def __init__(self, loader, device: torch.device):
+        self._it, self.device = iter(loader), device
+        self.filtered = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = next(self._it)
+        filtered = batch.pop("filtered", None)
+        if filtered is not None:  # counted on the host, before the copy: no device sync
+            self.filtered += int(filtered.sum())
+        return to_device(batch, self.device)
+
+    def take_filtered(self) -> int:
+        """Samples masked by the repetition filter since the last call (this rank's micro-batches)."""
+        n, self.filtered = self.filtered, 0
+        return n
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -111,6 +140,16 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _collate(samples):
+def _collate(repetition_filter, samples):
     keys = ("tokens", "labels", "loss_mask", "position_ids")
-    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}  # each [b, s]
+    if repetition_filter is not None:
+        rf = repetition_filter
+        # OLMo checks the instance's input ids; a caught sample stays in the batch (the same shapes
+        # and the same data position) but adds nothing to the loss or the token count.
+        filtered = torch.tensor(
+            [is_repetitive(t.numpy(), rf.min_period, rf.max_period, rf.max_count) for t in batch["tokens"]]
+        )  # [b]
+        batch["loss_mask"] = batch["loss_mask"] * (~filtered).to(batch["loss_mask"].dtype)[:, None]
+        batch["filtered"] = filtered
+    return batch

@@ -137,7 +137,9 @@ class Trainer:
 
         self.train_ds, self.valid_ds = build_datasets(cfg, self.train_iters, self.tokenizer)
         self.valid_sets = self._build_validation_sets()
-        self.train_iter = batch_iterator(self.train_ds, cfg, self.state.consumed_samples, wrap=True)
+        self.train_iter = batch_iterator(
+            self.train_ds, cfg, self.state.consumed_samples, wrap=True, filter_repeats=True
+        )
         self._batch_iterator = batch_iterator
         self.metrics = MetricsLogger(cfg, enabled=self.rank == 0, resumed_from=self.state.iteration)
         if self._schedule_change:
@@ -240,6 +242,15 @@ class Trainer:
             [self.ddp], self.train_iter, self.num_microbatches, self.cfg.model.seq_length, t.micro_batch_size
         )
         return lm_loss(losses)
+
+    def _filtered_instances(self) -> int:
+        """Train samples the repetition filter masked since the last call, over data-parallel ranks
+        (every rank of a DP group reads the same samples, so one DP group's sum is the total)."""
+        from megatron.core import parallel_state as ps
+
+        n = torch.tensor([float(self.train_iter.take_filtered())])
+        collectives.sum_over_group(n, ps.get_data_parallel_group())
+        return int(n.item())
 
     def _step_health(self, loss: torch.Tensor | None) -> torch.Tensor:
         """[loss is NaN/Inf, a local gradient is NaN/Inf, the loss or -inf], float64, on the GPU/CPU.
@@ -379,6 +390,8 @@ class Trainer:
                     if self.moe_monitor
                     else None
                 )
+                if cfg.data.repetition_filter.enabled:  # collective: every rank
+                    router = {**(router or {}), "filtered_instances": self._filtered_instances()}
                 self.metrics.log_train(
                     step,
                     self.tokens(),
