@@ -143,7 +143,10 @@ def run_tool(script, args, folder, timeout: float = 300) -> subprocess.Completed
         proc.start()
         proc.join(timeout)
         if proc.exitcode is None:
-            kill_process_tree(proc.pid)  # the tool's own children too: they would outlive the session
+            import psutil
+
+            with contextlib.suppress(psutil.NoSuchProcess):  # it may end on its own meanwhile
+                kill_process_tree(proc.pid)  # the tool's own children too: they would outlive the session
             proc.join()
             raise subprocess.TimeoutExpired(cmd, timeout)
         stdout, stderr = (Path(out, name).read_text(errors="replace") for name in ("stdout", "stderr"))

@@ -45,6 +45,24 @@ def test_run_tool_ends_what_the_tool_started(tmp_path):
     assert _gone(pids) == [], "left alive by run_tool's worker"
 
 
+# Starts a child, writes its pid to the file named by its argument, then hangs.
+HANGING_TOOL = """
+import pathlib, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+pathlib.Path(sys.argv[1]).write_text(str(child.pid))
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_tool_past_its_timeout_is_killed_with_its_children(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(HANGING_TOOL)
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_tool(script, [tmp_path / "pid"], tmp_path, timeout=30)
+    assert _gone([int((tmp_path / "pid").read_text())]) == [], "the tool's child outlived its timeout"
+
+
 def _rank_starts_a_child(rank, world_size, out):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     Path(out).write_text(str(child.pid))
