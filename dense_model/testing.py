@@ -259,8 +259,9 @@ def stop_fork_server(timeout: float = 30.0) -> None:
     """Stop this process's fork server, if it runs: closing its "alive" pipe tells it to exit. Waits at
     most ``timeout`` (multiprocessing's own stop waits forever, and a process forked from this one
     without exec holds that pipe too), then kills it."""
-    import psutil
     from multiprocessing import forkserver
+
+    import psutil
 
     server = forkserver._forkserver
     with server._lock:
@@ -289,8 +290,9 @@ def leftover_processes(since: float, names: list[str], orphans: bool = True) -> 
     contains one of ``names`` and whose parent is pid 1 or one of this process's ancestors (a
     subreaper): where a process goes when the one that started it exits first, so parentage alone
     misses it. Zombies do not count."""
-    import psutil
     from multiprocessing import resource_tracker
+
+    import psutil
 
     me = psutil.Process()
     ancestors = {p.pid for p in me.parents()}

@@ -54,10 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10, help="how many runs (at least 2)")
     parser.add_argument("--steps", type=int, default=40, help="training.train_iters of each run")
-    parser.add_argument("--dir", default="/tmp/check_reproducible", help="folder for the runs (must be empty or absent)")
-    parser.add_argument("--config", default=str(REPO / "configs/demo.yaml"), help="training config (the demo's by default)")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="set in each run's environment")
-    parser.add_argument("overrides", nargs="*", help="more config overrides (key=value), the same for every run")
+    parser.add_argument(
+        "--dir", default="/tmp/check_reproducible", help="folder for the runs (must be empty or absent)"
+    )
+    parser.add_argument(
+        "--config", default=str(REPO / "configs/demo.yaml"), help="training config (the demo's by default)"
+    )
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="set in each run's environment"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="more config overrides (key=value), the same for every run"
+    )
     args = parser.parse_args(argv)
     out = Path(args.dir)
     if args.runs < 2:
@@ -81,8 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     reference, differing = None, 0
     for k in range(1, args.runs + 1):
         run_dir = out / f"run-{k}"
-        cmd = ["bash", str(REPO / "run_pretrain.sh"), args.config, f"training.train_iters={args.steps}",
-               "logging.log_interval=1", f"run_dir={run_dir}", *args.overrides]
+        cmd = [
+            "bash",
+            str(REPO / "run_pretrain.sh"),
+            args.config,
+            f"training.train_iters={args.steps}",
+            "logging.log_interval=1",
+            f"run_dir={run_dir}",
+            *args.overrides,
+        ]
         start = time.monotonic()
         with open(out / f"run-{k}.log", "w") as log:
             code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
@@ -94,12 +109,20 @@ def main(argv: list[str] | None = None) -> int:
         if reference is None:
             reference = steps
             last = steps[max(steps)]
-            print(f"run {k}: {len(steps)} steps in {took:.0f} s, last loss {last[0]!r} grad norm {last[1]!r}", flush=True)
+            print(
+                f"run {k}: {len(steps)} steps in {took:.0f} s, last loss {last[0]!r} grad norm {last[1]!r}",
+                flush=True,
+            )
             continue
         diff = first_difference(reference, steps)
         differing += diff is not None
-        print(f"run {k}: {took:.0f} s, " + (f"differs from run 1 at {diff}" if diff else "identical to run 1"), flush=True)
-    print(f"{args.runs - differing} of {args.runs} runs identical to run 1 ({args.steps} steps, loss and grad norm)")
+        print(
+            f"run {k}: {took:.0f} s, " + (f"differs from run 1 at {diff}" if diff else "identical to run 1"),
+            flush=True,
+        )
+    print(
+        f"{args.runs - differing} of {args.runs} runs identical to run 1 ({args.steps} steps, loss and grad norm)"
+    )
     return 1 if differing else 0
 
 

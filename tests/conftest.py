@@ -77,7 +77,7 @@ def pytest_collection_modifyitems(config, items):
 # No test may leave a process behind. At the session's end every pytest process (each xdist worker,
 # and the controller or a plain pytest) stops its fork server and looks for processes still alive:
 # its descendants, and (the controller, or a plain pytest, once the workers are gone) orphans that
-# started during the session and name this checkout or its venv. Any found fail the run (exit 1),
+# started since pytest did and name this checkout or its venv. Any found fail the run (exit 1),
 # are listed, and are killed. Seconds to let a process that is already exiting finish:
 LEFTOVER_GRACE_S = 15.0
 
@@ -107,11 +107,15 @@ def pytest_sessionfinish(session):
     from dense_model.procutil import kill_process_tree
 
     config = session.config
+    if not hasattr(config, "_leftover_since"):  # the session never started
+        return
     worker = hasattr(config, "workerinput")
     stop_fork_server()
     names = leftover_names(config)
     deadline = time.monotonic() + LEFTOVER_GRACE_S
-    while (left := leftover_processes(config._leftover_since, names, orphans=not worker)) and time.monotonic() < deadline:
+    while (
+        left := leftover_processes(config._leftover_since, names, orphans=not worker)
+    ) and time.monotonic() < deadline:
         time.sleep(0.5)
     lines = []
     for proc in left:

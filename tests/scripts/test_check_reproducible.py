@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("check_reproducible", REPO / "scripts/check_reproducible.py")
+    spec = importlib.util.spec_from_file_location(
+        "check_reproducible", REPO / "scripts/check_reproducible.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
