@@ -6,6 +6,7 @@ spawn_workers(worker, 2, out_dir)                  # raises if any rank fails
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -18,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dense_model.parallel import destroy_parallel
+from dense_model.procutil import kill_process_tree
 
 
 def random_lm_batches(count: int, micro_batch_size: int, seq: int, vocab: int, seed: int = 7) -> list[dict]:
@@ -141,7 +143,10 @@ def run_tool(script, args, folder, timeout: float = 300) -> subprocess.Completed
         proc.start()
         proc.join(timeout)
         if proc.exitcode is None:
-            proc.kill()
+            import psutil
+
+            with contextlib.suppress(psutil.NoSuchProcess):  # it may end on its own meanwhile
+                kill_process_tree(proc.pid)  # the tool's own children too: they would outlive the session
             proc.join()
             raise subprocess.TimeoutExpired(cmd, timeout)
         stdout, stderr = (Path(out, name).read_text(errors="replace") for name in ("stdout", "stderr"))
@@ -171,9 +176,31 @@ def _tool_entry(script: str, args: list[str], env: dict[str, str], out: str) -> 
     except BaseException:
         traceback.print_exc()
         code = 1
+    end_descendants()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def end_descendants(timeout: float = 10.0) -> None:
+    """End what this process started, as its exit would: multiprocessing's exit handler first (it shuts
+    down Managers, e.g. the one dist_checkpointing's async writer spawns, and joins children), then
+    SIGTERM, and after ``timeout`` SIGKILL, for any descendant still alive. A forked worker ends with
+    ``os._exit``, which skips that handler: without this, a Manager outlives the test session."""
+    import multiprocessing.util
+
+    import psutil
+
+    multiprocessing.util._exit_function()
+    left = psutil.Process().children(recursive=True)
+    for proc in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(left, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=timeout)
 
 
 def free_port() -> int:
@@ -228,6 +255,65 @@ def _ensure_fork_server() -> None:
         os.environ.update(saved)
 
 
+def stop_fork_server(timeout: float = 30.0) -> None:
+    """Stop this process's fork server, if it runs: closing its "alive" pipe tells it to exit. Waits at
+    most ``timeout`` (multiprocessing's own stop waits forever, and a process forked from this one
+    without exec holds that pipe too), then kills it."""
+    from multiprocessing import forkserver
+
+    import psutil
+
+    server = forkserver._forkserver
+    with server._lock:
+        if server._forkserver_pid is None:
+            return
+        pid, address = server._forkserver_pid, server._forkserver_address
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = server._forkserver_pid = server._forkserver_address = None
+    try:
+        proc = psutil.Process(pid)
+        try:
+            proc.wait(timeout)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    except psutil.NoSuchProcess:
+        pass
+    with contextlib.suppress(OSError):
+        os.unlink(address)
+
+
+def leftover_processes(since: float, names: list[str], orphans: bool = True) -> list:
+    """Processes the tests of this process started that are still alive (psutil.Process list): its
+    descendants but its own multiprocessing resource tracker (it ends when this process does), and,
+    with ``orphans``, processes that started at or after ``since`` (epoch seconds), whose command line
+    contains one of ``names`` and whose parent is pid 1 or one of this process's ancestors (a
+    subreaper): where a process goes when the one that started it exits first, so parentage alone
+    misses it. Zombies do not count."""
+    from multiprocessing import resource_tracker
+
+    import psutil
+
+    me = psutil.Process()
+    ancestors = {p.pid for p in me.parents()}
+    tracker = resource_tracker._resource_tracker._pid
+    found = {p.pid: p for p in me.children(recursive=True) if p.pid != tracker}
+    if orphans:
+        for proc in psutil.process_iter(["ppid", "create_time", "cmdline"]):
+            info = proc.info
+            if proc.pid == me.pid or proc.pid in ancestors or info["create_time"] is None:
+                continue
+            if (info["ppid"] == 1 or info["ppid"] in ancestors) and info["create_time"] >= since:
+                if any(name in " ".join(info["cmdline"] or ()) for name in names):
+                    found[proc.pid] = proc
+    alive = []
+    for proc in found.values():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+    return alive
+
+
 def start_method(env: dict[str, str]) -> str:
     """``forkserver`` where the server's imports serve the job's environment, else ``spawn``."""
     return "forkserver" if _interpreting_server() or "TRITON_INTERPRET" not in env else "spawn"
@@ -258,9 +344,11 @@ def _entry(rank, world_size, port, env, payload):
         MASTER_PORT=str(port),
     )
     fn, args = pickle.loads(payload)
-    fn(rank, world_size, *args)
-
-    destroy_parallel()
+    try:
+        fn(rank, world_size, *args)
+        destroy_parallel()
+    finally:
+        end_descendants()
 
 
 def spawn_workers(fn, world_size: int, *args, env: dict[str, str] | None = None) -> None:

@@ -4,12 +4,15 @@ with megatron-core's IndexedDatasetBuilder."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import time
 
 import numpy as np
 import pytest
 
-from dense_model.testing import python_docs_text, train_sentencepiece
+from dense_model.testing import leftover_processes, python_docs_text, stop_fork_server, train_sentencepiece
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +72,65 @@ def pytest_collection_modifyitems(config, items):
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     root = config.rootpath
     items.sort(key=lambda item: rank.get(item.path.relative_to(root).as_posix(), len(rank)))
+
+
+# No test may leave a process behind. At the session's end every pytest process (each xdist worker,
+# and the controller or a plain pytest) stops its fork server and looks for processes still alive:
+# its descendants, and (the controller, or a plain pytest, once the workers are gone) orphans that
+# started since pytest did and name this checkout or its venv. Any found fail the run (exit 1),
+# are listed, and are killed. Seconds to let a process that is already exiting finish:
+LEFTOVER_GRACE_S = 15.0
+
+
+def leftover_names(config) -> list[str]:
+    """What an orphan's command line names to count as the tests': this checkout or its venv."""
+    return [str(config.rootpath), sys.prefix]
+
+
+def pytest_sessionstart(session):
+    import psutil
+
+    # psutil's clock (boot time + ticks), as the start times it is compared with; from pytest's start
+    session.config._leftover_since = psutil.Process().create_time()
+    session.config._leftovers = []  # the workers' reports, in the controller
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook
+def pytest_testnodedown(node, error):
+    node.config._leftovers.extend(getattr(node, "workeroutput", {}).get("leftover_processes", []))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist has shut its workers down
+def pytest_sessionfinish(session):
+    import psutil
+
+    from dense_model.procutil import kill_process_tree
+
+    config = session.config
+    if not hasattr(config, "_leftover_since"):  # the session never started
+        return
+    worker = hasattr(config, "workerinput")
+    stop_fork_server()
+    names = leftover_names(config)
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    while (
+        left := leftover_processes(config._leftover_since, names, orphans=not worker)
+    ) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    lines = []
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            lines.append(f"pid {proc.pid} (parent {proc.ppid()}): {' '.join(proc.cmdline())[:300]}")
+            kill_process_tree(proc.pid, timeout=10)
+    if worker:
+        config.workeroutput["leftover_processes"] = lines
+        return
+    lines = config._leftovers + lines
+    if lines:
+        report = config.pluginmanager.get_plugin("terminalreporter")
+        write = report.write_line if report else lambda line: print(line, file=sys.stderr)
+        write(f"error: {len(lines)} process(es) the tests started were still alive at the end (killed now):")
+        for line in lines:
+            write("  " + line)
+        if session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED

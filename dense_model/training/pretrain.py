@@ -163,6 +163,8 @@ class Trainer:
             f"model: {cfg.model.activation}, {n_params:,} parameters on rank 0 | "
             f"TP {p.tensor_model_parallel_size} PP {p.pipeline_model_parallel_size} DP {self.dp_size} | "
             f"{self.train_iters} steps of {t.global_batch_size} x {cfg.model.seq_length} tokens | run dir {self.run_dir}"
+            # On the CPU the bits of the losses depend on the thread count (docs/safety.md): say it.
+            + (f" | {torch.get_num_threads()} CPU threads per rank" if device_type == "cpu" else "")
         )
 
     def _load(self, plan: LoadPlan) -> None:
