@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dense_model.checkpoint import CHECKPOINTS, METADATA, fsync_dir, fsync_tree, iteration_dir, read_metadata
+from dense_model.checkpoint import CHECKPOINTS, METADATA, fsync_dir, fsync_tree, iteration_dir
 from dense_model.checkpoint.layout import _iteration_folders, fsync_write
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,14 +75,6 @@ def stamp_of(tasks: str, rest: list[str], iteration: int) -> dict:
         "tasks": [t for t in tasks.split(",") if t],
         **{o.lstrip("-"): _option(rest, o) for o in KEY_OPTIONS},
     }
-
-
-def _tokens(folder: Path, iteration: int) -> int | None:
-    try:
-        config = read_metadata(folder)["config"]
-        return iteration * int(config["training"]["global_batch_size"]) * int(config["model"]["seq_length"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -137,7 +129,6 @@ def score_iteration(run_dir: Path, iteration: int, tasks: str, rest: list[str]) 
         return "gone"
     out.mkdir(parents=True, exist_ok=True)
     _remove_dead_temporaries(out, name)
-    stamp["tokens"] = _tokens(folder, iteration)
     tmp = out / f".{name}.tmp-{socket.gethostname()}-{os.getpid()}"
     tmp.mkdir()
     print(f"run_lm_eval: {run_dir} {name}: scoring {tasks}", flush=True)
@@ -156,8 +147,8 @@ def score_iteration(run_dir: Path, iteration: int, tasks: str, rest: list[str]) 
         return "failed"
     for path in results:
         data = json.loads(path.read_text())
-        data[STAMP] = stamp
-        data.setdefault("config", {}).setdefault("dense_model_tokens", stamp["tokens"])
+        # the tokens trained, as the adapter counts them (the iteration's global batches x seq length)
+        data[STAMP] = {**stamp, "tokens": data.get("config", {}).get("dense_model_tokens")}
         fsync_write(path, json.dumps(data, indent=2))
     fsync_tree(tmp)
     final = out / name
