@@ -135,9 +135,12 @@ class DenseModelLM(TemplateLM):
         """Goes into the results JSON's ``config`` (scripts/compare_evals.py reads it)."""
         from megatron.core import parallel_state
 
+        # tokens trained, for plots over tokens (a batch-size ramp-up is not counted)
+        tokens = self.iteration * self.config.training.global_batch_size * self.config.model.seq_length
         return {
             "dense_model_checkpoint": str(self.checkpoint),
             "dense_model_iteration": self.iteration,
+            "dense_model_tokens": tokens,
             "dense_model_activation": self.config.model.activation,
             "dense_model_tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
             "dense_model_dtype": str(self.dtype).removeprefix("torch."),

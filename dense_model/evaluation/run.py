@@ -15,6 +15,10 @@ Offline by default: HF_DATASETS_OFFLINE and HF_HUB_OFFLINE are set to 1 unless a
 tasks read the local Hugging Face cache (fill it on a machine with network access first, with
 HF_DATASETS_OFFLINE=0) or local JSONL tasks (examples/lm_eval_tasks/).
 
+``--every-checkpoint`` (CHECKPOINT a run or study directory) scores every saved iteration not yet
+scored, each into RUN_DIR/lm_eval/iter_NNNNNNN (``--slurm``: one SLURM array task per iteration);
+see dense_model/evaluation/every.py.
+
 A checkpoint path that is missing or not ours, and a task lm-eval does not know, stop before the
 model is loaded with a one-line error (exit status 2).
 """
@@ -49,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     clash = [a for a in rest if a.split("=", 1)[0] in OWN_OPTIONS]
     if clash:
         return _fail(f"{', '.join(clash)}: the model and the tasks are the first two arguments\n{USAGE}")
+
+    if "--every-checkpoint" in rest:
+        from dense_model.evaluation import every
+
+        try:
+            return every.main(checkpoint, tasks, [a for a in rest if a != "--every-checkpoint"])
+        except every.EveryCheckpointError as err:
+            return _fail(str(err))
 
     try:
         folder = resolve_checkpoint(checkpoint)
