@@ -50,12 +50,15 @@ LONGEST_FIRST = (
     "tests/training/test_pretrain.py",
     "tests/test_run_pretrain_demo.py",
     "tests/scripts/test_gpu_check.py",
+    "tests/evaluation/test_every_checkpoint.py",
     "tests/export/test_export_hf.py",
     "tests/evaluation/test_lm_eval_adapter.py",
     "tests/training/test_checkpoint_load.py",
     "tests/export/test_export_safety.py",
     "tests/export/test_import_hf.py",
     "tests/export/test_import_memory.py",
+    "tests/training/test_pretrain_moe.py",
+    "tests/activations/kernels/test_polycom_bench_scripts.py",
 )
 
 
