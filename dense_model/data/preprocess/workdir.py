@@ -7,8 +7,15 @@ import json
 import os
 from collections.abc import Sequence
 
-from dense_model.data.preprocess import claims
-from dense_model.data.preprocess.claims import CLAIM_SUFFIX, ClaimError, describe, is_stale, read_claim, take
+from dense_model.data.preprocess.claims import (
+    CLAIM_SUFFIX,
+    ClaimError,
+    describe,
+    folder_lock,
+    is_stale,
+    read_claim,
+    take,
+)
 from dense_model.data.preprocess.config import MANIFEST_VERSION, PreprocessConfig, ResumeError
 from dense_model.data.preprocess.plan import ShardSpec, blend_path_for, output_prefix_for
 from dense_model.data.preprocess.shard import shard_is_intact
@@ -20,7 +27,7 @@ def locked(work_dir: str, wait: bool = False):
     same prefix is refused), or, with wait=True, briefly while a task of a multi-task run sets up.
     An O_EXCL lock file naming its holder (`claims.folder_lock`), not `flock`."""
     busy = f"another preprocess run is using {work_dir} (same --output-prefix)"
-    return claims.folder_lock(os.path.join(work_dir, "lock"), busy, wait)
+    return folder_lock(os.path.join(work_dir, "lock"), busy, wait)
 
 
 def run_settings(cfg: PreprocessConfig, tokenizer: Tokenizer, dtype: str) -> dict:
