@@ -47,7 +47,10 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
                 parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parent + ([base] if base else []))
             submodules = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in known]
-            candidates = submodules or [base]  # from pkg import module / from module import name
+            # from pkg import module / from module import name; the former also runs pkg's __init__
+            # (the root package's imports nothing of ours)
+            runs_init = submodules and base in known and base != PACKAGE
+            candidates = [*submodules, base] if runs_init else submodules or [base]
         else:
             continue
         for target in candidates:
