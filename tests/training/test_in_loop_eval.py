@@ -5,7 +5,6 @@ checkpoint of the same iteration, request by request, at DP=2 and at TP=2."""
 
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -46,10 +45,6 @@ def test_a_task_that_cannot_run_is_one_line_before_launch_and_nothing_is_written
     )
     cases = [
         (
-            ["evaluation.in_loop.tasks=[tiny_python_mcq]", f"evaluation.in_loop.include_path={TASKS}"],
-            "evaluation.in_loop.tasks: lm-eval does not know tiny_python_mcq;",
-        ),
-        (
             ["evaluation.in_loop.tasks=[hub_mc]", f"evaluation.in_loop.include_path={hub_task}"],
             "evaluation.in_loop.tasks: hub_mc cannot be built offline",
         ),
@@ -71,12 +66,24 @@ def test_a_task_that_cannot_run_is_one_line_before_launch_and_nothing_is_written
         assert not run_dir.exists()
 
 
+@pytest.mark.slow  # a name not among the local tasks makes lm-eval index its ~14,000 built-in files (12-30 s)
+def test_a_task_lm_eval_does_not_know_is_one_line_before_launch(tiny_config, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    config, run_dir = tiny_config("unknown", "evaluation.in_loop.tasks=[tiny_python_mcq]", f"evaluation.in_loop.include_path={TASKS}")
+    assert launcher_main([str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("config error: evaluation.in_loop.tasks: lm-eval does not know tiny_python_mcq;"), err
+    assert len(err.splitlines()) == 1, err
+    assert not run_dir.exists()
+
+
 # --------------------------------------------------------------------------- in the loop
 
 
 class _DumpRequests:
     """f(Trainer) -> a Trainer that writes each in-loop evaluation's requests and answers (every
-    rank: RUN_DIR/in_loop_requests.stepN.rankR.json) and, with ``kill_at``, SIGKILLs itself right
+    rank: RUN_DIR/in_loop_requests.stepN.rankR.json) and, with ``kill_at``, SIGKILLs itself and its
+    helpers right
     after the evaluation of that step is logged, on the first attempt only."""
 
     def __init__(self, kill_at: int | None = None):
@@ -90,7 +97,7 @@ class _DumpRequests:
                 super()._evaluate_downstream()
                 step = self.state.iteration
                 answers = {
-                    name: [[inst.arguments, inst.resps] for inst in task.instances]
+                    name: [[inst.doc_id, inst.idx, inst.resps[0]] for inst in task.instances]
                     for name, task in self.downstream.tasks["tasks"].items()
                 }
                 out = self.run_dir / f"in_loop_requests.step{step}.rank{self.rank}.json"
@@ -98,7 +105,9 @@ class _DumpRequests:
                 marker = self.run_dir / "killed_once"
                 if step == kill_at and not marker.exists():
                     marker.write_text("")
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    from dense_model.procutil import kill_process_tree
+
+                    kill_process_tree(os.getpid())  # with its helpers (dist_checkpointing's Manager), as a crash
 
         return Dumping
 
@@ -144,3 +153,71 @@ def test_a_kill_after_an_in_loop_evaluation_and_a_relaunch_log_it_once(module_ti
     assert read_metrics(run_dir)[0] == read_metrics(plain_run)[0]
     assert [r["step"] for r in downstream_records(run_dir)] == [3, 6]
     assert json.loads((run_dir / "in_loop_requests.step3.rank0.json").read_text()) == first
+
+
+def _offline_job(rank, world_size, checkpoint, out_dir):
+    """run_lm_eval.sh's module (dense_model.evaluation.run) on one checkpoint at TP = world size."""
+    from dense_model.evaluation.run import main
+
+    code = main(
+        [checkpoint, "tiny_python_mc,tiny_python_ppl", "--include_path", str(TASKS), "--limit", str(LIMIT)]
+        + ["--log_samples", "--output_path", out_dir]
+    )
+    assert code == 0
+
+
+def _answers_by_request(dump: dict) -> dict:
+    """{(task, doc_id, idx): the request's answer} from a _DumpRequests file."""
+    return {
+        (task, doc_id, idx): resp for task, rows in dump.items() for doc_id, idx, resp in rows
+    }
+
+
+def _offline_answers(out_dir: Path) -> dict:
+    """The same from lm-eval's per-sample logs (--log_samples): a document's requests in idx order,
+    each answer written as text (repr of the float: exact)."""
+
+    def parsed(resp):
+        if isinstance(resp, list):  # loglikelihood: [log-probability, is greedy]
+            return [float(resp[0]), resp[1] == "True"]
+        return float(resp)
+
+    answers = {}
+    for path in out_dir.rglob("samples_*.jsonl"):
+        task = path.name.removeprefix("samples_").rsplit("_", 1)[0]
+        for line in path.read_text().splitlines():
+            sample = json.loads(line)
+            for idx, resps in enumerate(sample["resps"]):
+                answers[(task, sample["doc_id"], idx)] = parsed(resps[0])
+    return answers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_in_loop_scores_equal_run_lm_eval_on_the_checkpoint_request_by_request(
+    module_tiny_config, tp, tmp_path, monkeypatch
+):
+    """Two ranks: TP=1 (DP=2, the requests split over the DP ranks) and TP=2 (one DP rank)."""
+    from dense_model.testing import spawn_workers
+
+    monkeypatch.chdir(REPO)
+    config, run_dir = module_tiny_config(f"parity_tp{tp}", *SHORT, *IN_LOOP, f"parallel.tensor_model_parallel_size={tp}")
+    code, out = train_in_workers(config, nproc=2, trainer=_DumpRequests())
+    assert code == 0, out
+    in_loop = json.loads((run_dir / "in_loop_requests.step6.rank0.json").read_text())
+    assert json.loads((run_dir / "in_loop_requests.step6.rank1.json").read_text()) == in_loop  # all gathered
+    spawn_workers(_offline_job, tp, str(run_dir / "checkpoints" / "iter_0000006"), str(tmp_path / "offline"))
+    offline = _offline_answers(tmp_path / "offline")
+    ours = _answers_by_request(in_loop)
+    assert sorted(ours) == sorted(offline) and len(ours) > LIMIT
+    for key, answer in ours.items():
+        if isinstance(answer, list):  # loglikelihood: (log-probability, is greedy)
+            assert abs(answer[0] - offline[key][0]) < 1e-5 and answer[1] == offline[key][1], key
+        else:  # loglikelihood_rolling: the document's log-likelihood
+            assert abs(answer - offline[key]) < 1e-5 * max(1.0, abs(offline[key])), key
+    results = json.loads(next((tmp_path / "offline").rglob("results_*.json")).read_text())["results"]
+    record = downstream_records(run_dir)[-1]
+    assert record["downstream/tiny_python_mc/acc"] == results["tiny_python_mc"]["acc,none"]
+    assert record["downstream/tiny_python_ppl/word_perplexity"] == pytest.approx(
+        results["tiny_python_ppl"]["word_perplexity,none"], rel=1e-5
+    )
