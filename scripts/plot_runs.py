@@ -7,7 +7,8 @@ Panels: training loss; validation perplexity of the training blend's held-out sp
 named set (data.validation_sets: valid/NAME/ppl records); downstream accuracy per lm-eval task (the
 headline metric, as scripts/compare_evals.py picks it) from the results JSON under RUN/lm_eval/ or
 RUN/evals/ (a point at the checkpoint's tokens: the iteration our adapter or the study stamps in
-it, else the run's last step). Written as OUTPUT (PNG) and the same name .svg.
+it, else the run's last step) and from the in-loop evaluations in metrics.jsonl (evaluation.in_loop:
+downstream/TASK/METRIC records, at their tokens). Written as OUTPUT (PNG) and the same name .svg.
 With --band minmax|ci95, runs with the same label (the activation, or --labels) are one mean line
 with a band: min..max over the runs, or the mean's 95% interval (Student t over seeds); steps
 missing from a run are left out of its group's curve.
@@ -170,6 +171,30 @@ def read_downstream(run_dir: Path, train: dict[int, dict]) -> dict[str, dict[int
                     if isinstance(metrics[name], (int, float)):
                         point = {"tokens": iteration * per_step, "score": float(metrics[name])}
                         out.setdefault(f"{task}/{name}", {})[iteration] = point
+    for task, points in read_in_loop(run_dir).items():
+        metrics = {name: None for name in points}
+        for name in headline(metrics, None):
+            for step, point in points[name].items():
+                out.setdefault(f"{task}/{name}", {})[step] = point
+    return out
+
+
+def read_in_loop(run_dir: Path) -> dict[str, dict[str, dict[int, dict]]]:
+    """task -> metric -> {step: {tokens, score}} from metrics.jsonl's in-loop evaluation records
+    (evaluation.in_loop: downstream/TASK/METRIC keys)."""
+    out: dict[str, dict[str, dict[int, dict]]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or "step" not in record:
+            continue
+        for key, value in record.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "downstream" and isinstance(value, (int, float)):
+                point = {"tokens": record.get("tokens", 0), "score": float(value)}
+                out.setdefault(parts[1], {}).setdefault(parts[2], {})[record["step"]] = point
     return out
 
 

@@ -14,8 +14,15 @@ from tests.training.pretrain_jobs import REPO, read_metrics, train_in_workers, t
 
 TASKS = REPO / "examples" / "lm_eval_tasks"
 LIMIT = 6
-# Six steps, a checkpoint every 2; the tasks scored at steps 3 and 6.
-SHORT = ["training.train_iters=6", "checkpoint.save_interval=2", "logging.eval_interval=0"]
+# Six steps, a checkpoint every 2; the tasks scored at steps 3 and 6. Dropout on, so that a random
+# state drawn from or a model left in eval mode by an evaluation would change the next losses.
+SHORT = [
+    "training.train_iters=6",
+    "checkpoint.save_interval=2",
+    "logging.eval_interval=0",
+    "model.hidden_dropout=0.1",
+    "model.attention_dropout=0.1",
+]
 IN_LOOP = [
     "evaluation.in_loop.tasks=[tiny_python_mc,tiny_python_ppl]",
     "evaluation.in_loop.interval=3",
@@ -153,6 +160,8 @@ def test_a_kill_after_an_in_loop_evaluation_and_a_relaunch_log_it_once(module_ti
     assert read_metrics(run_dir)[0] == read_metrics(plain_run)[0]
     assert [r["step"] for r in downstream_records(run_dir)] == [3, 6]
     assert json.loads((run_dir / "in_loop_requests.step3.rank0.json").read_text()) == first
+    trained_ok(config)  # a relaunch of the finished run trains nothing and scores nothing again
+    assert [r["step"] for r in downstream_records(run_dir)] == [3, 6]
 
 
 def _offline_job(rank, world_size, checkpoint, out_dir):
