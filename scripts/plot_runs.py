@@ -129,16 +129,21 @@ def plot_coefficients(run_dirs: list[Path], labels: list[str], output: Path) -> 
     return path
 
 
-def read_named_sets(run_dir: Path) -> dict[str, dict[int, dict]]:
-    """'validation' (the blend's held-out split, val_ppl) and each named set -> {step: {tokens, ppl}}."""
-    out: dict[str, dict[int, dict]] = {}
+def step_records(run_dir: Path):
+    """The records of the run's metrics.jsonl that carry a step (a line that is not JSON is skipped)."""
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if not isinstance(record, dict) or "step" not in record:
-            continue
+        if isinstance(record, dict) and "step" in record:
+            yield record
+
+
+def read_named_sets(run_dir: Path) -> dict[str, dict[int, dict]]:
+    """'validation' (the blend's held-out split, val_ppl) and each named set -> {step: {tokens, ppl}}."""
+    out: dict[str, dict[int, dict]] = {}
+    for record in step_records(run_dir):
         point = {"tokens": record.get("tokens", 0)}
         if "val_ppl" in record:
             out.setdefault("validation", {})[record["step"]] = {**point, "ppl": record["val_ppl"]}
@@ -183,13 +188,7 @@ def read_in_loop(run_dir: Path) -> dict[str, dict[str, dict[int, dict]]]:
     """task -> metric -> {step: {tokens, score}} from metrics.jsonl's in-loop evaluation records
     (evaluation.in_loop: downstream/TASK/METRIC keys)."""
     out: dict[str, dict[str, dict[int, dict]]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict) or "step" not in record:
-            continue
+    for record in step_records(run_dir):
         for key, value in record.items():
             parts = key.split("/")
             if len(parts) == 3 and parts[0] == "downstream" and isinstance(value, (int, float)):

@@ -466,7 +466,8 @@ class Trainer:
         """Score evaluation.in_loop's tasks on the live model (every rank) and log them with the time
         it took and the share of this job's wall time its in-loop evaluations took so far."""
         started = time.perf_counter()
-        with self.gc.around():
+        paused = self.moe_monitor.paused() if self.moe_monitor else contextlib.nullcontext()
+        with self.gc.around(), paused:  # MoE: the router statistics count training forwards only
             finish_param_gather(self.ddp)  # overlap_param_gather: the forward needs this step's weights
             values = self.downstream.evaluate()
         seconds = time.perf_counter() - started

@@ -230,3 +230,47 @@ def test_in_loop_scores_equal_run_lm_eval_on_the_checkpoint_request_by_request(
     assert record["downstream/tiny_python_ppl/word_perplexity"] == pytest.approx(
         results["tiny_python_ppl"]["word_perplexity,none"], rel=1e-5
     )
+
+
+@pytest.mark.slow
+def test_the_dynamics_demo_config_logs_two_held_out_sets_and_its_task_and_plots_them(tmp_path, monkeypatch):
+    """configs/demo_dynamics.yaml for four steps (the README's demo runs 150): both demo:SUBSET sets
+    are the subset's documents the demo split keeps out of training, and plot_runs draws one panel
+    per set and the in-loop task."""
+    import sys
+
+    import numpy as np
+
+    from dense_model.data.demo import DEMO_SPLIT, demo_heldout_prefix
+    from dense_model.data.gpt_dataset import split_matrix
+    from dense_model.data.indexed import read_index_header
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("DENSE_MODEL_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "demo_dynamics"
+    short = ["training.train_iters=4", "training.lr_warmup_iters=1", "checkpoint.save_interval=4"]
+    short += ["logging.eval_interval=2", "logging.eval_iters=1", "evaluation.in_loop.interval=2"]
+    short += ["evaluation.in_loop.limit=4", "data.num_workers=0", "training.micro_batch_size=4"]
+    trained_ok(REPO / "configs" / "demo_dynamics.yaml", f"run_dir={run_dir}", *short)
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for key in ("valid/wikipedia/ppl", "valid/github/ppl", "downstream/tiny_python_mc/acc"):
+        assert [r["step"] for r in records if key in r] == [2, 4], key
+    for subset in ("wikipedia", "github"):
+        held_out = read_index_header(demo_heldout_prefix(subset, str(tmp_path / "cache" / "demo_data")) + ".idx")
+        source = read_index_header(str(tmp_path / "cache" / "demo_data" / f"redpajama_sample_{subset}_text_document.idx"))
+        begin = int(round(split_matrix(DEMO_SPLIT)[1][0] * source.sequence_count))  # the first not trained on
+        assert held_out.sequence_count == source.sequence_count - begin > 0
+        assert np.array_equal(held_out.lengths(), source.lengths()[begin:])
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import plot_runs
+
+    train, _ = plot_runs.read_run(run_dir)
+    run = {"label": "demo", "train": train, "sets": plot_runs.read_named_sets(run_dir)}
+    run["downstream"] = plot_runs.read_downstream(run_dir, train)
+    _, drawn = plot_runs.plot_panels([run], None)
+    assert {"wikipedia perplexity", "github perplexity", "tiny_python_mc/acc_norm"} <= set(drawn), sorted(drawn)
