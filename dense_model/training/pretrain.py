@@ -387,7 +387,7 @@ class Trainer:
         interval_losses, interval_tokens, interval_time, interval_steps = [], 0, 0.0, 0
         last_saved = self.state.iteration if self.state.iteration else None
         last_eval = None
-        first_step, last_downstream = self.state.iteration, self.state.iteration
+        last_downstream = self.state.iteration  # a resumed step was scored (or not) by the job that trained it
         self._fit_started = time.perf_counter()
         in_loop = cfg.evaluation.in_loop
         while self.state.iteration < self.train_iters:
@@ -443,7 +443,7 @@ class Trainer:
             self._validate()
         # the last step too, unless scored already or this job trained nothing (a relaunch of a
         # finished run: its record is there from the job that trained it)
-        if self.downstream and last_downstream != self.state.iteration and self.state.iteration > first_step:
+        if self.downstream and last_downstream != self.state.iteration:
             self._evaluate_downstream()
         if last_saved != self.state.iteration:
             self._save()
