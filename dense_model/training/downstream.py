@@ -19,6 +19,7 @@ are 1 unless set.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -123,6 +124,20 @@ def random_states_kept():
         tracker.set_states(tracked)
 
 
+@contextlib.contextmanager
+def _no_request_bars():
+    """lm-eval draws a progress bar while it builds each task's requests, on every rank, with no way
+    to turn it off: none in the training log."""
+    import lm_eval.api.task as task_module
+
+    bar = task_module.tqdm
+    task_module.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        task_module.tqdm = bar
+
+
 class DataParallelLM(MegatronLM):
     """MegatronLM whose request lists are split over the data-parallel group: DP rank r scores
     requests r, r + DP, ...; the answers are gathered, so every rank returns all of them in order."""
@@ -190,7 +205,7 @@ class InLoopEvaluator:
         was_training = self.model.training
         self.model.eval()
         try:
-            with random_states_kept(), torch.no_grad():
+            with random_states_kept(), torch.no_grad(), _no_request_bars():
                 random.seed(RANDOM_SEED)
                 np.random.seed(NUMPY_SEED)
                 torch.manual_seed(TORCH_SEED)
