@@ -65,6 +65,10 @@ def main(argv=None) -> int:
     command = ["bash", str(REPO / "toolkits" / "evaluation" / "run_lm_eval.sh"), args.checkpoint, args.tasks]
     command += ["--include_path", args.include_path, "--limit", str(args.limit)]
 
+    # a command of its own: not this process's process-group rendezvous (initialised by the model load)
+    dist_env = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in dist_env}
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # as many threads as the in-process runs
     times: dict[str, list[float]] = {"in-loop": [], "scoring": [], "run_lm_eval.sh": []}
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -77,7 +81,9 @@ def main(argv=None) -> int:
         times["scoring"].append(time.perf_counter() - start)
 
         start = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode:
+            sys.exit(f"run_lm_eval.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
         times["run_lm_eval.sh"].append(time.perf_counter() - start)
     same = all(abs(v - theirs["results"][k.split("/")[0]][k.split("/")[1] + ",none"]) < 1e-9 for k, v in ours.items())
 

@@ -59,6 +59,7 @@ LONGEST_FIRST = (
     "tests/export/test_import_memory.py",
     "tests/training/test_pretrain_moe.py",
     "tests/activations/kernels/test_polycom_bench_scripts.py",
+    "tests/training/test_in_loop_eval.py",
 )
 
 
