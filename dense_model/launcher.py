@@ -146,7 +146,9 @@ def dry_run(cfg: Config, world_size: int, unready: Exception | None) -> int:
         try:
             cfg.model.vocab_size = resolve_vocab_size(cfg)  # the tokenizer's, as the trainer resolves it
         except ConfigError as err:
-            print(f"config error: {err} (or set model.vocab_size=N for a dry run without it)", file=sys.stderr)
+            print(
+                f"config error: {err} (or set model.vocab_size=N for a dry run without it)", file=sys.stderr
+            )
             return 2
     print(describe_job(cfg, world_size))
     if unready is not None:

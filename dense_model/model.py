@@ -376,7 +376,9 @@ def count_parameters(m: ModelConfig) -> dict[str, int]:
         width = expert_ffn_hidden_size(m)
         expert = h * width * (2 if gated else 1) + width * h + act_params
         shared = moe.shared_expert_ffn_hidden_size or 0
-        always = moe.num_experts * h + (h * shared * (2 if gated else 1) + shared * h + act_params if shared else 0)
+        always = moe.num_experts * h + (
+            h * shared * (2 if gated else 1) + shared * h + act_params if shared else 0
+        )
         mlp, active_mlp = moe.num_experts * expert + always, moe.router_topk * expert + always
         act_params *= moe.num_experts + (1 if shared else 0)
     norms = 2 * h + {"none": 0, "per_head": 2 * kv, "full": (heads + groups) * kv}[m.qk_norm]

@@ -156,5 +156,7 @@ def test_a_tokenizer_json_without_eos_stops_the_launch_in_one_line(tmp_path, cap
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
-    assert err.startswith(f"config error: data.tokenizer_model: cannot load {path} as a huggingface tokenizer"), err
+    assert err.startswith(
+        f"config error: data.tokenizer_model: cannot load {path} as a huggingface tokenizer"
+    ), err
     assert "has no EOS token" in err and "<|endoftext|>" in err, err
