@@ -1,6 +1,7 @@
 """count_parameters (what ``--dry-run`` prints) against built MoE models: total as the built model's
 parameters, active as the total less the experts a token does not visit (one process, one rank)."""
 
+import pytest
 import torch
 
 from dense_model.config import load_config
@@ -45,6 +46,8 @@ def _count(rank, world_size, out_file):
     ps.destroy_model_parallel()
 
 
+@pytest.mark.slow  # a spawned process builds three models (~15 s on 2 busy cores; tests/test_dry_run.py
+# checks the same formula's OLMoE numbers, derived independently, in the quick tier)
 def test_moe_parameter_count_equals_the_built_model(tmp_path):
     out = tmp_path / "counts.pt"
     spawn_workers(_count, 1, str(out))
