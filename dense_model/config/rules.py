@@ -11,14 +11,20 @@ from dense_model.config.derived import (
     ffn_hidden_size,
     moe_enabled,
     train_and_warmup_steps,
+    warmup_tokens,
 )
 from dense_model.config.schema import Config, sections
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Raise ConfigError with the field and the fix if ``cfg`` cannot run on ``world_size`` ranks."""
+def validate(cfg: Config, world_size: int | None = None, *, files: bool = True) -> None:
+    """Raise ConfigError with the field and the fix if ``cfg`` cannot run on ``world_size`` ranks.
+    ``files=False``: the values alone, no data, tokenizer or validation set read (the dry run's
+    first check; model.vocab_size stays as given)."""
     for _, section in sections(cfg):
-        section.validate()
+        if section is cfg.data:
+            section.validate(files=files)
+        else:
+            section.validate()
     m, p, t = cfg.model, cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     groups = m.num_query_groups or m.num_attention_heads
@@ -51,6 +57,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"training.lr_warmup_tokens) is not shorter than training ({iters} steps); lower the "
             "warm-up or train longer"
         )
+    if t.lr_decay_tokens is not None and t.lr_decay_tokens <= warmup_tokens(cfg):
+        raise ConfigError(
+            f"training.lr_decay_tokens={t.lr_decay_tokens} is not longer than the warm-up "
+            f"({warmup_tokens(cfg)} tokens, training.lr_warmup_tokens or lr_warmup_iters); raise it "
+            "or shorten the warm-up"
+        )
     _validate_moe(cfg, world_size)
     if world_size is not None:
         if world_size % (tp * pp):
@@ -66,6 +78,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 f"training.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}; "
                 f"use a multiple of {t.micro_batch_size * dp}"
             )
+    if not files:
+        return
     resolve_vocab_size(cfg)  # last (the layout's messages first): loads the tokenizer, once
     if cfg.data.validation_sets:  # reads the sets' indexes and scans their tokens: only when given
         _check_validation_sets(cfg)
