@@ -139,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dry_run(cfg: Config, world_size: int, unready: Exception | None) -> int:
-    """Print the job (``describe_job``); what keeps it from launching here (a data, tokenizer or
-    checkpoint file) one line on stderr after it, exit 0: the report is the dry run's answer. The
-    vocabulary is model.vocab_size, else the tokenizer's (exit 2 if neither is there)."""
+    """Print the job (``describe_job``), then what keeps it from launching here (a data, tokenizer or
+    checkpoint file) as one line on stderr and exit 2: the report is printed either way, and the
+    exit status stays a go/no-go answer. The vocabulary is model.vocab_size, else the tokenizer's
+    (exit 2 if neither is there)."""
     if cfg.model.vocab_size is None or not unready:
         try:
             cfg.model.vocab_size = resolve_vocab_size(cfg)  # the tokenizer's, as the trainer resolves it
@@ -153,6 +154,7 @@ def dry_run(cfg: Config, world_size: int, unready: Exception | None) -> int:
     print(describe_job(cfg, world_size))
     if unready is not None:
         print(f"not launchable here yet: {unready}", file=sys.stderr)
+        return 2
     return 0
 
 

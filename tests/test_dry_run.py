@@ -26,20 +26,23 @@ def olmoe_counts(expert_matrices: int, width: int, scalars_per_expert: int) -> t
     return total, active
 
 
-def dry_run_layout(capsys, *args):
-    code = main([*args, "--dry-run"])
+def dry_run_layout(capsys, *args, code=0):
+    got = main([*args, "--dry-run"])
     out, err = capsys.readouterr()
-    assert code == 0, err
+    assert got == code, err
     return out.strip().splitlines()[-1], err
 
 
 def test_olmoe_dry_run_prints_the_papers_total_and_active_parameters(capsys):
     """6.9B total, 1.3B active (OLMoE-1B-7B's model card) with neither the dolma tokenizer file nor
     the data here: the vocabulary is the config's 50280 (padded to the seed's 50304); what keeps the
-    job from launching is one line on stderr, and the exit is 0."""
+    job from launching is one line on stderr after the report, and the exit is 2 (a go/no-go check
+    must not pass without the data)."""
     assert not (REPO / "data/tokenizer/allenai_gpt-neox-olmo-dolma-v1_5.json").exists()
     for activation, matrices, width, scalars in (("polynorm", 2, 1536, 4), ("swiglu", 3, 1024, 0)):
-        layout, err = dry_run_layout(capsys, str(REPO / f"configs/moe/olmoe_1b7b_{activation}.yaml"))
+        layout, err = dry_run_layout(
+            capsys, str(REPO / f"configs/moe/olmoe_1b7b_{activation}.yaml"), code=2
+        )
         total, active = olmoe_counts(matrices, width, scalars)
         assert f"| {total:,} parameters" in layout, (activation, layout)
         assert f"| {active:,} active per token | total 6.9B, active 1.3B |" in layout, (activation, layout)
