@@ -117,6 +117,8 @@ def _job(rank, world_size, out_dir, tokenizer, tokens_file):
     logits["imported"] = _our_logits(out / "imported", tokens)
     export_hf(out / "imported", out / "hf_again", dtype="float32")
     torch.save(logits, out / "logits.pt")
+    import_hf(out / "hf" / "olmoe_router_gqa", out / "imported_ours")  # our export, dense_model.json beside
+    export_hf(out / "imported_ours", out / "hf_ours_again", dtype="float32")
 
 
 def make_olmoe(folder: Path, tokenizer: str, seed: int = 0):
@@ -332,6 +334,7 @@ def test_an_imported_olmoe_trains_on_at_ep2(olmoe, tmp_path, mmap_dataset):
         "data.num_workers=0",
         "parallel.expert_model_parallel_size=2",
         "training.train_iters=2",
+        "training.lr_warmup_iters=1",
         "training.micro_batch_size=2",
         "training.global_batch_size=4",
         "training.bf16=false",
@@ -344,3 +347,20 @@ def test_an_imported_olmoe_trains_on_at_ep2(olmoe, tmp_path, mmap_dataset):
     assert f"loaded the model weights of {olmoe / 'imported'}/checkpoints/iter_0000000" in out, out
     losses, _ = read_metrics(tmp_path / "new")
     assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values()), losses
+
+
+@pytest.mark.slow
+def test_our_olmoe_export_imports_back_bit_for_bit_with_its_model_section(olmoe):
+    from safetensors.torch import load_file
+
+    name = "olmoe_router_gqa"
+    first, again = olmoe / "hf" / name, olmoe / "hf_ours_again"
+    a, b = load_file(first / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((first / "config.json").read_text()) == json.loads((again / "config.json").read_text())
+    section = [
+        json.loads((olmoe / run / "checkpoints" / it / "dense_model.json").read_text())["config"]["model"]
+        for run, it in ((name, "iter_0000003"), ("imported_ours", "iter_0000000"))
+    ]
+    assert section[0] == section[1]  # the run's own router-loss settings, init, padding multiple ... kept
+
