@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from dense_model.testing import spawn_workers
-from tests.export.test_export_hf import SEQ, VOCAB, tiny_config
-from tests.export.test_export_moe import perturb
+from tests.export.test_export_hf import SEQ, VOCAB
+from tests.export.test_export_moe import EXPERTS, moe_config, perturb
+from tests.export.test_import_hf import save_hf_model
 
-EXPERTS = 4
 TOL = 1e-5
 # name -> (activation, top-k, overrides); exported as OlmoeForCausalLM
 SPECS = {
@@ -61,18 +61,7 @@ HF_FIELDS = dict(  # the imported OlmoeForCausalLM
 
 def olmoe_config(activation, topk, extra, tokenizer, tp=1):
     tp_fields = [f"parallel.tensor_model_parallel_size={tp}", "parallel.sequence_parallel=true"] if tp > 1 else []
-    return tiny_config(
-        activation,
-        tokenizer,
-        [
-            f"model.moe.num_experts={EXPERTS}",
-            f"model.moe.router_topk={topk}",
-            "model.moe.ffn_hidden_size=32",
-            "model.qk_norm=full",
-            *extra,
-            *tp_fields,
-        ],
-    )
+    return moe_config(activation, topk, ["model.qk_norm=full", *extra, *tp_fields], tokenizer)
 
 
 def _our_logits(run, tokens):
@@ -126,17 +115,8 @@ def make_olmoe(folder: Path, tokenizer: str, seed: int = 0):
     tensors) with the SentencePiece model as tokenizer.json; norms and q/k gains off their init."""
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
-    from dense_model.export.tokenizer import export_tokenizer
-
     torch.manual_seed(seed)
-    model = OlmoeForCausalLM(OlmoeConfig(**HF_FIELDS))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(0.3 * torch.randn(param.shape))
-    model.save_pretrained(folder, max_shard_size="60KB")
-    export_tokenizer("sentencepiece", tokenizer, folder, model_max_length=SEQ)
-    return model.eval()
+    return save_hf_model(OlmoeForCausalLM(OlmoeConfig(**HF_FIELDS)), folder, tokenizer, "60KB")
 
 
 @pytest.fixture(scope="module")
