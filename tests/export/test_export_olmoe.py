@@ -6,7 +6,8 @@ code, and ``AutoModelForCausalLM`` gives our logits to 1e-5 (fp32) for OLMoE's r
 at TP=2 (its q/k gains sharded like the heads) exports the TP=2 model's logits. What OLMoE cannot
 express is refused with one line, nothing written. Import: a random ``OlmoeForCausalLM`` built here
 (sharded safetensors + index, allenai's tensor names) imports into a run directory whose model
-gives transformers' logits to 1e-5, exports back to the same logits, and trains on at EP=2.
+gives transformers' logits to 1e-5 (at TP=1 and loaded at TP=2), exports back to the same logits,
+and trains on at EP=2.
 
 Megatron runs in spawned processes (dense_model.testing.spawn_workers); transformers runs here.
 """
@@ -344,3 +345,25 @@ def test_our_olmoe_export_imports_back_bit_for_bit_with_its_model_section(olmoe)
     ]
     assert section[0] == section[1]  # the run's own router-loss settings, init, padding multiple ... kept
 
+
+
+def _tp2_logits_job(rank, world_size, run, tokens_file, out):
+    """Our logits of ``run`` loaded at TP=2 (each rank half the heads, half the q/k gains), gathered."""
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    from dense_model.checkpoint.inference import load_model_for_inference
+
+    loaded = load_model_for_inference(run, tensor_model_parallel_size=2, dtype=torch.float32)
+    tokens = torch.load(tokens_file)
+    with torch.no_grad():
+        logits = loaded.model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)  # [b, s, v/2]
+        logits = gather_from_tensor_model_parallel_region(logits)[..., :VOCAB]
+    if rank == 0:
+        torch.save(logits, out)
+
+
+@pytest.mark.slow
+def test_an_imported_olmoe_loads_at_tp2_with_transformers_logits(olmoe, tmp_path):
+    """What run_lm_eval.sh with TP=2 loads: the import resharded, q/k gains split like the heads."""
+    spawn_workers(_tp2_logits_job, 2, str(olmoe / "imported"), str(olmoe / "tokens.pt"), str(tmp_path / "l.pt"))
+    assert_close(torch.load(tmp_path / "l.pt"), torch.load(olmoe / "made_logits.pt"), "import at TP=2")
