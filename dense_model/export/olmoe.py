@@ -45,7 +45,9 @@ def olmoe_refusal(m: ModelConfig) -> str | None:
             f"{m.moe.shared_expert_ffn_hidden_size})"
         )
     if m.qk_norm != "full":
-        return f"always normalises q and k over their full width and this model has model.qk_norm={m.qk_norm!r}"
+        return (
+            f"always normalises q and k over their full width and this model has model.qk_norm={m.qk_norm!r}"
+        )
     return None
 
 

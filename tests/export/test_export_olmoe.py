@@ -29,13 +29,22 @@ from tests.export.test_import_hf import save_hf_model
 TOL = 1e-5
 # name -> (activation, top-k, overrides); exported as OlmoeForCausalLM
 SPECS = {
-    "olmoe_router_gqa": ("swiglu", 2, ["model.moe.router_score=softmax_then_topk", "model.num_query_groups=2"]),
+    "olmoe_router_gqa": (
+        "swiglu",
+        2,
+        ["model.moe.router_score=softmax_then_topk", "model.num_query_groups=2"],
+    ),
     "mixtral_router_tied": ("swiglu", 3, ["model.untie_embeddings=false", "model.rotary_base=50000"]),
 }
 # name -> (activation, top-k, overrides, --format); each refused with one line
 REFUSED = {
     "polynorm_auto": ("polynorm", 2, ["model.qk_norm=full"], "auto"),
-    "shared_expert": ("swiglu", 2, ["model.qk_norm=full", "model.moe.shared_expert_ffn_hidden_size=32"], "auto"),
+    "shared_expert": (
+        "swiglu",
+        2,
+        ["model.qk_norm=full", "model.moe.shared_expert_ffn_hidden_size=32"],
+        "auto",
+    ),
     "qk_none_forced": ("swiglu", 2, ["model.qk_norm=none"], "olmoe"),
     "per_head_forced": ("swiglu", 2, ["model.qk_norm=per_head"], "olmoe"),
 }
@@ -61,7 +70,9 @@ HF_FIELDS = dict(  # the imported OlmoeForCausalLM
 
 
 def olmoe_config(activation, topk, extra, tokenizer, tp=1):
-    tp_fields = [f"parallel.tensor_model_parallel_size={tp}", "parallel.sequence_parallel=true"] if tp > 1 else []
+    tp_fields = (
+        [f"parallel.tensor_model_parallel_size={tp}", "parallel.sequence_parallel=true"] if tp > 1 else []
+    )
     return moe_config(activation, topk, ["model.qk_norm=full", *extra, *tp_fields], tokenizer)
 
 
@@ -163,7 +174,11 @@ def test_exports_as_transformers_olmoe_with_our_logits(olmoe, name):
     assert config["model_type"] == "olmoe" and config["architectures"] == ["OlmoeForCausalLM"]
     assert "auto_map" not in config and not list(folder.glob("*.py"))  # no remote code
     assert config["norm_topk_prob"] == ("softmax_then_topk" not in str(extra))
-    assert (config["num_experts"], config["num_experts_per_tok"], config["intermediate_size"]) == (EXPERTS, topk, 32)
+    assert (config["num_experts"], config["num_experts_per_tok"], config["intermediate_size"]) == (
+        EXPERTS,
+        topk,
+        32,
+    )
     assert config["tie_word_embeddings"] == ("model.untie_embeddings=false" in extra)
     ours = torch.load(olmoe / "logits.pt")[name]
     assert_close(hf_logits(folder, torch.load(olmoe / "tokens.pt")), ours, name)
@@ -242,7 +257,9 @@ def test_a_folder_of_another_model_type_is_refused_naming_it(tmp_path, capsys):
     from dense_model.export.hf_import import main
 
     (tmp_path / "gpt").mkdir()
-    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (tmp_path / "gpt" / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    )
     assert main([str(tmp_path / "gpt"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config.json" in err[0] and "model_type='gpt2'" in err[0], err
@@ -275,7 +292,9 @@ def _tp2_job(rank, world_size, out_dir, tokenizer, tokens_file):
     model.eval()
     tokens = torch.load(tokens_file)
     with torch.no_grad():
-        logits = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)  # [s, b, v/2] or [b, s, v/2]
+        logits = model(
+            tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None
+        )  # [b, s, padded vocab / 2]
         logits = gather_from_tensor_model_parallel_region(logits)[..., :VOCAB]
     if rank == 0:
         torch.save(logits, out / "logits_tp2.pt")
@@ -346,7 +365,6 @@ def test_our_olmoe_export_imports_back_bit_for_bit_with_its_model_section(olmoe)
     assert section[0] == section[1]  # the run's own router-loss settings, init, padding multiple ... kept
 
 
-
 def _tp2_logits_job(rank, world_size, run, tokens_file, out):
     """Our logits of ``run`` loaded at TP=2 (each rank half the heads, half the q/k gains), gathered."""
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
@@ -365,5 +383,7 @@ def _tp2_logits_job(rank, world_size, run, tokens_file, out):
 @pytest.mark.slow
 def test_an_imported_olmoe_loads_at_tp2_with_transformers_logits(olmoe, tmp_path):
     """What run_lm_eval.sh with TP=2 loads: the import resharded, q/k gains split like the heads."""
-    spawn_workers(_tp2_logits_job, 2, str(olmoe / "imported"), str(olmoe / "tokens.pt"), str(tmp_path / "l.pt"))
+    spawn_workers(
+        _tp2_logits_job, 2, str(olmoe / "imported"), str(olmoe / "tokens.pt"), str(tmp_path / "l.pt")
+    )
     assert_close(torch.load(tmp_path / "l.pt"), torch.load(olmoe / "made_logits.pt"), "import at TP=2")
