@@ -5,6 +5,7 @@
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(OUTPUT_DIR)                          # SwiGLU: plain Llama
     model = AutoModelForCausalLM.from_pretrained(OUTPUT_DIR, trust_remote_code=True)  # other activations, MoE
+    model = AutoModelForCausalLM.from_pretrained(OUTPUT_DIR)  # SwiGLU experts, model.qk_norm full: OLMoE
     tokenizer = AutoTokenizer.from_pretrained(OUTPUT_DIR)
 
 The checkpoint is loaded at TP=1, PP=1 whatever layout saved it (dist_checkpointing reshards), so
@@ -18,7 +19,8 @@ activation's own source from the registry (``remote_code_files``), so the export
 same math.
 
 The weight mapping (our names -> Llama's, MoE included) is the table in mapping.py, which the
-import (hf_import.py) reads in the other direction.
+import (hf_import.py) reads in the other direction. SwiGLU experts with ``model.qk_norm: full``
+export as transformers' own ``OlmoeForCausalLM`` instead (``--format auto``/``olmoe``, olmoe.py).
 
 The router settings the HF block implements are checked on the loaded model's TransformerConfig
 (``MOE_ROUTER_AS_EXPORTED``); a checkpoint with any other (token dropping by capacity, ...) is refused.
