@@ -46,7 +46,7 @@ import torch
 from dense_model.activations import get_activation_entry
 from dense_model.checkpoint import CheckpointError, read_metadata, resolve_checkpoint
 from dense_model.checkpoint.inference import load_model_for_inference
-from dense_model.config import Config, expert_ffn_hidden_size, ffn_hidden_size, moe_enabled
+from dense_model.config import Config, config_from_dict, expert_ffn_hidden_size, ffn_hidden_size, moe_enabled
 from dense_model.data.tokenizers import build_tokenizer
 from dense_model.export.configuration_dense_model import DenseModelConfig
 from dense_model.export.mapping import to_hf, weight_rules
@@ -330,25 +330,13 @@ def export_hf(
     return output_dir
 
 
-def _export(folder: Path, tmp: Path | None, dtype: str, max_shard_size: str | int, fmt: str = "auto") -> None:
-    """Load ``folder`` and, on rank 0 (``tmp`` not None), write the HF files into ``tmp``."""
-    from megatron.core import parallel_state
-
-    target = stored_dtype(folder) if dtype == "auto" else DTYPES[dtype]
-
-    loaded = load_model_for_inference(folder, tensor_model_parallel_size=1)
-    if parallel_state.get_tensor_model_parallel_world_size() != 1 or (
-        parallel_state.get_pipeline_model_parallel_world_size() != 1
-    ):
-        raise ExportError(
-            "export loads the model at TP=1, PP=1 but this process already runs another layout; "
-            "run export_hf.py as a plain python process"
-        )
-    cfg = loaded.config
-    as_olmoe = wants_olmoe(cfg.model, fmt)
-    refusal = olmoe_refusal(cfg.model) if as_olmoe else None
+def export_as_olmoe(m, fmt: str, folder: Path) -> bool:
+    """Whether the model ``m`` exports as transformers' OlmoeForCausalLM (``fmt``: --format); an
+    ExportError for a q/k norm no exported layout has, or an OLMoE that cannot run it exactly."""
+    as_olmoe = wants_olmoe(m, fmt)
+    refusal = olmoe_refusal(m) if as_olmoe else None
     if refusal:  # the full q/k norm exists only in OLMoE's layout (Llama's and our remote code have none)
-        qk = cfg.model.qk_norm
+        qk = m.qk_norm
         asked = (
             "--format olmoe"
             if fmt == "olmoe"
@@ -360,11 +348,31 @@ def _export(folder: Path, tmp: Path | None, dtype: str, max_shard_size: str | in
             else "evaluate this checkpoint with the lm-eval model dense_model instead"
         )
         raise ExportError(f"{folder}: {asked}, but OlmoeForCausalLM {refusal}; {fix}")
-    if cfg.model.qk_norm != "none" and not as_olmoe:  # per_head: no transformers layout has it
+    if m.qk_norm != "none" and not as_olmoe:  # per_head: no transformers layout has it
         raise ExportError(
-            f"{folder}: model.qk_norm={cfg.model.qk_norm!r}: no Hugging Face layout here has megatron-core's "
+            f"{folder}: model.qk_norm={m.qk_norm!r}: no Hugging Face layout here has megatron-core's "
             "per-head q/k norm (evaluate this checkpoint with the lm-eval model dense_model instead)"
         )
+    return as_olmoe
+
+
+def _export(folder: Path, tmp: Path | None, dtype: str, max_shard_size: str | int, fmt: str = "auto") -> None:
+    """Load ``folder`` and, on rank 0 (``tmp`` not None), write the HF files into ``tmp``."""
+    from megatron.core import parallel_state
+
+    target = stored_dtype(folder) if dtype == "auto" else DTYPES[dtype]
+
+    # what config.json can say is decided from the checkpoint's config, before the (long) load
+    as_olmoe = export_as_olmoe(config_from_dict(read_metadata(folder)["config"]).model, fmt, folder)
+    loaded = load_model_for_inference(folder, tensor_model_parallel_size=1)
+    if parallel_state.get_tensor_model_parallel_world_size() != 1 or (
+        parallel_state.get_pipeline_model_parallel_world_size() != 1
+    ):
+        raise ExportError(
+            "export loads the model at TP=1, PP=1 but this process already runs another layout; "
+            "run export_hf.py as a plain python process"
+        )
+    cfg = loaded.config
     if moe_enabled(cfg.model):
         check_moe_router(loaded.model.config, folder)
     state = {
