@@ -17,9 +17,12 @@ The router's auxiliary loss: transformers' ``load_balancing_loss_func`` (used on
 with ``output_router_logits=True``) is ``router_aux_loss_coef * E * sum_e f_e * P_e`` with ``f_e``
 the top-k assignments to expert e and ``P_e`` its softmax mass, each summed over all layers and
 tokens and divided by ``L * T``: no division by k, and the layers pooled before the product. When
-every layer routes alike that is megablocks' loss with weight ``router_aux_loss_coef * k``
-(``router_loss_scaling: olmoe``; docs/moe.md "The router losses, exactly"), which is what the
-import writes and the export inverts (``aux_loss_from_hf`` / ``aux_loss_to_hf``).
+every layer routes alike that is megablocks' loss with weight ``router_aux_loss_coef * k``: the
+same number is k times stronger there. allenai's OLMoE-1B-7B carries its training weight (OLMo +
+megablocks, ``moe_loss_weight`` 0.01) into ``router_aux_loss_coef`` unchanged, so the number in an
+OLMoE folder means megablocks' weight: the import writes it as ``aux_loss_coeff`` with
+``router_loss_scaling: olmoe`` (continuing training as the model was trained) and the export writes
+megablocks' weight back (``aux_loss_from_hf`` / ``aux_loss_to_hf``).
 """
 
 from __future__ import annotations
@@ -58,16 +61,17 @@ def wants_olmoe(m: ModelConfig, fmt: str) -> bool:
 
 
 def aux_loss_to_hf(m: ModelConfig) -> float:
-    """transformers' ``router_aux_loss_coef`` with our load-balancing strength (layers routing alike)."""
+    """``router_aux_loss_coef`` as allenai's OLMoE folders carry it: megablocks' weight w."""
     weight = m.moe.aux_loss_coeff  # megablocks' w (router_loss_scaling olmoe)
     if m.moe.router_loss_scaling == "per_layer":  # megatron-core's c per layer = w / L
         weight *= m.num_layers
-    return weight / m.moe.router_topk
+    return weight
 
 
-def aux_loss_from_hf(coef: float, topk: int) -> dict:
-    """Our model.moe router-loss fields for transformers' ``router_aux_loss_coef`` (see the docstring)."""
-    return {"aux_loss_coeff": float(coef) * topk, "router_loss_scaling": "olmoe"}
+def aux_loss_from_hf(coef: float) -> dict:
+    """Our model.moe router-loss fields for an OLMoE folder's ``router_aux_loss_coef``: megablocks'
+    weight, as allenai's conversion carried it (see the docstring)."""
+    return {"aux_loss_coeff": float(coef), "router_loss_scaling": "olmoe"}
 
 
 def olmoe_config(cfg: Config, special_ids: dict, dtype: torch.dtype):
@@ -142,6 +146,6 @@ def olmoe_model_section(hf, llama_section: dict) -> dict:
         "router_topk": hf.num_experts_per_tok,
         "ffn_hidden_size": hf.intermediate_size,
         "router_score": "topk_then_softmax" if hf.norm_topk_prob else "softmax_then_topk",
-        **aux_loss_from_hf(hf.router_aux_loss_coef, hf.num_experts_per_tok),
+        **aux_loss_from_hf(hf.router_aux_loss_coef),
     }
     return model

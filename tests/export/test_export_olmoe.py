@@ -213,8 +213,8 @@ def test_transformers_olmoe_imports_with_its_logits_and_exports_back(olmoe):
     assert (moe["num_experts"], moe["router_topk"], moe["ffn_hidden_size"], moe["router_score"]) == (
         EXPERTS, 2, 32, "softmax_then_topk",
     )  # fmt: skip
-    # transformers' coefficient 0.01 in its formula = megablocks' (router_loss_scaling olmoe) 0.01 x top-k
-    assert moe["router_loss_scaling"] == "olmoe" and moe["aux_loss_coeff"] == pytest.approx(0.02)
+    # the folder's 0.01 is megablocks' weight, as allenai's OLMoE-1B-7B carries its training value
+    assert moe["router_loss_scaling"] == "olmoe" and moe["aux_loss_coeff"] == pytest.approx(0.01)
     # round trip: the same config.json fields and transformers' logits
     original = json.loads((olmoe / "hf_made" / "config.json").read_text())
     again = json.loads((olmoe / "hf_again" / "config.json").read_text())
@@ -228,10 +228,13 @@ def test_transformers_olmoe_imports_with_its_logits_and_exports_back(olmoe):
 def test_transformers_aux_loss_is_megablocks_with_its_weight_times_top_k_when_layers_route_alike():
     """docs/moe.md: transformers' ``load_balancing_loss_func`` x c against megablocks'
     ``batched_load_balancing_loss`` (float64 re-implementation) with weight c x k; pooled over layers,
-    it is another function when the layers route differently."""
+    it is another function when the layers route differently. So an OLMoE folder's number is not
+    converted by the import: it is megablocks' weight there (allenai carried 0.01 over unchanged),
+    and it stays that through import and export."""
     from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
-    from dense_model.export.olmoe import aux_loss_from_hf
+    from dense_model.config import ModelConfig, MoEConfig
+    from dense_model.export.olmoe import aux_loss_from_hf, aux_loss_to_hf
 
     layers, tokens, experts, topk, coef = 3, 40, 8, 3, 0.01
     gen = torch.Generator().manual_seed(0)
@@ -244,13 +247,19 @@ def test_transformers_aux_loss_is_megablocks_with_its_weight_times_top_k_when_la
             total += (n * p.mean(0)).sum()
         return weight * experts / (len(logits) * tokens * topk) * total
 
-    weight = aux_loss_from_hf(coef, topk)["aux_loss_coeff"]
+    weight = coef * topk
     alike = (torch.randn(tokens, experts, generator=gen) * 2,) * layers
     hf = coef * load_balancing_loss_func(alike, experts, topk).double()
     assert hf.item() == pytest.approx(megablocks(alike, weight).item(), rel=1e-6)
     apart = tuple(torch.randn(tokens, experts, generator=gen) * 2 for _ in range(layers))
     hf = coef * load_balancing_loss_func(apart, experts, topk).double()
     assert not math.isclose(hf.item(), megablocks(apart, weight).item(), rel_tol=1e-3)
+    ours = aux_loss_from_hf(coef)
+    assert ours == {"aux_loss_coeff": coef, "router_loss_scaling": "olmoe"}
+    moe = MoEConfig(num_experts=experts, router_topk=topk, **ours)
+    assert aux_loss_to_hf(ModelConfig(num_layers=layers, moe=moe)) == coef
+    per_layer = MoEConfig(num_experts=experts, router_topk=topk, aux_loss_coeff=coef / layers)
+    assert aux_loss_to_hf(ModelConfig(num_layers=layers, moe=per_layer)) == pytest.approx(coef)
 
 
 def test_a_folder_of_another_model_type_is_refused_naming_it(tmp_path, capsys):
