@@ -146,11 +146,13 @@ def test_sigkill_keeps_the_old_results_and_a_held_iteration_is_never_scored_twic
     done = {}
     job = threading.Thread(target=lambda: done.update(proc=every(run_dir, root, *OTHER)))
     job.start()
+    pid = None
     try:
-        pid = _holder_pid(out / ".iter_0000001.lock", time.monotonic() + 120)
+        pid = _holder_pid(out / ".iter_0000001.lock", time.monotonic() + 60)
         time.sleep(0.5)  # lm-eval under way in the staging folder (its import alone takes seconds)
     finally:
-        os.kill(pid, signal.SIGKILL)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
         job.join()
     assert done["proc"].returncode == -signal.SIGKILL
     (staging,) = out.glob(".iter_0000001.tmp-*")
