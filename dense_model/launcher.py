@@ -36,6 +36,7 @@ from dense_model.config import (
 from dense_model.data.blend import load_blend
 from dense_model.data.demo import demo_work_dir, prepare_demo_dataset, prepared_demo_dataset
 from dense_model.data.gpt_dataset import check_split_against_datasets
+from dense_model.data.validation_sets import check_validation_tokens, resolve_validation_sets
 from dense_model.model import count_parameters
 from dense_model.training.run_lock import RunDirBusy, check_free
 
@@ -70,12 +71,16 @@ def describe_job(cfg: Config, world_size: int) -> str:
 
 
 def check_data(cfg: Config, build_demo: bool = True) -> None:
-    """What needs the datasets' .idx headers only (no .bin read): ``data.split`` against each
-    dataset's document count, which the job would otherwise find after writing its run directory.
+    """What the job would otherwise find after writing its run directory: the tokens of
+    ``data.validation_sets`` against the tokenizer (their .bin scanned: here, once before launch, not
+    at every config load), and ``data.split`` against each dataset's document count (.idx headers).
     The demo's data is tokenised here on first use (the job's first step otherwise, cached either
     way); ``build_demo=False`` (a dry run) checks it only if it is built already. Raises ValueError
     or FileNotFoundError with one line naming the dataset and the fix."""
     d = cfg.data
+    if d.validation_sets:
+        sets = resolve_validation_sets(d.validation_sets)
+        check_validation_tokens(sets, vocab_size=d.tokenizer_vocab_size())
     if d.demo:
         demo = prepare_demo_dataset(demo_work_dir()) if build_demo else prepared_demo_dataset(demo_work_dir())
         if demo is None:

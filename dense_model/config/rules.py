@@ -81,7 +81,7 @@ def validate(cfg: Config, world_size: int | None = None, *, files: bool = True) 
     if not files:
         return
     resolve_vocab_size(cfg)  # last (the layout's messages first): loads the tokenizer, once
-    if cfg.data.validation_sets:  # reads the sets' indexes and scans their tokens: only when given
+    if cfg.data.validation_sets:  # reads the sets' indexes (their tokens: the launcher's check_data)
         _check_validation_sets(cfg)
 
 
@@ -167,7 +167,7 @@ def resolve_vocab_size(cfg: Config, tokenizer_vocab: int | None = None) -> int:
 
 
 def _check_validation_sets(cfg: Config) -> None:
-    """data.validation_sets against the batch and the tokenizer (one line, exit 2 before launch)."""
+    """data.validation_sets against the batch (one line, exit 2 before launch)."""
     from dense_model.data.validation_sets import check_validation_sets, resolve_validation_sets
 
     try:
@@ -175,7 +175,6 @@ def _check_validation_sets(cfg: Config) -> None:
             resolve_validation_sets(cfg.data.validation_sets),
             seq_length=cfg.model.seq_length,
             global_batch_size=cfg.training.global_batch_size,
-            vocab_size=cfg.data.tokenizer_vocab_size(),
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None
