@@ -59,6 +59,14 @@ class ReplaceError(RuntimeError):
     """The folder cannot be replaced or deleted as asked; the message names it and the fix."""
 
 
+class TargetBusy(ReplaceError):
+    """Another live process holds the target's lock; ``holder`` is its lock record."""
+
+    def __init__(self, message: str, holder: dict):
+        super().__init__(message)
+        self.holder = holder
+
+
 # ------------------------------------------------------------------------------------------
 # Identity
 
@@ -207,11 +215,12 @@ def target_lock(target: Path, what: str, label: str) -> contextlib.AbstractConte
     (``procutil.held_lock``; not ``flock``, which some NFS mounts grant to everyone). A dead
     holder's lock is taken over; a live one's is refused naming it."""
 
-    def busy(holder: dict) -> ReplaceError:
-        return ReplaceError(
+    def busy(holder: dict) -> TargetBusy:
+        return TargetBusy(
             f"{label} {target} is being written by another {holder.get('what', 'process')} (host "
             f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {holder.get('since', '?')}); "
-            "wait for it or pick another folder"
+            "wait for it or pick another folder",
+            holder,
         )
 
     record = {"what": what, **holder_identity(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -27,14 +27,17 @@ from dense_model.config import (
     ConfigError,
     config_to_dict,
     load_config,
+    padded_vocab_size,
     resolve_vocab_size,
     split_config_argument,
     train_and_warmup_steps,
     validate,
+    warmup_tokens,
 )
 from dense_model.data.blend import load_blend
-from dense_model.data.demo import demo_work_dir, prepare_demo_dataset
+from dense_model.data.demo import demo_work_dir, prepare_demo_dataset, prepared_demo_dataset
 from dense_model.data.gpt_dataset import check_split_against_datasets
+from dense_model.data.validation_sets import check_validation_tokens, resolve_validation_sets
 from dense_model.model import count_parameters
 from dense_model.training.pretrain import load_downstream_tasks
 from dense_model.training.run_lock import RunDirBusy, check_free
@@ -55,17 +58,36 @@ def describe_job(cfg: Config, world_size: int) -> str:
         f"{iters * tokens_per_step:,} tokens | {params['total']:,} parameters "
         f"({params['non_embedding']:,} without embeddings)"
     )
+    if params["active"] != params["total"]:  # MoE: what a token passes through (top-k experts)
+        layout += f" | {params['active']:,} active per token"
+    layout += (
+        f" | total {params['total'] / 1e9:.1f}B, active {params['active'] / 1e9:.1f}B | vocabulary "
+        f"{cfg.model.vocab_size:,} padded to {padded_vocab_size(cfg.model, tp):,}"
+    )
+    if t.lr_decay_tokens is not None:
+        layout += (
+            f" | lr {t.lr_warmup_init * t.lr:.4g} -> {t.lr:.4g} over {warmup_tokens(cfg):,} tokens, "
+            f"{t.lr_decay_style} to {t.min_lr:.4g} at {t.lr_decay_tokens:,} tokens"
+        )
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False) + layout
 
 
-def check_data(cfg: Config) -> None:
-    """What needs the datasets' .idx headers only (no .bin read): ``data.split`` against each
-    dataset's document count, which the job would otherwise find after writing its run directory.
+def check_data(cfg: Config, build_demo: bool = True) -> None:
+    """What the job would otherwise find after writing its run directory: the tokens of
+    ``data.validation_sets`` against the tokenizer (their .bin scanned: here, once before launch, not
+    at every config load), and ``data.split`` against each dataset's document count (.idx headers).
     The demo's data is tokenised here on first use (the job's first step otherwise, cached either
-    way). Raises ValueError or FileNotFoundError with one line naming the dataset and the fix."""
+    way); ``build_demo=False`` (a dry run) checks it only if it is built already. Raises ValueError
+    or FileNotFoundError with one line naming the dataset and the fix."""
     d = cfg.data
+    if d.validation_sets:
+        sets = resolve_validation_sets(d.validation_sets)
+        check_validation_tokens(sets, vocab_size=d.tokenizer_vocab_size())
     if d.demo:
-        prefixes = load_blend(prepare_demo_dataset(demo_work_dir())["blend"])[0]
+        demo = prepare_demo_dataset(demo_work_dir()) if build_demo else prepared_demo_dataset(demo_work_dir())
+        if demo is None:
+            return
+        prefixes = load_blend(demo["blend"])[0]
     elif d.blend:
         prefixes = load_blend(d.blend)[0]
     else:
@@ -94,17 +116,23 @@ def main(argv: list[str] | None = None) -> int:
     config, overrides = split_config_argument(args.config, args.overrides)
     try:
         cfg = load_config(config, overrides)
-        validate(cfg, world_size=args.world_size)
-        plan_run_load(cfg)
-        load_downstream_tasks(cfg)  # evaluation.in_loop: a task unknown or not readable offline
-    except (ConfigError, CheckpointError) as err:
+        if args.dry_run:  # the values first: the report needs no data or tokenizer file
+            validate(cfg, world_size=args.world_size, files=False)
+    except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     try:
-        check_data(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+        validate(cfg, world_size=args.world_size)
+        plan_run_load(cfg)
+        check_data(cfg, build_demo=not args.dry_run)
+        load_downstream_tasks(cfg)  # evaluation.in_loop: a task unknown or not readable offline
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
+        if not args.dry_run:
+            print(f"config error: {err}", file=sys.stderr)
+            return 2
+        unready = err
+    else:
+        unready = None
     if args.check_run_dir:
         try:
             check_free(cfg.run_dir)
@@ -112,10 +140,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     if args.dry_run:
-        cfg.model.vocab_size = resolve_vocab_size(cfg)  # the tokenizer's, as the trainer resolves it
-        print(describe_job(cfg, args.world_size or 1))
-    if torchrun_args is not None and not args.dry_run:
+        return dry_run(cfg, args.world_size or 1, unready)
+    if torchrun_args is not None:
         return torchrun(torchrun_args)
+    return 0
+
+
+def dry_run(cfg: Config, world_size: int, unready: Exception | None) -> int:
+    """Print the job (``describe_job``), then what keeps it from launching here (a data, tokenizer or
+    checkpoint file) as one line on stderr and exit 2: the report is printed either way, and the
+    exit status stays a go/no-go answer. The vocabulary is model.vocab_size, else the tokenizer's
+    (exit 2 if neither is there)."""
+    if cfg.model.vocab_size is None or not unready:
+        try:
+            cfg.model.vocab_size = resolve_vocab_size(cfg)  # the tokenizer's, as the trainer resolves it
+        except ConfigError as err:
+            print(
+                f"config error: {err} (or set model.vocab_size=N for a dry run without it)", file=sys.stderr
+            )
+            return 2
+    print(describe_job(cfg, world_size))
+    if unready is not None:
+        print(f"not launchable here yet: {unready}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -24,7 +24,14 @@ import torch.nn.functional as F
 
 from dense_model.activations import build_activation, get_activation_entry, import_activation_modules
 from dense_model.backends import Kernels, installed_kernels, transformer_engine_available
-from dense_model.config import Config, ModelConfig, ffn_hidden_size, moe_enabled, padded_vocab_size
+from dense_model.config import (
+    Config,
+    ModelConfig,
+    expert_ffn_hidden_size,
+    ffn_hidden_size,
+    moe_enabled,
+    padded_vocab_size,
+)
 from dense_model.mlp import RegistryActivation
 from dense_model.qk_norm import qk_norm_slots
 from dense_model.rope import install_rope_fusion, rope_fusion_backend
@@ -362,14 +369,27 @@ def count_parameters(m: ModelConfig) -> dict[str, int]:
     act_params = sum(p.numel() for p in act.parameters())
     attention = h * (heads + 2 * groups) * kv + heads * kv * h
     mlp = h * ffn * (2 if gated else 1) + ffn * h
+    mlp += act_params
+    active_mlp = mlp
+    if moe_enabled(m):  # each expert an MLP with its own activation, the router [experts, h]
+        moe = m.moe
+        width = expert_ffn_hidden_size(m)
+        expert = h * width * (2 if gated else 1) + width * h + act_params
+        shared = moe.shared_expert_ffn_hidden_size or 0
+        always = moe.num_experts * h + (
+            h * shared * (2 if gated else 1) + shared * h + act_params if shared else 0
+        )
+        mlp, active_mlp = moe.num_experts * expert + always, moe.router_topk * expert + always
+        act_params *= moe.num_experts + (1 if shared else 0)
     norms = 2 * h + {"none": 0, "per_head": 2 * kv, "full": (heads + groups) * kv}[m.qk_norm]
-    per_layer = attention + mlp + norms + act_params
+    per_layer = attention + mlp + norms
     vocab = padded_vocab_size(m, 1)
     embedding = vocab * h
     output = vocab * h if m.untie_embeddings else 0
     total = layers * per_layer + embedding + output + h  # + final norm
     return {
         "total": total,
+        "active": total - layers * (mlp - active_mlp),  # per token: top-k experts (= total when dense)
         "non_embedding": total - embedding - output,
         "per_layer": per_layer,
         "mlp_per_layer": mlp,

@@ -331,20 +331,29 @@ LOCK_BEAT_S, LOCK_STALE_S = 30.0, 600.0
 
 @contextlib.contextmanager
 def held_lock(
-    path: Path, record: dict, busy: Callable[[dict], Exception], wait: bool = False
+    path: Path,
+    record: dict,
+    busy: Callable[[dict], Exception],
+    wait: bool = False,
+    waiting: Callable[[dict], None] | None = None,
 ) -> Iterator[None]:
     """Hold the ``O_EXCL`` lock file ``path`` (holding ``record``) for the block, refreshing its mtime
     every LOCK_BEAT_S through its own descriptor (never touching a lock taken after ours). A stale
     lock (its holder gone, this SLURM job requeued, or elsewhere and silent for LOCK_STALE_S:
-    ``stale_by_heartbeat``) is taken over; a live one is waited for (``wait``) or ``busy(holder)``
-    is raised. Released (removed only if still ours) on any exit."""
+    ``stale_by_heartbeat``) is taken over; a live one is waited for (``wait``; ``waiting(holder)``
+    called once when the wait starts, to say so: it may last LOCK_STALE_S) or ``busy(holder)`` is
+    raised. Released (removed only if still ours) on any exit."""
     path = Path(path)
+    said = False
     while True:
         fd, holder = claim_file(path, record, lambda h, p: stale_by_heartbeat(h, p, LOCK_STALE_S))
         if fd is not None:
             break
         if not wait:
             raise busy(holder)
+        if waiting is not None and not said:
+            waiting(holder)
+            said = True
         time.sleep(0.2)
     stop = threading.Event()
 

@@ -7,8 +7,10 @@ Panels: training loss; validation perplexity of the training blend's held-out sp
 named set (data.validation_sets: valid/NAME/ppl records); downstream accuracy per lm-eval task (the
 headline metric, as scripts/compare_evals.py picks it) from the results JSON under RUN/lm_eval/ or
 RUN/evals/ (a point at the checkpoint's tokens: the iteration our adapter or the study stamps in
-it, else the run's last step) and from the in-loop evaluations in metrics.jsonl (evaluation.in_loop:
-downstream/TASK/METRIC records, at their tokens). Written as OUTPUT (PNG) and the same name .svg.
+it, else the run's last step; one point per iteration, --every-checkpoint's where a study's final
+results give the same one; a job's unpublished staging folders are left out) and from the in-loop
+evaluations in metrics.jsonl (evaluation.in_loop: downstream/TASK/METRIC records, at their tokens).
+Written as OUTPUT (PNG) and the same name .svg.
 With --band minmax|ci95, runs with the same label (the activation, or --labels) are one mean line
 with a band: min..max over the runs, or the mean's 95% interval (Student t over seeds); steps
 missing from a run are left out of its group's curve.
@@ -130,8 +132,10 @@ def plot_coefficients(run_dirs: list[Path], labels: list[str], output: Path) -> 
 
 
 def step_records(run_dir: Path):
-    """The records of the run's metrics.jsonl that carry a step (a line that is not JSON is skipped)."""
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    """The records of the run's metrics.jsonl that carry a step (a line that is not JSON is skipped;
+    none without the file: a folder of lm-eval results alone)."""
+    metrics = run_dir / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -154,28 +158,55 @@ def read_named_sets(run_dir: Path) -> dict[str, dict[int, dict]]:
     return out
 
 
+def results_files(run_dir: Path) -> list[Path]:
+    """The published lm-eval results files of a run, weakest first: RUN/evals, the study's under
+    RUN/lm_eval, then RUN/lm_eval/iter_N (--every-checkpoint's series), so where two give one
+    iteration the series' point is plotted. A folder whose name starts with "." (a job's staging or
+    set-aside folder, ``.iter_N.tmp-*``, ``.iter_N.old``) is not published: left out."""
+    found = []
+    for rank, folder in enumerate(("evals", "lm_eval")):
+        root = run_dir / folder
+        for path in sorted(root.rglob("results*.json")):
+            parts = path.relative_to(root).parts[:-1]
+            if any(part.startswith(".") for part in parts):
+                continue
+            series = folder == "lm_eval" and bool(parts) and parts[0].startswith("iter_")
+            found.append((rank + series, path))
+    return [path for _, path in sorted(found, key=lambda item: item[0])]
+
+
 def read_downstream(run_dir: Path, train: dict[int, dict]) -> dict[str, dict[int, dict]]:
-    """'task/metric' -> {iteration: {tokens, score}} from lm-eval results under RUN/lm_eval or RUN/evals."""
+    """'task/metric' -> {iteration: {tokens, score}} from lm-eval results under RUN/lm_eval or RUN/evals
+    (``results_files``; one point per iteration: a later file's replaces an earlier one's, said on
+    stderr when the scores differ)."""
     last = max(train, default=0)
     per_step = train[last]["tokens"] / last if last else 0
     out: dict[str, dict[int, dict]] = {}
-    for folder in ("lm_eval", "evals"):
-        for path in sorted((run_dir / folder).rglob("results*.json")):
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                print(f"{path}: unreadable lm-eval results, skipped", file=sys.stderr)
-                continue
-            config = data.get("config") or {}
-            iteration = config.get("dense_model_iteration")
-            if iteration is None:
-                iteration = (data.get("dense_model_study") or {}).get("iteration", last)
-            for task, entry in (data.get("results") or {}).items():
-                metrics = task_metrics(entry)
-                for name in headline(metrics, None):
-                    if isinstance(metrics[name], (int, float)):
-                        point = {"tokens": iteration * per_step, "score": float(metrics[name])}
-                        out.setdefault(f"{task}/{name}", {})[iteration] = point
+    source: dict[tuple[str, int], Path] = {}
+    for path in results_files(run_dir):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            print(f"{path}: unreadable lm-eval results, skipped", file=sys.stderr)
+            continue
+        config = data.get("config") or {}
+        iteration = config.get("dense_model_iteration")
+        if iteration is None:
+            iteration = (data.get("dense_model_study") or {}).get("iteration", last)
+        for task, entry in (data.get("results") or {}).items():
+            metrics = task_metrics(entry)
+            for name in headline(metrics, None):
+                if isinstance(metrics[name], (int, float)):
+                    key, score = f"{task}/{name}", float(metrics[name])
+                    before = out.get(key, {}).get(iteration)
+                    if before is not None and before["score"] != score:
+                        print(
+                            f"{path}: {key} at iteration {iteration} is {score:g}, {source[key, iteration]} "
+                            f"has {before['score']:g} (other tasks or options?); plotting {score:g}",
+                            file=sys.stderr,
+                        )
+                    out.setdefault(key, {})[iteration] = {"tokens": iteration * per_step, "score": score}
+                    source[key, iteration] = path
     for task, points in read_in_loop(run_dir).items():
         metrics = {name: None for name in points}
         for name in headline(metrics, None):

@@ -25,6 +25,7 @@ from dense_model.config.derived import (
     moe_enabled,
     padded_vocab_size,
     train_and_warmup_steps,
+    warmup_tokens,
 )
 from dense_model.config.loading import (
     config_from_dict,
@@ -76,5 +77,6 @@ __all__ = [
     "sections",
     "split_config_argument",
     "train_and_warmup_steps",
+    "warmup_tokens",
     "validate",
 ]

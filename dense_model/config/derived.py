@@ -57,3 +57,12 @@ def train_and_warmup_steps(cfg: Config) -> tuple[int, int]:
     if t.lr_warmup_iters is not None:
         return iters, t.lr_warmup_iters
     return iters, math.ceil((t.lr_warmup_tokens or 0) / tokens_per_step)
+
+
+def warmup_tokens(cfg: Config) -> int:
+    """The warm-up in tokens: lr_warmup_iters steps of tokens, else lr_warmup_tokens (not rounded to
+    steps: the token schedule, training.lr_decay_tokens, warms up over exactly these tokens)."""
+    t = cfg.training
+    if t.lr_warmup_iters is not None:
+        return t.lr_warmup_iters * t.global_batch_size * cfg.model.seq_length
+    return t.lr_warmup_tokens or 0

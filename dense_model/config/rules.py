@@ -11,14 +11,20 @@ from dense_model.config.derived import (
     ffn_hidden_size,
     moe_enabled,
     train_and_warmup_steps,
+    warmup_tokens,
 )
 from dense_model.config.schema import Config, sections
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Raise ConfigError with the field and the fix if ``cfg`` cannot run on ``world_size`` ranks."""
+def validate(cfg: Config, world_size: int | None = None, *, files: bool = True) -> None:
+    """Raise ConfigError with the field and the fix if ``cfg`` cannot run on ``world_size`` ranks.
+    ``files=False``: the values alone, no data, tokenizer or validation set read (the dry run's
+    first check; model.vocab_size stays as given)."""
     for _, section in sections(cfg):
-        section.validate()
+        if section is cfg.data:
+            section.validate(files=files)
+        else:
+            section.validate()
     m, p, t = cfg.model, cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     groups = m.num_query_groups or m.num_attention_heads
@@ -51,6 +57,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"training.lr_warmup_tokens) is not shorter than training ({iters} steps); lower the "
             "warm-up or train longer"
         )
+    if t.lr_decay_tokens is not None and t.lr_decay_tokens <= warmup_tokens(cfg):
+        raise ConfigError(
+            f"training.lr_decay_tokens={t.lr_decay_tokens} is not longer than the warm-up "
+            f"({warmup_tokens(cfg)} tokens, training.lr_warmup_tokens or lr_warmup_iters); raise it "
+            "or shorten the warm-up"
+        )
     _validate_moe(cfg, world_size)
     _validate_in_loop_layout(cfg)
     if world_size is not None:
@@ -67,8 +79,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 f"training.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}; "
                 f"use a multiple of {t.micro_batch_size * dp}"
             )
+    if not files:
+        return
     resolve_vocab_size(cfg)  # last (the layout's messages first): loads the tokenizer, once
-    if cfg.data.validation_sets:  # reads the sets' indexes and scans their tokens: only when given
+    if cfg.data.validation_sets:  # reads the sets' indexes (their tokens: the launcher's check_data)
         _check_validation_sets(cfg)
 
 
@@ -154,7 +168,7 @@ def resolve_vocab_size(cfg: Config, tokenizer_vocab: int | None = None) -> int:
 
 
 def _check_validation_sets(cfg: Config) -> None:
-    """data.validation_sets against the batch and the tokenizer (one line, exit 2 before launch)."""
+    """data.validation_sets against the batch (one line, exit 2 before launch)."""
     from dense_model.data.validation_sets import check_validation_sets, resolve_validation_sets
 
     try:
@@ -162,7 +176,6 @@ def _check_validation_sets(cfg: Config) -> None:
             resolve_validation_sets(cfg.data.validation_sets),
             seq_length=cfg.model.seq_length,
             global_batch_size=cfg.training.global_batch_size,
-            vocab_size=cfg.data.tokenizer_vocab_size(),
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -205,6 +205,12 @@ class TrainingConfig:
     """Warmup length in tokens (paper: 620M); lr_warmup_iters overrides it when set."""
     lr_warmup_iters: int | None = None
     """Warmup length in steps."""
+    lr_warmup_init: float = 0.0
+    """Warm-up starts at this fraction of lr, not 0 (OLMo's default warmup_min_lr: 0.1 x lr)."""
+    lr_decay_tokens: int | None = None
+    """Schedule in tokens: warm-up then decay to min_lr over this many tokens from the start, however
+    long training is (OLMo's t_max; the seed's MoE run: 5T), step k at k x tokens per step; None =
+    megatron's schedule in steps, decaying over the training length."""
     weight_decay: float = 0.1
     """AdamW weight decay (on the parameters training.weight_decay_on says; never on PolyCom scalars)."""
     weight_decay_on: Literal["matrices", "all"] = "matrices"
@@ -271,6 +277,8 @@ class TrainingConfig:
             raise ConfigError(
                 f"training.min_lr={self.min_lr} is above training.lr={self.lr}; set it at or below lr"
             )
+        fraction(self, "training", "lr_warmup_init")
+        positive(self, "training", "lr_decay_tokens")
 
 
 @dataclass
@@ -324,10 +332,16 @@ class DataConfig:
     repetition_filter: RepetitionFilterConfig = field(default_factory=RepetitionFilterConfig)
     """OLMo's repetition filter on training samples (off unless enabled)."""
 
-    def validate(self) -> None:
+    def validate(self, files: bool = True) -> None:
+        """``files=False``: the values alone, no file read (a dry run on a machine without the data)."""
         non_negative(self, "data", "num_workers")
         self.repetition_filter.validate()
         check_split(self.split)
+        if not files:
+            given = [f"data.{name}" for name in ("blend", "paths") if getattr(self, name)]
+            if self.demo and given:
+                raise ConfigError(f"data.demo=true and {' and '.join(given)} are both set; set one")
+            return
         try:  # names and files here; batch size and vocabulary in rules.validate
             resolve_validation_sets(self.validation_sets)
         except ValueError as err:

@@ -70,24 +70,44 @@ def prepare_demo_dataset(work_dir: str) -> dict:
         return _prepare(work_dir)
 
 
-def _prepare(work_dir: str) -> dict:
+def prepared_demo_dataset(work_dir: str) -> dict | None:
+    """``prepare_demo_dataset``'s result if the demo's data is already built in work_dir (nothing is
+    built or written), else None: what a dry run reads."""
+    return _cached(os.path.abspath(work_dir))[0]
+
+
+def _cached(work_dir: str) -> tuple[dict | None, dict]:
+    """(the result if the cache in work_dir is complete and current, else None; the paths)."""
     folder = sample_dir()
     tokenizer_model = os.path.join(work_dir, "demo_tokenizer.model")
-    prefix = os.path.join(work_dir, "redpajama_sample")
-    blend = prefix + "_blend.json"
+    blend = os.path.join(work_dir, "redpajama_sample") + "_blend.json"
     stamp_path = os.path.join(work_dir, _STAMP)
-    stamp = {"sample": _fingerprint(folder), "vocab_size": DEMO_VOCAB_SIZE}
     result = {"tokenizer_model": tokenizer_model, "blend": blend}
-
     if os.path.isfile(stamp_path) and os.path.isfile(tokenizer_model) and os.path.isfile(blend):
         with open(stamp_path) as f:
             cached = json.load(f)
-        if cached == stamp:
+        if cached == _stamp(folder):
             try:
                 load_blend(blend)  # every dataset it names is present
-                return result
+                return result, result
             except (FileNotFoundError, ValueError):
                 pass
+    return None, result
+
+
+def _stamp(folder: str) -> dict:
+    return {"sample": _fingerprint(folder), "vocab_size": DEMO_VOCAB_SIZE}
+
+
+def _prepare(work_dir: str) -> dict:
+    cached, result = _cached(work_dir)
+    if cached is not None:
+        return cached
+    folder = sample_dir()
+    tokenizer_model = result["tokenizer_model"]
+    prefix = os.path.join(work_dir, "redpajama_sample")
+    stamp_path = os.path.join(work_dir, _STAMP)
+    stamp = _stamp(folder)
 
     if os.path.exists(stamp_path):
         os.remove(stamp_path)

@@ -68,9 +68,11 @@ def _check_splits_have_tokens(prefixes: Sequence[str], split_matrix, split: str)
 
 def split_matrix(split: str) -> list[tuple[float, float] | None]:
     """megatron-core's split matrix of ``split`` (``GPTDatasetConfig.split_matrix``: its
-    ``parse_and_normalize_split`` then ``convert_split_vector_to_split_matrix``), computed the same way
-    without importing megatron-core (seconds of a launcher's start): [(begin, end) or None] for
-    train, valid, test as fractions of a dataset's sequences."""
+    ``parse_and_normalize_split`` then ``convert_split_vector_to_split_matrix``, in
+    megatron/core/datasets/blended_megatron_dataset_config.py), computed the same way without
+    importing megatron-core (that module imports its tokenizers: seconds of a launcher's start):
+    [(begin, end) or None] for train, valid, test as fractions of a dataset's sequences.
+    tests/data/test_gpt_dataset.py compares the two, bit for bit."""
     parts = [float(x) for x in re.findall(r"[.0-9]+", split)]
     parts += [0.0] * (3 - len(parts))
     total = sum(parts)  # float64, summed left to right as numpy.sum does for three numbers

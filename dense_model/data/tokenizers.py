@@ -34,6 +34,8 @@ _ALIASES = {
 
 # Tried in order when a bare tokenizer.json carries no tokenizer_config.json naming its EOS token.
 _COMMON_EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
+# The same for its pad token (GPT-NeoX's and dolma's <|padding|> first); none found: PAD = EOD.
+_COMMON_PAD_TOKENS = ("<|padding|>", "<pad>", "<|pad|>", "[PAD]")
 
 
 class Tokenizer:
@@ -223,18 +225,12 @@ class HuggingFaceTokenizer(Tokenizer):
 
         eos_id = token_id(special.get("eos_token"))
         if eos_id is None:
-            eos_id = next(
-                (backend.token_to_id(t) for t in _COMMON_EOS_TOKENS if backend.token_to_id(t) is not None),
-                None,
-            )
+            eos_id = next((token_id(t) for t in _COMMON_EOS_TOKENS if token_id(t) is not None), None)
+        pad_id = token_id(special.get("pad_token"))
+        if pad_id is None:
+            pad_id = next((token_id(t) for t in _COMMON_PAD_TOKENS if token_id(t) is not None), None)
         vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        return (
-            backend,
-            eos_id,
-            token_id(special.get("bos_token")),
-            token_id(special.get("pad_token")),
-            vocab_size,
-        )
+        return backend, eos_id, token_id(special.get("bos_token")), pad_id, vocab_size
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -8,12 +8,14 @@ batches in the set)`` global batches, DP-sharded as training batches are. The tr
 its train/valid split are untouched.
 
     sets = resolve_validation_sets(cfg.data.validation_sets)        # {name: (prefixes, weights)}
-    check_validation_sets(sets, seq_length=..., global_batch_size=..., vocab_size=...)  # one line
+    check_validation_sets(sets, seq_length=..., global_batch_size=...)  # one line, .idx headers
+    check_validation_tokens(sets, vocab_size=...)  # one line, scans the .bin files
     dataset, samples = build_validation_set(sets["c4"], ..., eval_iters=20)
 
-``check_validation_sets`` is the pre-launch check (config/rules.py runs it): a missing prefix, a set
-shorter than one global batch or a token id outside the tokenizer's vocabulary is one line naming
-the set and the fix.
+The pre-launch checks: ``check_validation_sets`` (config/rules.py runs it at every config load) and
+``check_validation_tokens`` (the launcher's ``check_data``, once before launch): a missing prefix, a
+set shorter than one global batch or a token id outside the tokenizer's vocabulary is one line
+naming the set and the fix.
 """
 
 from __future__ import annotations
@@ -96,25 +98,32 @@ def check_validation_sets(
     *,
     seq_length: int,
     global_batch_size: int,
-    vocab_size: int,
 ) -> None:
-    """ValueError, one line naming the set, when a set has fewer samples than one global batch or
-    holds a token id the tokenizer does not have (made with another tokenizer)."""
+    """ValueError, one line naming the set, when a set has fewer samples than one global batch
+    (its .idx headers only: cheap enough for every config load, config/rules.py)."""
     for name, (prefixes, _) in sets.items():
-        where = f"data.validation_sets.{name}"
         samples = set_samples(prefixes, seq_length)
         if samples < global_batch_size:
             raise ValueError(
-                f"{where}: {samples} samples of {seq_length} tokens, fewer than one global batch "
-                f"(training.global_batch_size={global_batch_size}); give a larger held-out set"
+                f"data.validation_sets.{name}: {samples} samples of {seq_length} tokens, fewer than one "
+                f"global batch (training.global_batch_size={global_batch_size}); give a larger held-out set"
             )
+
+
+def check_validation_tokens(
+    sets: Mapping[str, tuple[list[str], list[float] | None]], *, vocab_size: int
+) -> None:
+    """ValueError, one line naming the set, when a set holds a token id the tokenizer does not have
+    (made with another tokenizer). Scans every .bin: the launcher's data check runs it once, before
+    launch, not every rank at every config load."""
+    for name, (prefixes, _) in sets.items():
         for prefix in prefixes:
             top = max_token_id(prefix)
             if top >= vocab_size:
                 raise ValueError(
-                    f"{where}: {prefix} holds token id {top}, outside the tokenizer's vocabulary of "
-                    f"{vocab_size}: it was tokenised with another tokenizer; re-tokenise it with "
-                    "data.tokenizer_model"
+                    f"data.validation_sets.{name}: {prefix} holds token id {top}, outside the tokenizer's "
+                    f"vocabulary of {vocab_size}: it was tokenised with another tokenizer; re-tokenise it "
+                    "with data.tokenizer_model"
                 )
 
 

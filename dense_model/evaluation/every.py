@@ -3,29 +3,37 @@
     run_lm_eval.sh RUN_DIR TASKS --every-checkpoint [lm-eval options]
     run_lm_eval.sh STUDY_DIR TASKS --every-checkpoint --slurm [lm-eval options]
 
-Each saved ``checkpoints/iter_NNNNNNN`` not yet scored is scored by a plain ``run_lm_eval.sh`` on
-that folder, its lm-eval output written into ``RUN_DIR/lm_eval/.iter_NNNNNNN.tmp-HOST-PID`` and the
-folder renamed to ``RUN_DIR/lm_eval/iter_NNNNNNN`` when complete, so a kill leaves no result that
-counts; the next run removes the dead temporary and scores that iteration again. Every results JSON
+Each saved ``checkpoints/iter_NNNNNNN`` not yet scored is scored by lm-eval in this process (lm-eval,
+torch and megatron-core imported once per job; with ``TP`` > 1 each iteration is a plain
+``run_lm_eval.sh`` on that folder, torchrun's ranks), into ``RUN_DIR/lm_eval/iter_NNNNNNN``, through
+``fsreplace.replacing``: under ``RUN_DIR/lm_eval/.iter_NNNNNNN.lock`` (``procutil.held_lock``: an
+``O_EXCL`` file naming its holder, a dead holder's taken over) lm-eval writes into a staging folder
+that is fsynced and renamed into place when complete. So two jobs on one run never score one
+iteration at once (the second skips it, naming the holder, and goes on with the others), a kill
+leaves no result that counts, and the next job removes what the killed one left. Every results JSON
 carries ``STAMP``: the iteration, the tokens trained (iteration x global batch x sequence length),
 the tasks, ``num_fewshot`` and ``limit``; an iteration whose results carry the same stamp (tokens
-aside) is skipped. ``--slurm`` writes one SLURM array task per unscored iteration instead; each task
-is this command restricted to its iteration (``--iteration N``).
+aside) is skipped (checked again under the lock). ``--slurm`` writes one SLURM array task per
+unscored iteration instead; each task is this command restricted to its iteration (``--iteration N``).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
-from dense_model.checkpoint import CHECKPOINTS, METADATA, fsync_dir, fsync_tree, iteration_dir
+from dense_model.checkpoint import CHECKPOINTS, METADATA, iteration_dir
 from dense_model.checkpoint.layout import _iteration_folders, fsync_write
+from dense_model.evaluation import harness
+from dense_model.fsreplace import ReplaceError, TargetBusy, replacing
+from dense_model.sbatch import sbatch_header
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = REPO / "toolkits" / "evaluation" / "run_lm_eval.sh"
@@ -93,74 +101,92 @@ def is_scored(run_dir: Path, stamp: dict) -> bool:
     return False
 
 
-def _remove_dead_temporaries(out: Path, name: str) -> None:
-    """Temporaries of this iteration left by a killed run (this host's processes that are gone, or
-    another host's: one iteration is scored by one job at a time)."""
-    host = socket.gethostname()
-    for tmp in out.glob(f".{name}.tmp-*"):
-        owner, _, pid = tmp.name.rpartition("-")
-        if owner.endswith("-" + host) and pid.isdigit() and _alive(int(pid)):
-            continue
-        print(f"run_lm_eval: removing {tmp} (left by a killed run)", flush=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+class _Unpublished(Exception):
+    """Leave the ``replacing`` block without publishing (the staging folder is removed)."""
+
+    def __init__(self, status: str):
+        super().__init__(status)
+        self.status = status
 
 
-def _alive(pid: int) -> bool:
+def _say(message: str) -> None:
+    print(f"run_lm_eval: {message}", flush=True)
+
+
+def _lm_eval(folder: Path, tasks: str, rest: list[str], output: Path) -> int:
+    """lm-eval on ``folder`` into ``output``: in this process, or with TP > 1 through
+    run_lm_eval.sh (torchrun's ranks, one process group per checkpoint). Exit status."""
+    if int(os.environ.get("TP", "1")) > 1:
+        return subprocess.run(
+            ["bash", str(RUNNER), str(folder), tasks, *rest, "--output_path", str(output)]
+        ).returncode
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return harness.evaluate(folder, tasks, [*rest, "--output_path", str(output)])
+    except harness.UnknownTasks as err:
+        raise EveryCheckpointError(str(err)) from None  # the same for every iteration: stop
+    except Exception:  # this checkpoint's failure (pruned while loading, ...): said, the next one scored
+        traceback.print_exc()
+        return 1
+    finally:
+        gc.collect()  # the model and lm-eval's requests of this iteration, before the next loads
 
 
 def score_iteration(run_dir: Path, iteration: int, tasks: str, rest: list[str]) -> str:
-    """Score one iteration: 'scored', 'skipped' (done before), 'gone' (pruned) or 'failed'."""
+    """Score one iteration: 'scored', 'skipped' (done before), 'busy' (another job scores it now),
+    'gone' (pruned) or 'failed'."""
     stamp = stamp_of(tasks, rest, iteration)
     folder = iteration_dir(run_dir / CHECKPOINTS, iteration)
-    out = run_dir / EVAL_DIR
     name = folder.name
+    final = run_dir / EVAL_DIR / name
     if is_scored(run_dir, stamp):
-        print(f"run_lm_eval: {run_dir} {name}: already scored with these tasks, skipped", flush=True)
+        _say(f"{run_dir} {name}: already scored with these tasks, skipped")
         return "skipped"
     if not (folder / METADATA).is_file():
-        print(f"run_lm_eval: {run_dir} {name}: no longer saved (pruned by keep_last?), skipped", flush=True)
+        _say(f"{run_dir} {name}: no longer saved (pruned by keep_last?), skipped")
         return "gone"
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_dead_temporaries(out, name)
-    tmp = out / f".{name}.tmp-{socket.gethostname()}-{os.getpid()}"
-    tmp.mkdir()
-    print(f"run_lm_eval: {run_dir} {name}: scoring {tasks}", flush=True)
-    code = subprocess.run(
-        ["bash", str(RUNNER), str(folder), tasks, *rest, "--output_path", str(tmp)]
-    ).returncode
-    results = sorted(tmp.rglob("results*.json"))
-    if code != 0 or not results:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / METADATA).is_file():
-            print(f"run_lm_eval: {run_dir} {name}: pruned while being scored, skipped", flush=True)
-            return "gone"
-        print(
-            f"run_lm_eval: {run_dir} {name}: lm-eval failed (exit status {code})", file=sys.stderr, flush=True
+    try:
+        with replacing(
+            final,
+            what="lm-eval --every-checkpoint",
+            overwrite=True,
+            label="results folder",
+            ours=lambda _: True,  # RUN_DIR/lm_eval/iter_N is only ever this tool's output
+            say=_say,
+        ) as tmp:
+            if is_scored(run_dir, stamp):  # by another job, between the check above and the lock
+                _say(f"{run_dir} {name}: already scored with these tasks, skipped")
+                raise _Unpublished("skipped")
+            _say(f"{run_dir} {name}: scoring {tasks}")
+            code = _lm_eval(folder, tasks, rest, tmp)
+            results = sorted(tmp.rglob("results*.json"))
+            if code != 0 or not results:
+                if not (folder / METADATA).is_file():
+                    _say(f"{run_dir} {name}: pruned while being scored, skipped")
+                    raise _Unpublished("gone")
+                print(
+                    f"run_lm_eval: {run_dir} {name}: lm-eval failed (exit status {code})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                raise _Unpublished("failed")
+            for path in results:
+                data = json.loads(path.read_text())
+                # the tokens trained, as the adapter counts them (the iteration's global batches x seq length)
+                data[STAMP] = {**stamp, "tokens": data.get("config", {}).get("dense_model_tokens")}
+                fsync_write(path, json.dumps(data, indent=2))
+            if final.exists():  # results of another task list: replaced (the old folder deleted last)
+                _say(f"{final}: results of another task list or options replaced")
+    except _Unpublished as done:
+        return done.status
+    except TargetBusy as busy:
+        h = busy.holder
+        _say(
+            f"{run_dir} {name}: being scored by another job (host {h.get('host', '?')}, pid "
+            f"{h.get('pid', '?')}, since {h.get('since', '?')}), skipped; rerun afterwards for what it leaves"
         )
-        return "failed"
-    for path in results:
-        data = json.loads(path.read_text())
-        # the tokens trained, as the adapter counts them (the iteration's global batches x seq length)
-        data[STAMP] = {**stamp, "tokens": data.get("config", {}).get("dense_model_tokens")}
-        fsync_write(path, json.dumps(data, indent=2))
-    fsync_tree(tmp)
-    final = out / name
-    if final.exists():  # results of another task list: replaced, the old folder removed after the rename
-        old = out / f".{name}.old-{socket.gethostname()}-{os.getpid()}"
-        os.replace(final, old)
-        print(f"run_lm_eval: {final}: results of another task list or options replaced", flush=True)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(out)
+        return "busy"
+    except ReplaceError as err:  # RUN_DIR/lm_eval/iter_N is a file or a link: the user's to sort out
+        raise EveryCheckpointError(str(err)) from None
     return "scored"
 
 
@@ -175,17 +201,17 @@ def slurm_script(pairs: list[tuple[Path, int]], tasks: str, rest: list[str], log
     tp = int(os.environ.get("TP", "1"))
     python = os.environ.get("PYTHON", sys.executable)
     args = " ".join(shlex.quote(a) for a in [tasks, "--every-checkpoint", *rest])
+    head = sbatch_header(
+        "One array task per unscored checkpoint iteration (written by run_lm_eval.sh --every-checkpoint --slurm).",
+        job_name="lm_eval_every",
+        nodes=1,
+        gpus_per_node=tp,
+        log_dir=str(log_dir),
+        workdir=str(REPO),
+    )
     return "\n".join(
         [
-            "#!/usr/bin/env bash",
-            "# One array task per unscored checkpoint iteration (written by run_lm_eval.sh --every-checkpoint --slurm).",
-            "#SBATCH --job-name=lm_eval_every",
-            "#SBATCH --nodes=1",
-            "#SBATCH --ntasks-per-node=1",
-            f"#SBATCH --gpus-per-node={tp}",
-            f"#SBATCH --output={log_dir}/%x-%A_%a.out",
-            "set -euo pipefail",
-            f"cd {shlex.quote(str(REPO))}",
+            *head,
             f"RUNS=({' '.join(shlex.quote(str(r.resolve())) for r, _ in pairs)})",
             f"ITERS=({' '.join(str(n) for _, n in pairs)})",
             f"export TP={tp} PYTHON={shlex.quote(python)}",
@@ -237,7 +263,7 @@ def main(path: str, tasks: str, rest: list[str]) -> int:
         job = subprocess.run(submit, check=True, capture_output=True, text=True).stdout.strip()
         print(f"run_lm_eval: submitted array job {job.split(';')[0]}", flush=True)
         return 0
-    counts = {"scored": 0, "skipped": 0, "gone": 0, "failed": 0}
+    counts = {"scored": 0, "skipped": 0, "busy": 0, "gone": 0, "failed": 0}
     for run, n in pairs:
         counts[score_iteration(run, n, tasks, rest)] += 1
     print("run_lm_eval: every checkpoint: " + ", ".join(f"{v} {k}" for k, v in counts.items()), flush=True)

@@ -9,7 +9,7 @@ comma-separated list of lm-eval task names, or .yaml task files. Every other opt
 ``lm-eval run`` unchanged (``--num_fewshot``, ``--batch_size``, ``--limit``, ``--include_path``,
 ``--output_path``, ``--log_samples``, ``--model_args dtype=float32``, ``--seed`` ...), so the results
 JSON (under --output_path) and the printed table are lm-eval's standard ones. ``--batch_size``
-defaults to 8 here (lm-eval's default is 1).
+defaults to 8 here (lm-eval's default is 1). The harness itself: dense_model/evaluation/harness.py.
 
 Offline by default: HF_DATASETS_OFFLINE and HF_HUB_OFFLINE are set to 1 unless already set, so
 tasks read the local Hugging Face cache (fill it on a machine with network access first, with
@@ -25,13 +25,10 @@ model is loaded with a one-line error (exit status 2).
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
 import sys
 
 from dense_model.checkpoint import CheckpointError, resolve_checkpoint
-from dense_model.parallel import destroy_parallel
+from dense_model.evaluation import harness
 
 USAGE = "usage: run_lm_eval.sh CHECKPOINT TASKS [lm-eval run options]"
 OWN_OPTIONS = ("--model", "-M", "--tasks", "-t")
@@ -67,64 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:
         return _fail(str(err))
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-    import argparse
-
-    from lm_eval._cli.run import Run
-    from lm_eval.utils import setup_logging
-
-    import dense_model.evaluation.adapter  # noqa: F401  registers the "dense_model" model
-
-    setup_logging()
-    parser = argparse.ArgumentParser(prog="run_lm_eval.sh")
-    Run.create(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        ["run", "--model", "dense_model", "--model_args", f"pretrained={folder}", "--tasks", tasks]
-        + ["--batch_size", "8"]
-        + rest
-    )
     try:
-        with _task_index_of(args.tasks, args.include_path):
-            args.func(args)
-    except ValueError as err:
-        if not str(err).startswith("Tasks not found"):
-            raise
-        missing = str(err).split(":", 1)[1].strip()
-        return _fail(
-            f"lm-eval does not know the task(s) {missing}. List the known ones with `lm-eval ls tasks`; "
-            "for local YAML tasks give their folder with --include_path DIR (e.g. examples/lm_eval_tasks) "
-            "or the .yaml file itself as the task"
-        )
-    finally:
-        if "megatron.core.parallel_state" in sys.modules:
-            destroy_parallel()
-    return 0
-
-
-@contextlib.contextmanager
-def _task_index_of(tasks: str | list[str], include_path: str | None):
-    """lm-eval indexes all of its ~14,000 built-in task files before every run (about 12 s on a
-    2-core machine). When every task asked for is a plain task found under ``--include_path`` (the
-    usual case for our local tasks), let lm-eval index that folder alone; otherwise change nothing."""
-    import lm_eval.tasks
-
-    from dense_model.training.downstream import local_tasks_only
-
-    names = [
-        name for item in ([tasks] if isinstance(tasks, str) else tasks) for name in item.split(",") if name
-    ]
-    local_only = local_tasks_only(names, include_path)
-    if not local_only:
-        yield
-        return
-    full = lm_eval.tasks.TaskManager
-    lm_eval.tasks.TaskManager = functools.partial(full, include_defaults=False)  # read by lm-eval's run
-    try:
-        yield
-    finally:
-        lm_eval.tasks.TaskManager = full
+        return harness.evaluate(folder, tasks, rest)
+    except harness.UnknownTasks as err:
+        return _fail(str(err))
 
 
 if __name__ == "__main__":

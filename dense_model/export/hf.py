@@ -5,6 +5,7 @@
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(OUTPUT_DIR)                          # SwiGLU: plain Llama
     model = AutoModelForCausalLM.from_pretrained(OUTPUT_DIR, trust_remote_code=True)  # other activations, MoE
+    model = AutoModelForCausalLM.from_pretrained(OUTPUT_DIR)  # SwiGLU experts, model.qk_norm full: OLMoE
     tokenizer = AutoTokenizer.from_pretrained(OUTPUT_DIR)
 
 The checkpoint is loaded at TP=1, PP=1 whatever layout saved it (dist_checkpointing reshards), so
@@ -18,7 +19,8 @@ activation's own source from the registry (``remote_code_files``), so the export
 same math.
 
 The weight mapping (our names -> Llama's, MoE included) is the table in mapping.py, which the
-import (hf_import.py) reads in the other direction.
+import (hf_import.py) reads in the other direction. SwiGLU experts with ``model.qk_norm: full``
+export as transformers' own ``OlmoeForCausalLM`` instead (``--format auto``/``olmoe``, olmoe.py).
 
 The router settings the HF block implements are checked on the loaded model's TransformerConfig
 (``MOE_ROUTER_AS_EXPORTED``); a checkpoint with any other (token dropping by capacity, ...) is refused.
@@ -44,10 +46,11 @@ import torch
 from dense_model.activations import get_activation_entry
 from dense_model.checkpoint import CheckpointError, read_metadata, resolve_checkpoint
 from dense_model.checkpoint.inference import load_model_for_inference
-from dense_model.config import Config, expert_ffn_hidden_size, ffn_hidden_size, moe_enabled
+from dense_model.config import Config, config_from_dict, expert_ffn_hidden_size, ffn_hidden_size, moe_enabled
 from dense_model.data.tokenizers import build_tokenizer
 from dense_model.export.configuration_dense_model import DenseModelConfig
 from dense_model.export.mapping import to_hf, weight_rules
+from dense_model.export.olmoe import FORMATS, olmoe_config, olmoe_refusal, olmoe_tensor_shapes, wants_olmoe
 from dense_model.export.output import OutputError, check_outside_run, staged_output
 from dense_model.export.tokenizer import export_tokenizer, tokenizer_mismatch
 from dense_model.parallel import destroy_parallel
@@ -234,7 +237,11 @@ def remote_code_files(activation: str) -> dict[str, str]:
 def check_against_hf_model(weights: dict[str, torch.Tensor], config, folder: Path) -> None:
     """Build the transformers model on the meta device; names and shapes must match ``weights``.
 
-    A non-Llama model is built from the remote code already written to ``folder``, as a user loads it."""
+    A non-Llama model is built from the remote code already written to ``folder``, as a user loads it;
+    OLMoE's expected tensors are its hub layout (``olmoe.olmoe_tensor_shapes``)."""
+    if config.model_type == "olmoe":
+        _check_names_and_shapes(weights, olmoe_tensor_shapes(config), "OlmoeForCausalLM")
+        return
     if config.model_type == "llama":
         from transformers import LlamaForCausalLM as cls
     else:
@@ -247,13 +254,17 @@ def check_against_hf_model(weights: dict[str, torch.Tensor], config, folder: Pat
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    _check_names_and_shapes(weights, expected, cls.__name__)
+
+
+def _check_names_and_shapes(weights: dict[str, torch.Tensor], expected: dict, model_name: str) -> None:
     got = {k: tuple(v.shape) for k, v in weights.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))
         extra = sorted(set(got) - set(expected))
         shapes = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
         raise ExportError(
-            f"converted weights do not fit {cls.__name__}: missing {missing[:5]}, unexpected {extra[:5]}, "
+            f"converted weights do not fit {model_name}: missing {missing[:5]}, unexpected {extra[:5]}, "
             f"shape mismatch {[(k, got[k], expected[k]) for k in shapes[:5]]}"
         )
 
@@ -293,11 +304,14 @@ def export_hf(
     dtype: str = "auto",
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
+    fmt: str = "auto",
 ) -> Path:
     """Export ``checkpoint`` (run directory, checkpoints/ folder or iter_NNNNNNN) to ``output_dir``.
 
     ``dtype``: "auto" (the dtype the checkpoint stores: bf16 for GPU runs, fp32 for CPU runs),
-    "float32", "bfloat16" or "float16". Starts the process groups (world size 1) if needed.
+    "float32", "bfloat16" or "float16". ``fmt``: "auto" (Llama, our remote code, or, for
+    ``model.qk_norm: full``, transformers' OlmoeForCausalLM) or "olmoe" (OlmoeForCausalLM or an
+    ExportError saying why not). Starts the process groups (world size 1) if needed.
     """
     folder = resolve_checkpoint(checkpoint)  # CheckpointError for a missing or foreign path
     output_dir = Path(output_dir)
@@ -306,20 +320,50 @@ def export_hf(
     )  # OutputError: the export could delete its own source
     if dtype != "auto" and dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if fmt not in FORMATS:
+        raise ExportError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     # rank 0 writes: one export per output (a lock), published by renames (see export/output.py)
     with staged_output(output_dir, overwrite) if _rank() == 0 else contextlib.nullcontext() as tmp:
-        _export(folder, tmp, dtype, max_shard_size)
+        _export(folder, tmp, dtype, max_shard_size, fmt)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return output_dir
 
 
-def _export(folder: Path, tmp: Path | None, dtype: str, max_shard_size: str | int) -> None:
+def export_as_olmoe(m, fmt: str, folder: Path) -> bool:
+    """Whether the model ``m`` exports as transformers' OlmoeForCausalLM (``fmt``: --format); an
+    ExportError for a q/k norm no exported layout has, or an OLMoE that cannot run it exactly."""
+    as_olmoe = wants_olmoe(m, fmt)
+    refusal = olmoe_refusal(m) if as_olmoe else None
+    if refusal:  # the full q/k norm exists only in OLMoE's layout (Llama's and our remote code have none)
+        qk = m.qk_norm
+        asked = (
+            "--format olmoe"
+            if fmt == "olmoe"
+            else f"model.qk_norm={qk!r} exports only as transformers' OlmoeForCausalLM (our remote code has no q/k norm)"
+        )
+        fix = (
+            "export without --format olmoe (Llama or our trust_remote_code model)"
+            if qk == "none"
+            else "evaluate this checkpoint with the lm-eval model dense_model instead"
+        )
+        raise ExportError(f"{folder}: {asked}, but OlmoeForCausalLM {refusal}; {fix}")
+    if m.qk_norm != "none" and not as_olmoe:  # per_head: no transformers layout has it
+        raise ExportError(
+            f"{folder}: model.qk_norm={m.qk_norm!r}: no Hugging Face layout here has megatron-core's "
+            "per-head q/k norm (evaluate this checkpoint with the lm-eval model dense_model instead)"
+        )
+    return as_olmoe
+
+
+def _export(folder: Path, tmp: Path | None, dtype: str, max_shard_size: str | int, fmt: str = "auto") -> None:
     """Load ``folder`` and, on rank 0 (``tmp`` not None), write the HF files into ``tmp``."""
     from megatron.core import parallel_state
 
     target = stored_dtype(folder) if dtype == "auto" else DTYPES[dtype]
 
+    # what config.json can say is decided from the checkpoint's config, before the (long) load
+    as_olmoe = export_as_olmoe(config_from_dict(read_metadata(folder)["config"]).model, fmt, folder)
     loaded = load_model_for_inference(folder, tensor_model_parallel_size=1)
     if parallel_state.get_tensor_model_parallel_world_size() != 1 or (
         parallel_state.get_pipeline_model_parallel_world_size() != 1
@@ -329,11 +373,6 @@ def _export(folder: Path, tmp: Path | None, dtype: str, max_shard_size: str | in
             "run export_hf.py as a plain python process"
         )
     cfg = loaded.config
-    if cfg.model.qk_norm != "none":  # Llama's layout has no q/k norm; OLMoE's (q_norm/k_norm) is owed
-        raise ExportError(
-            f"{folder}: model.qk_norm={cfg.model.qk_norm!r}: the Hugging Face export has no q/k norm yet "
-            "(evaluate this checkpoint with the lm-eval model dense_model instead)"
-        )
     if moe_enabled(cfg.model):
         check_moe_router(loaded.model.config, folder)
     state = {
@@ -345,8 +384,8 @@ def _export(folder: Path, tmp: Path | None, dtype: str, max_shard_size: str | in
         special, tokenizer_provenance = {"bos_token_id": None, "eos_token_id": None}, None
         if cfg.data.tokenizer_model:
             tokenizer_provenance, special = _export_checked_tokenizer(cfg, tmp)
-        config = hf_config(cfg, special, target)
-        if config.model_type != "llama":
+        config = olmoe_config(cfg, special, target) if as_olmoe else hf_config(cfg, special, target)
+        if config.model_type not in ("llama", "olmoe"):  # transformers' own classes need no code
             for name, source in remote_code_files(cfg.model.activation).items():
                 (tmp / name).write_text(source)
         check_against_hf_model(weights, config, tmp)
@@ -407,9 +446,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=FORMATS,
+        help="olmoe: transformers' OlmoeForCausalLM (SwiGLU experts, model.qk_norm full) or an error; "
+        "auto: that for model.qk_norm full, else Llama or the trust_remote_code model",
+    )
     args = parser.parse_args(argv)
     try:
-        out = export_hf(args.checkpoint, args.output_dir, args.dtype, args.max_shard_size, args.overwrite)
+        out = export_hf(
+            args.checkpoint, args.output_dir, args.dtype, args.max_shard_size, args.overwrite, args.format
+        )
     except (CheckpointError, ExportError, OutputError) as err:
         print(f"export_hf: error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -63,6 +63,7 @@ from dense_model.config import Config, ConfigError, config_from_dict, config_to_
 from dense_model.data.tokenizers import build_tokenizer
 from dense_model.export.hf import DTYPES
 from dense_model.export.mapping import Rule, from_hf, hf_shapes, weight_rules
+from dense_model.export.olmoe import olmoe_model_section
 from dense_model.fsreplace import ReplaceError, replacing
 
 
@@ -147,6 +148,15 @@ def _dense_model_model(hf) -> dict:
     return model
 
 
+def _olmoe_model(hf) -> dict:
+    """transformers' OlmoeForCausalLM: Llama's fields, the full-width q/k norm, SwiGLU experts in every
+    layer (dense_model/export/olmoe.py)."""
+    try:
+        return olmoe_model_section(hf, _llama_model(hf))
+    except ValueError as err:
+        raise HFImportError(f"config.json: {err}; dense_model cannot reproduce it exactly") from None
+
+
 def _qwen2_model(hf) -> dict:
     raise HFImportError(
         "config.json: architectures=['Qwen2ForCausalLM']: Qwen2 always has biases on q_proj/k_proj/"
@@ -187,6 +197,7 @@ LAYOUTS: dict[str, Layout] = {
     "MistralForCausalLM": Layout("mistral", _config_class("MistralConfig"), _mistral_model, _ROTARY_BUFFERS),
     "Qwen2ForCausalLM": Layout("qwen2", _config_class("Qwen2Config"), _qwen2_model),
     "DenseModelForCausalLM": Layout("dense_model", _dense_model_config_class, _dense_model_model),
+    "OlmoeForCausalLM": Layout("olmoe", _config_class("OlmoeConfig"), _olmoe_model),
 }
 
 

@@ -10,6 +10,8 @@ reshaping and concatenation, so export -> import -> export is bit for bit). Per 
     self_attention.linear_qkv.weight      -> self_attn.{q,k,v}_proj.weight          (kind qkv)
         rows are [groups x (q heads of the group, k, v) x head_dim]: de-interleaved per group
     self_attention.linear_proj.weight     -> self_attn.o_proj.weight
+    self_attention.{q,k}_layernorm.weight -> self_attn.{q,k}_norm.weight            (model.qk_norm=full:
+                                             OLMoE's full-width gains, heads in the same order)
     pre_mlp_layernorm.weight              -> post_attention_layernorm.weight
     mlp.linear_fc1.weight                 -> mlp.gate_proj + mlp.up_proj (gated: [gate; up], kind gate_up)
                                              or mlp.up_proj (not gated)
@@ -86,6 +88,14 @@ def weight_rules(m: ModelConfig) -> list[Rule]:
                 "qkv",
             ),
             Rule((ours + "self_attention.linear_proj.weight",), (hf + "self_attn.o_proj.weight",)),
+            *(  # model.qk_norm=full: OLMoE's gains, [heads x head_dim] and [groups x head_dim]
+                [
+                    Rule((ours + "self_attention.q_layernorm.weight",), (hf + "self_attn.q_norm.weight",)),
+                    Rule((ours + "self_attention.k_layernorm.weight",), (hf + "self_attn.k_norm.weight",)),
+                ]
+                if m.qk_norm == "full"
+                else []
+            ),
             Rule(
                 (ours + "pre_mlp_layernorm.weight", ours + "mlp.linear_fc1.layer_norm_weight"),
                 (hf + "post_attention_layernorm.weight",),

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dense_model.checkpoint import read_latest_iteration
 from dense_model.checkpoint.layout import fsync_write
+from dense_model.sbatch import sbatch_header
 from dense_model.studies.spec import Study, StudyRun
 from dense_model.training.optim import schedule_steps
 
@@ -190,26 +191,22 @@ def slurm_script(study: Study) -> str:
     nodes = int(launch.get("nnodes", 1))
     gpus = int(launch.get("gpus_per_node", 1))
     log_dir = study.study_dir.resolve() / "slurm"
-    lines = [
-        "#!/usr/bin/env bash",
-        f"# Study {study.name}: one array task per run (written by toolkits/studies/run_study.py --slurm).",
-        f"#SBATCH --job-name={s.get('job_name', 'study_' + study.name)}",
-        f"#SBATCH --nodes={nodes}",
-        "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --gpus-per-node={gpus}",
-        f"#SBATCH --time={s.get('time', '48:00:00')}",
-        "#SBATCH --signal=B:TERM@120",
-        f"#SBATCH --output={log_dir}/%x-%A_%a.out",
-    ]
-    if s.get("partition"):
-        lines.append(f"#SBATCH --partition={s['partition']}")
-    lines += [f"#SBATCH {arg}" for arg in s.get("sbatch_args", [])]
+    lines = sbatch_header(
+        f"Study {study.name}: one array task per run (written by toolkits/studies/run_study.py --slurm).",
+        job_name=s.get("job_name", "study_" + study.name),
+        nodes=nodes,
+        gpus_per_node=gpus,
+        log_dir=str(log_dir),
+        workdir=str(REPO),
+        time=s.get("time", "48:00:00"),
+        signal="B:TERM@120",
+        partition=s.get("partition"),
+        extra=s.get("sbatch_args", []),
+    )
     study_args = " ".join(
         shlex.quote(a) for a in [str(study.path.resolve()), "--study-dir", str(study.study_dir.resolve())]
     )
     lines += [
-        "set -euo pipefail",
-        f"cd {shlex.quote(str(REPO))}",
         # Two array tasks may share a node: give each its own rendezvous port.
         'export MASTER_PORT="${MASTER_PORT:-$((29500 + SLURM_ARRAY_TASK_ID % 1000))}"',
         f'export GPUS_PER_NODE="${{SLURM_GPUS_ON_NODE:-{gpus}}}"',

@@ -8,18 +8,23 @@ torch's fused AdamW kernel (``set_fused_adam``: megatron-core builds ``torch.opt
 for linear warmup then cosine (or linear/constant) decay to ``min_lr``; megatron ``DistributedDataParallel``.
 
 The schedule is a function of the step and the config (megatron-core's formula: linear warmup from
-0 over the warm-up steps to ``lr``, then the decay style down to ``min_lr`` at ``train_iters``). A
+0, or ``lr_warmup_init`` x lr, over the warm-up steps to ``lr``, then the decay style down to
+``min_lr`` at ``train_iters``; with ``training.lr_decay_tokens`` OLMo's in tokens, ``schedule_class``). A
 resumed job takes the step from the checkpoint and everything else from its own config
-(``adopt_schedule``): a changed ``lr``, ``min_lr``, warm-up, decay style, length, weight decay or
+(``adopt_schedule``): a changed ``lr``, ``min_lr``, warm-up, decay style, length (in steps or
+``lr_decay_tokens``), weight decay or
 Adam betas/epsilon applies from the next step, as the new formula's value at that step (no restart
 of the warm-up, no rescaling), and the change is returned for the job to say and record.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
-from dense_model.config import Config, train_and_warmup_steps
+from dense_model.config import Config, train_and_warmup_steps, warmup_tokens
 from dense_model.model import build_model
 
 
@@ -173,13 +178,14 @@ def schedule_steps(cfg: Config) -> tuple[int, int]:
 
 
 def build_scheduler(optimizer, cfg: Config):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     iters, warmup = schedule_steps(cfg)
     t = cfg.training
-    return OptimizerParamScheduler(
+    return schedule_class()(
         optimizer,
-        init_lr=0.0,
+        warmup_init=t.lr_warmup_init,
+        tokens_per_step=t.global_batch_size * cfg.model.seq_length,
+        warmup_tokens=warmup_tokens(cfg),
+        decay_tokens=t.lr_decay_tokens,
         max_lr=t.lr,
         min_lr=t.min_lr,
         lr_warmup_steps=warmup,
@@ -196,6 +202,65 @@ def build_scheduler(optimizer, cfg: Config):
     )
 
 
+@functools.cache
+def schedule_class():
+    """megatron-core's OptimizerParamScheduler, its warm-up from ``warmup_init`` x lr (its init_lr),
+    and with ``decay_tokens`` (training.lr_decay_tokens) OLMo's schedule in tokens instead of its own
+    in steps (a class made on first use: megatron-core is imported only when a scheduler is built).
+
+    OLMo's (BryceZhuo/PolyCom moe_model/olmo/optim.py, ``CosWithWarmup``/``LinearWithWarmup``/
+    ``ConstantWithWarmupScheduler``, with ``units: tokens``): at T tokens, linear from warmup_init x
+    lr to lr while T < warm-up tokens; then the decay from lr to min_lr over the tokens between the
+    warm-up and ``decay_tokens`` (OLMo's t_max, which need not be the training length); min_lr from
+    ``decay_tokens`` on. OLMo's trainer counts a step's tokens before the step, so step k (1-based)
+    trains at T = k x tokens per step; here ``num_steps`` is the steps done (k - 1 during step k).
+    megatron-core's formula cannot say this: its lengths are in whole steps (5T tokens is 1,192,092.9
+    steps of 4M tokens) and step k trains at k - 1 steps.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    class Schedule(OptimizerParamScheduler):
+        def __init__(self, optimizer, *, warmup_init, tokens_per_step, warmup_tokens, decay_tokens, **kwargs):
+            self.warmup_init = float(warmup_init)
+            self.tokens_per_step = int(tokens_per_step)
+            self.warmup_tokens = int(warmup_tokens)
+            self.decay_tokens = decay_tokens
+            super().__init__(optimizer, init_lr=self.warmup_init * kwargs["max_lr"], **kwargs)  # calls get_lr
+
+        def get_lr(self, param_group: dict) -> float:
+            if self.decay_tokens is None:
+                return super().get_lr(param_group)
+            # the step's tokens counted once its batch is in (OLMo's trainer counts them before the step)
+            return self.lr_at((self.num_steps + 1) * self.tokens_per_step, param_group)
+
+        def lr_at(self, tokens: int, param_group: dict | None = None) -> float:
+            """The token schedule's learning rate at ``tokens`` (for ``param_group``'s max/min lr)."""
+            max_lr = (param_group or {}).get("max_lr", self.max_lr)
+            min_lr = (param_group or {}).get("min_lr", self.min_lr)
+            if tokens < self.warmup_tokens:
+                start = self.warmup_init * max_lr
+                return start + (max_lr - start) * tokens / self.warmup_tokens
+            if self.lr_decay_style == "constant":
+                return max_lr
+            if tokens >= self.decay_tokens:
+                return min_lr
+            ratio = (tokens - self.warmup_tokens) / (self.decay_tokens - self.warmup_tokens)
+            if self.lr_decay_style == "linear":
+                return max_lr - (max_lr - min_lr) * ratio
+            return min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi * ratio)) / 2
+
+        def state_dict(self) -> dict:
+            return {
+                **super().state_dict(),
+                "lr_warmup_init": self.warmup_init,
+                # None for megatron-core's schedule in steps (its warm-up is lr_warmup_steps)
+                "lr_warmup_tokens": None if self.decay_tokens is None else self.warmup_tokens,
+                "lr_decay_tokens": self.decay_tokens,
+            }
+
+    return Schedule
+
+
 # Param-group settings that come from the config (the scheduler sets lr and weight_decay from them
 # at every step); torch's load_state_dict puts the checkpoint's back, adopt_schedule undoes that.
 _GROUP_SETTINGS = ("max_lr", "min_lr", "betas", "eps")
@@ -208,8 +273,9 @@ def group_settings(optimizer) -> list[dict]:
 
 def schedule_values(scheduler_state: dict, group: dict) -> dict:
     """The schedule as the config names it, from a scheduler state dict (megatron-core's) and one
-    optimizer param group: lr, min_lr, lr_decay_style, warmup_steps, train_steps, weight_decay,
-    adam_beta1, adam_beta2, adam_eps."""
+    optimizer param group: lr, min_lr, lr_decay_style, warmup_steps, train_steps, lr_warmup_init,
+    warmup_tokens and lr_decay_tokens (None for a schedule in steps, and in a checkpoint from before
+    they were saved), weight_decay, adam_beta1, adam_beta2, adam_eps."""
     beta1, beta2 = group["betas"]
     return {
         "lr": float(scheduler_state["max_lr"]),
@@ -217,6 +283,9 @@ def schedule_values(scheduler_state: dict, group: dict) -> dict:
         "lr_decay_style": scheduler_state["lr_decay_style"],
         "warmup_steps": int(scheduler_state["lr_warmup_steps"]),
         "train_steps": int(scheduler_state["lr_decay_steps"]),
+        "lr_warmup_init": float(scheduler_state.get("lr_warmup_init", 0.0)),
+        "warmup_tokens": scheduler_state.get("lr_warmup_tokens"),
+        "lr_decay_tokens": scheduler_state.get("lr_decay_tokens"),
         "weight_decay": float(scheduler_state["end_wd"]),
         "adam_beta1": float(beta1),
         "adam_beta2": float(beta2),

@@ -120,4 +120,4 @@ def test_train_tokenizer_and_inspect_clis(tmp_path, texts, data_helpers):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "tok.model").is_file() and "trained" in proc.stdout
     proc = _run([sys.executable, str(TOOLS / "inspect_dataset.py"), str(tmp_path / "nothing")])
-    assert proc.returncode == 1 and "does not exist" in proc.stderr
+    assert proc.returncode == 2 and "does not exist" in proc.stderr  # bad input: exit 2 (dense_model.cli)

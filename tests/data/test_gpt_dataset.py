@@ -190,10 +190,16 @@ def test_cache_dir_must_be_seen_by_every_node(tmp_path, shared):
 
 
 @pytest.mark.parametrize(
-    "split", ["969,30,1", "90,10,0", "98,2", "1", "0,1,0", "0.7,0.2,0.1", "1,1,1", "3,0,7"]
+    "split",
+    ["969,30,1", "90,10,0", "98,2", "1", "0,1,0", "0.7,0.2,0.1", "1,1,1", "3,0,7"]
+    # adversarial: bounds on exact zeros and ones, sums other than 100 (1/3 and 1/7 do not round
+    # evenly), tiny and huge parts
+    + ["1,0,0", "99,1,0", "0,0,1", "33,33,33", "7,7,7", "1,2,4", "0.1,0.2,0.3", "999999,1,0", "1e3,2"],
 )
 def test_split_matrix_is_megatron_cores(split):
-    """The launcher's split check cuts as megatron-core does without importing it: the same matrix."""
+    """The launcher's split check cuts as megatron-core does without importing it (``split_matrix``
+    mirrors ``parse_and_normalize_split`` then ``convert_split_vector_to_split_matrix``, 0.16's
+    blended_megatron_dataset_config.py): the same matrix, bit for bit."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,

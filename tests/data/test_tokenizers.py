@@ -98,11 +98,11 @@ def test_huggingface_folder_and_tokenizer_json(tmp_path):
     assert tok.decode(tok.encode("Hello world.")) == "Hello world."
     assert pickle.loads(pickle.dumps(tok)).encode("x y") == tok.encode("x y")
 
-    # a bare tokenizer.json: EOS found among the usual names, PAD falls back to EOD
+    # a bare tokenizer.json: EOS and PAD found among the usual names
     bare = tmp_path / "bare.json"
     backend.save(str(bare))
     tok2 = build_tokenizer("huggingface", str(bare))
-    assert tok2.eod == tok.eod and tok2.pad == tok2.eod
+    assert tok2.eod == tok.eod and tok2.pad == tok.pad
 
 
 def test_huggingface_without_eos_is_refused(tmp_path):
@@ -111,3 +111,52 @@ def test_huggingface_without_eos_is_refused(tmp_path):
     backend.save(str(path))
     with pytest.raises(ValueError, match="no EOS token"):
         build_tokenizer("huggingface", str(path))
+
+
+def _olmo_like_tokenizer_json(tmp_path, eos=True):
+    """A tokenizer.json laid out like dolma's GPT-NeoX one (allenai/gpt-neox-olmo-dolma-v1_5:
+    |||IP_ADDRESS||| 0, <|padding|> 1, ..., <|endoftext|> the last id), no tokenizer_config.json."""
+    special = ["|||IP_ADDRESS|||", "<|padding|>"]
+    backend = _train_hf(tmp_path, special)
+    if eos:
+        backend.add_special_tokens(["<|endoftext|>"])
+    path = tmp_path / ("tokenizer.json" if eos else "noeos_tokenizer.json")
+    backend.save(str(path))
+    return path, backend
+
+
+def test_a_bare_dolma_style_tokenizer_json_gives_its_eos_and_pad(tmp_path):
+    """The seed's tokenizer file alone: EOS <|endoftext|> (dolma's 50279, the last id), PAD
+    <|padding|> (1), the vocabulary every id (dolma's 50280)."""
+    path, backend = _olmo_like_tokenizer_json(tmp_path)
+    tok = build_tokenizer("huggingface", str(path))
+    assert tok.eod == backend.token_to_id("<|endoftext|>") == backend.get_vocab_size() - 1
+    assert tok.pad == 1
+    assert tok.vocab_size == backend.get_vocab_size()
+
+
+def test_a_tokenizer_json_without_eos_stops_the_launch_in_one_line(tmp_path, capsys):
+    """configs/moe/olmoe_1b7b.yaml with a tokenizer.json that has no EOS token: the pre-launch check
+    (launcher.main, what run_pretrain.sh runs) exits 2 with one line naming the file and the fix."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from dense_model.launcher import main
+
+    path, _ = _olmo_like_tokenizer_json(tmp_path, eos=False)
+    prefix = str(tmp_path / "tiny_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(600):
+        builder.add_document(np.arange(1, 50, dtype=np.uint16), [49])
+    builder.finalize(prefix + ".idx")
+    args = [
+        "configs/moe/olmoe_1b7b.yaml", "data.blend=null", f"data.paths=[{prefix}]",
+        f"data.tokenizer_model={path}", "model.vocab_size=null",
+    ]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(
+        f"config error: data.tokenizer_model: cannot load {path} as a huggingface tokenizer"
+    ), err
+    assert "has no EOS token" in err and "<|endoftext|>" in err, err

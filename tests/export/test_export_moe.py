@@ -25,7 +25,7 @@ SPECS = {
     "polynorm_olmoe_router": ("polynorm", 2, ["model.moe.router_score=softmax_then_topk"]),
 }
 DROPPING = ("polynorm", 2, ["model.moe.capacity_factor=1.0"])  # refused by the export
-QK_FULL = ("polynorm", 2, ["model.qk_norm=full"])  # refused: the export has no q/k norm yet
+QK_FULL = ("polynorm", 2, ["model.qk_norm=full"])  # refused: only OLMoE has it, with SwiGLU experts
 
 
 def moe_config(activation, topk, extra, tokenizer):

@@ -52,10 +52,15 @@ def make_hf_model(folder: Path, tokenizer: str, max_shard_size: str, seed: int =
     SentencePiece model exported as tokenizer.json; norms moved off their init (ones)."""
     from transformers import LlamaForCausalLM
 
+    torch.manual_seed(seed)
+    return save_hf_model(LlamaForCausalLM(llama_config(**fields)), folder, tokenizer, max_shard_size)
+
+
+def save_hf_model(model, folder: Path, tokenizer: str, max_shard_size: str):
+    """``model`` with its norms moved off their init (ones), saved in ``folder`` with the
+    SentencePiece model as tokenizer.json."""
     from dense_model.export.tokenizer import export_tokenizer
 
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(**fields))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:

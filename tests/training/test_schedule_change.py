@@ -74,7 +74,7 @@ def test_a_relaunch_with_a_new_lr_and_length_applies_them_from_the_checkpoints_s
     assert meta["config"]["training"]["lr"] == 1e-3
     assert meta["schedule"] == {
         "lr": 1e-3, "min_lr": 1e-4, "lr_decay_style": "cosine", "warmup_steps": WARMUP, "train_steps": 10,
-        "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8, "step": 10,
+        "lr_warmup_init": 0.0, "warmup_tokens": None, "lr_decay_tokens": None, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8, "step": 10,
     }  # fmt: skip
     assert meta["schedule_history"] == [{"step": 4, "changes": changes}]
 

@@ -93,6 +93,23 @@ def test_a_bad_set_is_one_line_before_launch_and_nothing_is_written(tiny_config,
         assert not run_dir.exists()
 
 
+def test_the_token_scan_runs_once_before_launch_not_at_every_config_load(tiny_config, tmp_path, capsys):
+    """A set tokenised with another tokenizer passes validate() (run by every rank at every config
+    load: no .bin scanned there) and is refused by the launcher's data check, one line, exit 2."""
+    from dense_model.config import load_config, validate
+
+    alien = _write_set(str(tmp_path / "alien_text_document"), [list(range(400, 1100))] * 2, np.int32)
+    config, run_dir = tiny_config("alien", _sets_override({"other": alien}))
+    validate(load_config(str(config), []), world_size=1)
+    assert launcher_main([str(config), "--world-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"config error: data.validation_sets.other: {alien} holds token id 1099, outside the tokenizer's "
+        "vocabulary of 512: it was tokenised with another tokenizer; re-tokenise it with data.tokenizer_model\n"
+    )
+    assert not run_dir.exists()
+
+
 def _reference_losses(rank, world_size, jobs, spm_model, seed, out_file):
     """Independent losses, {key: loss} for jobs [(key, checkpoint folder, set prefix, samples)]: the
     checkpoint's model (load_model_for_inference) over the first ``samples`` samples of the set,

@@ -24,7 +24,8 @@ PYTHON="${PYTHON:-python}"
 TP="${TP:-1}"
 every=0
 for arg in "$@"; do [[ "$arg" == --every-checkpoint ]] && every=1; done
-# --every-checkpoint runs this script once per iteration (torchrun there when TP > 1).
+# --every-checkpoint scores every iteration in one Python; with TP > 1 it runs this script once per
+# iteration (torchrun there).
 if [[ "$TP" -gt 1 && "$every" == 0 ]]; then
     exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$TP" "$here/run_lm_eval.py" "$@"
 fi

@@ -4,7 +4,8 @@
         [--tokenizer-type sentencepiece --tokenizer-model tok.model] [--samples 3] [--full-scan]
 
 Give dataset prefixes (with or without .bin/.idx) or a blend file (*.json: every dataset in it).
-Exit status 1 if any dataset is inconsistent. The logic lives in dense_model/data/inspect.py.
+Exit status 1 if any dataset is inconsistent, 2 for bad input (a path that does not exist). The
+logic lives in dense_model/data/inspect.py.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from dense_model.data.indexed import publish, tmp_name
@@ -25,6 +26,7 @@ from dense_model.data.preprocess.config import ResumeError
 from dense_model.procutil import (
     ELSEWHERE,
     GONE,
+    LOCK_STALE_S,
     held_lock,
     holder_identity,
     holder_state,
@@ -178,10 +180,19 @@ def remove_stale_temporaries(work_dir: str, output_prefix: str, say, outputs=Non
     return removed
 
 
-def folder_lock(path: str, busy: str, wait: bool):
+def folder_lock(path: str, busy: str, wait: bool, say: Callable[[str], None] | None = None):
     """Hold the lock file `path` (O_EXCL: `flock` is unreliable on NFS; `procutil.held_lock`): taken
     over when its holder is gone, is this SLURM job requeued, or elsewhere and silent for
-    LOCK_STALE_S; else wait for it, or raise ClaimError: `busy`, the holder and how to clear it."""
+    LOCK_STALE_S; else wait for it (saying so once through `say`: the holder, and how long a silent
+    one elsewhere is waited for), or raise ClaimError: `busy`, the holder and how to clear it."""
+
+    def waiting(holder: dict) -> None:
+        if say is not None:
+            say(
+                f"waiting for {path} (held by pid {holder.get('pid')} on {holder.get('host')} since "
+                f"{holder.get('since')}); a holder gone from this host is taken over at once, one on "
+                f"another host or container once its heartbeat is {LOCK_STALE_S / 60:g} min old"
+            )
 
     def refused(holder: dict) -> ClaimError:
         return ClaimError(
@@ -190,4 +201,4 @@ def folder_lock(path: str, busy: str, wait: bool):
             f"process is gone, delete {path} and rerun."
         )
 
-    return held_lock(Path(path), owner("the work folder's lock"), refused, wait)
+    return held_lock(Path(path), owner("the work folder's lock"), refused, wait, waiting)

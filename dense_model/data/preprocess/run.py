@@ -66,7 +66,7 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
     task = f"task {cfg.task_index}/{cfg.num_tasks}: " if cfg.num_tasks > 1 else ""
 
     with sigterm_as_interrupt(), contextlib.ExitStack() as lock, contextlib.ExitStack() as merging:
-        lock.enter_context(locked(work_dir, wait=several_tasks))
+        lock.enter_context(locked(work_dir, wait=several_tasks, say=say))
         # Claim, then check, then delete: a second instance of a running task index (or a --restart
         # while any task works) is refused before anything of the running one is touched.
         if not cfg.merge_only:  # one process per task index (a resubmission would delete our files)
@@ -213,7 +213,7 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
                     f"{task}this task's shards are done; {missing} shards of other tasks are not: the last task merges"
                 )
                 return summary([], BadLineStats(), 0, [], merged=False)
-            with locked(work_dir, wait=True):
+            with locked(work_dir, wait=True, say=say):
                 claimed = claim_merge(work_dir, cfg)
             if claimed:
                 lock.callback(release, merge_claim_path(work_dir))  # after the merges stopped

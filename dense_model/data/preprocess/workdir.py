@@ -22,12 +22,13 @@ from dense_model.data.preprocess.shard import shard_is_intact
 from dense_model.data.tokenizers import Tokenizer
 
 
-def locked(work_dir: str, wait: bool = False):
+def locked(work_dir: str, wait: bool = False, say=None):
     """An exclusive lock on the work folder: held for a whole single-machine run (a second run with the
-    same prefix is refused), or, with wait=True, briefly while a task of a multi-task run sets up.
+    same prefix is refused), or, with wait=True, briefly while a task of a multi-task run sets up
+    (one line through `say` when the wait starts, naming the holder).
     An O_EXCL lock file naming its holder (`claims.folder_lock`), not `flock`."""
     busy = f"another preprocess run is using {work_dir} (same --output-prefix)"
-    return folder_lock(os.path.join(work_dir, "lock"), busy, wait)
+    return folder_lock(os.path.join(work_dir, "lock"), busy, wait, say)
 
 
 def run_settings(cfg: PreprocessConfig, tokenizer: Tokenizer, dtype: str) -> dict:
