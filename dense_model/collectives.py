@@ -11,6 +11,7 @@ package calls these helpers instead of ``torch.distributed`` collectives
     all_reduce_max([a, b])              # element-wise max of a few numbers over a group
     sum_over_group(tensor, group)       # in-place sum of an existing tensor (e.g. loss sums)
     broadcast_from_last_stage(value)    # a number known on the last PP stage, on every stage
+    all_gather_objects(obj, group)      # every rank's picklable object, in rank order
     barrier()                           # no-op without torch.distributed
 """
 
@@ -79,6 +80,16 @@ def broadcast_from_last_stage(value: float | None) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=communication_device(group))
     dist.broadcast(t, ps.get_pipeline_model_parallel_last_rank(), group=group)
     return t.item()
+
+
+def all_gather_objects(obj, group=None) -> list:
+    """[each rank's ``obj``] over ``group`` in group-rank order (picklable objects; [obj] alone).
+    torch pickles them onto the group's device itself (the current GPU for NCCL)."""
+    if not _initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
 
 
 def barrier(group=None) -> None:

@@ -3,7 +3,8 @@
     python -m dense_model.launcher [CONFIG] [k=v ...] [--world-size N] [--dry-run] [--check-run-dir]
         [--torchrun TORCHRUN_ARGS...]
 
-The config loaded and validated for the world size (``dense_model.config``), ``data.split`` against
+The config loaded and validated for the world size (``dense_model.config``), ``evaluation.in_loop``'s
+lm-eval tasks built offline (``training.downstream``), ``data.split`` against
 each dataset's document count (the .idx headers; the demo's data tokenised first), the run directory not
 held by another job (``--check-run-dir``, ``training.run_lock``), and ``--dry-run``'s report: the
 resolved config, the world layout, the batch arithmetic and the parameter count (``model``). A bad
@@ -38,6 +39,7 @@ from dense_model.data.demo import demo_work_dir, prepare_demo_dataset, prepared_
 from dense_model.data.gpt_dataset import check_split_against_datasets
 from dense_model.data.validation_sets import check_validation_tokens, resolve_validation_sets
 from dense_model.model import count_parameters
+from dense_model.training.pretrain import load_downstream_tasks
 from dense_model.training.run_lock import RunDirBusy, check_free
 
 
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg, world_size=args.world_size)
         plan_run_load(cfg)
         check_data(cfg, build_demo=not args.dry_run)
+        load_downstream_tasks(cfg)  # evaluation.in_loop: a task unknown or not readable offline
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         if not args.dry_run:
             print(f"config error: {err}", file=sys.stderr)

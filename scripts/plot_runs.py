@@ -8,8 +8,9 @@ named set (data.validation_sets: valid/NAME/ppl records); downstream accuracy pe
 headline metric, as scripts/compare_evals.py picks it) from the results JSON under RUN/lm_eval/ or
 RUN/evals/ (a point at the checkpoint's tokens: the iteration our adapter or the study stamps in
 it, else the run's last step; one point per iteration, --every-checkpoint's where a study's final
-results give the same one; a job's unpublished staging folders are left out). Written as OUTPUT
-(PNG) and the same name .svg.
+results give the same one; a job's unpublished staging folders are left out) and from the in-loop
+evaluations in metrics.jsonl (evaluation.in_loop: downstream/TASK/METRIC records, at their tokens).
+Written as OUTPUT (PNG) and the same name .svg.
 With --band minmax|ci95, runs with the same label (the activation, or --labels) are one mean line
 with a band: min..max over the runs, or the mean's 95% interval (Student t over seeds); steps
 missing from a run are left out of its group's curve.
@@ -130,16 +131,23 @@ def plot_coefficients(run_dirs: list[Path], labels: list[str], output: Path) -> 
     return path
 
 
-def read_named_sets(run_dir: Path) -> dict[str, dict[int, dict]]:
-    """'validation' (the blend's held-out split, val_ppl) and each named set -> {step: {tokens, ppl}}."""
-    out: dict[str, dict[int, dict]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+def step_records(run_dir: Path):
+    """The records of the run's metrics.jsonl that carry a step (a line that is not JSON is skipped;
+    none without the file: a folder of lm-eval results alone)."""
+    metrics = run_dir / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if not isinstance(record, dict) or "step" not in record:
-            continue
+        if isinstance(record, dict) and "step" in record:
+            yield record
+
+
+def read_named_sets(run_dir: Path) -> dict[str, dict[int, dict]]:
+    """'validation' (the blend's held-out split, val_ppl) and each named set -> {step: {tokens, ppl}}."""
+    out: dict[str, dict[int, dict]] = {}
+    for record in step_records(run_dir):
         point = {"tokens": record.get("tokens", 0)}
         if "val_ppl" in record:
             out.setdefault("validation", {})[record["step"]] = {**point, "ppl": record["val_ppl"]}
@@ -199,6 +207,24 @@ def read_downstream(run_dir: Path, train: dict[int, dict]) -> dict[str, dict[int
                         )
                     out.setdefault(key, {})[iteration] = {"tokens": iteration * per_step, "score": score}
                     source[key, iteration] = path
+    for task, points in read_in_loop(run_dir).items():
+        metrics = {name: None for name in points}
+        for name in headline(metrics, None):
+            for step, point in points[name].items():
+                out.setdefault(f"{task}/{name}", {})[step] = point
+    return out
+
+
+def read_in_loop(run_dir: Path) -> dict[str, dict[str, dict[int, dict]]]:
+    """task -> metric -> {step: {tokens, score}} from metrics.jsonl's in-loop evaluation records
+    (evaluation.in_loop: downstream/TASK/METRIC keys)."""
+    out: dict[str, dict[str, dict[int, dict]]] = {}
+    for record in step_records(run_dir):
+        for key, value in record.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "downstream" and isinstance(value, (int, float)):
+                point = {"tokens": record.get("tokens", 0), "score": float(value)}
+                out.setdefault(parts[1], {}).setdefault(parts[2], {})[record["step"]] = point
     return out
 
 

@@ -60,6 +60,7 @@ LONGEST_FIRST = (
     "tests/training/test_pretrain_moe.py",
     "tests/export/test_export_olmoe.py",
     "tests/activations/kernels/test_polycom_bench_scripts.py",
+    "tests/training/test_in_loop_eval.py",
 )
 
 

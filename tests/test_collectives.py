@@ -87,6 +87,7 @@ def _helpers(rank, world_size, out_dir):
         "max": collectives.all_reduce_max([float(rank), -float(rank)]),
         "sum": collectives.sum_over_group(torch.tensor([1.0, rank + 1.0])).tolist(),
         "device": str(collectives.communication_device()),
+        "gathered": collectives.all_gather_objects({"rank": rank}),
     }
     collectives.barrier()
     torch.save(result, f"{out_dir}/rank{rank}.pt")
@@ -103,6 +104,7 @@ def test_helpers_over_gloo(tmp_path):
             "max": [1.0, 0.0],
             "sum": [2.0, 3.0],
             "device": "cpu",
+            "gathered": [{"rank": 0}, {"rank": 1}],
         }
 
 
@@ -115,7 +117,8 @@ STAGING_CALLS = {
     "sum_over_group": lambda c: c.sum_over_group(torch.tensor([1.0])),
     "broadcast_from_last_stage": lambda c: c.broadcast_from_last_stage(1.0),
 }
-NOT_STAGING = {"device_for_backend", "communication_device", "barrier", "rank"}
+# all_gather_objects: torch pickles onto the group's device itself (all_gather_object)
+NOT_STAGING = {"device_for_backend", "communication_device", "barrier", "rank", "all_gather_objects"}
 
 
 def test_every_staging_helper_is_checked():

@@ -64,6 +64,7 @@ def validate(cfg: Config, world_size: int | None = None, *, files: bool = True) 
             "or shorten the warm-up"
         )
     _validate_moe(cfg, world_size)
+    _validate_in_loop_layout(cfg)
     if world_size is not None:
         if world_size % (tp * pp):
             raise ConfigError(
@@ -178,3 +179,22 @@ def _check_validation_sets(cfg: Config) -> None:
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _validate_in_loop_layout(cfg: Config) -> None:
+    """evaluation.in_loop scores on the live model as one pipeline stage, every DP rank its own
+    share of requests: layouts whose forward spans stages or DP ranks cannot run it."""
+    if not cfg.evaluation.in_loop.tasks:
+        return
+    p = cfg.parallel
+    for name, value, bad in (
+        ("pipeline_model_parallel_size", p.pipeline_model_parallel_size, p.pipeline_model_parallel_size > 1),
+        ("sequence_parallel", p.sequence_parallel, p.sequence_parallel),
+        ("expert_model_parallel_size", p.expert_model_parallel_size, p.expert_model_parallel_size > 1),
+    ):
+        if bad:
+            raise ConfigError(
+                f"evaluation.in_loop.tasks is set but parallel.{name}={value}: in-loop evaluation runs "
+                "at PP=1, EP=1 without sequence parallelism; score the saved checkpoints instead "
+                "(run_lm_eval.sh RUN_DIR TASKS --every-checkpoint) or change the layout"
+            )

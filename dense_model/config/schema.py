@@ -457,6 +457,40 @@ class LoggingConfig:
 
 
 @dataclass
+class InLoopEvalConfig:
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval tasks scored on the live model during training (empty: off), logged as downstream/TASK/METRIC."""
+    interval: int = 1000
+    """Steps between in-loop evaluations (and one at the last step)."""
+    limit: int | None = None
+    """Examples per task (lm-eval's --limit); None scores every example."""
+    num_fewshot: int | None = None
+    """Few-shot examples per prompt (lm-eval's --num_fewshot); None: the task's own default."""
+    include_path: str | None = None
+    """Folder of local lm-eval task YAML files (lm-eval's --include_path), e.g. examples/lm_eval_tasks."""
+    batch_size: int = 8
+    """Requests per forward on each data-parallel rank (run_lm_eval.sh's default)."""
+
+    def validate(self) -> None:
+        positive(self, "evaluation.in_loop", "interval", "limit", "batch_size")
+        non_negative(self, "evaluation.in_loop", "num_fewshot")
+        if self.include_path is not None and not os.path.isdir(self.include_path):
+            raise ConfigError(
+                f"evaluation.in_loop.include_path={self.include_path}: no such folder; give the folder "
+                "of your task YAML files (e.g. examples/lm_eval_tasks, relative to where the job starts)"
+            )
+
+
+@dataclass
+class EvaluationConfig:
+    in_loop: InLoopEvalConfig = field(default_factory=InLoopEvalConfig)
+    """Downstream (lm-eval) tasks scored during training on the live model."""
+
+    def validate(self) -> None:
+        self.in_loop.validate()
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     """Where config.yaml, metrics.jsonl, TensorBoard events and checkpoints/ go."""
@@ -472,6 +506,8 @@ class Config:
     """Saving and resuming."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Log lines, metrics, TensorBoard."""
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    """Downstream tasks in the training loop (off by default)."""
 
 
 def sections(cfg: Config) -> list[tuple[str, Any]]:

@@ -23,6 +23,8 @@ from dense_model.data.preprocess import PreprocessConfig, preprocess
 from dense_model.data.train_tokenizer import train_sentencepiece
 
 DEMO_VOCAB_SIZE = 4096
+# configs/demo*.yaml's data.split: its valid part of each subset is text the demo never trains on.
+DEMO_SPLIT = "90,10,0"
 _STAMP = "demo_stamp.json"
 
 
@@ -129,3 +131,36 @@ def _prepare(work_dir: str) -> dict:
         json.dump(stamp, f)
     os.replace(tmp, stamp_path)
     return result
+
+
+def demo_heldout_prefix(subset: str, work_dir: str | None = None) -> str:
+    """The prefix of a dataset holding the documents of the demo's SUBSET (wikipedia, github, ...)
+    that ``DEMO_SPLIT`` gives to validation, which the demo never trains on: what a named validation
+    set ``demo:SUBSET`` (``data.validation_sets``) scores. Written on first use next to the demo data
+    (which is prepared first if needed); ValueError naming the subsets for an unknown one."""
+    import numpy as np
+
+    from dense_model.data.gpt_dataset import split_matrix
+    from dense_model.data.indexed import DocumentWriter, read_index_header
+
+    work_dir = os.path.abspath(work_dir or demo_work_dir())
+    prefixes = load_blend(prepare_demo_dataset(work_dir)["blend"])[0]
+    by_subset = {os.path.basename(p).removeprefix("redpajama_sample_").removesuffix("_text_document"): p for p in prefixes}
+    if subset not in by_subset:
+        raise ValueError(f"demo:{subset}: the demo sample has no subset {subset!r}; use one of {', '.join(sorted(by_subset))}")
+    source = by_subset[subset]
+    out = os.path.join(work_dir, f"heldout_{subset}_text_document")
+    with _exclusive(work_dir):
+        if os.path.isfile(out + ".idx") and os.path.getmtime(out + ".idx") >= os.path.getmtime(source + ".idx"):
+            return out
+        header = read_index_header(source + ".idx")
+        lengths, pointers = header.lengths(), header.pointers()
+        n = header.sequence_count
+        begin, end = (int(round(b * float(n))) for b in split_matrix(DEMO_SPLIT)[1])  # as megatron-core cuts it
+        tokens = np.memmap(source + ".bin", dtype=header.dtype, mode="r")
+        writer = DocumentWriter(out, header.dtype)
+        for i in range(begin, end):
+            start = int(pointers[i]) // header.itemsize
+            writer.add_flat(np.asarray(tokens[start : start + int(lengths[i])]), lengths[i : i + 1])
+        writer.finish()
+    return out

@@ -36,6 +36,7 @@ _CHUNK = 1 << 24  # tokens per chunk of the vocabulary scan
 
 def resolve_validation_sets(sets: Mapping[str, str]) -> dict[str, tuple[list[str], list[float] | None]]:
     """{name: (prefixes, weights)}: a ``.json`` value is a blend file (its prefixes and weights),
+    ``demo:SUBSET`` the demo sample's held-out documents of SUBSET (``data.demo.demo_heldout_prefix``),
     anything else one dataset prefix (weights None). ValueError, one line naming the set, for a bad
     name, a missing .bin/.idx or a malformed blend file."""
     out = {}
@@ -48,6 +49,13 @@ def resolve_validation_sets(sets: Mapping[str, str]) -> dict[str, tuple[list[str
             )
         if not isinstance(spec, str) or not spec:
             raise ValueError(f"{where}: {spec!r} is not a dataset prefix or a blend file path")
+        if spec.startswith("demo:"):  # the demo's held-out part of one subset (data/demo.py)
+            from dense_model.data.demo import demo_heldout_prefix
+
+            try:
+                spec = demo_heldout_prefix(spec.removeprefix("demo:"))
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
         if spec.endswith(".json"):
             try:
                 prefixes, weights = load_blend(spec)

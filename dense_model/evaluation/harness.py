@@ -67,17 +67,13 @@ def _task_index_of(tasks: str | list[str], include_path: str | None):
     2-core machine). When every task asked for is a plain task found under ``--include_path`` (the
     usual case for our local tasks), let lm-eval index that folder alone; otherwise change nothing."""
     import lm_eval.tasks
-    from lm_eval.tasks._index import Kind
+
+    from dense_model.training.downstream import local_tasks_only
 
     names = [
         name for item in ([tasks] if isinstance(tasks, str) else tasks) for name in item.split(",") if name
     ]
-    local_only = False
-    if include_path is not None and names:
-        index = lm_eval.tasks.TaskManager(include_path=include_path, include_defaults=False)._index
-        local_only = all(
-            index.get(name) is not None and index[name].kind in (Kind.TASK, Kind.PY_TASK) for name in names
-        )
+    local_only = local_tasks_only(names, include_path)
     if not local_only:
         yield
         return

@@ -196,6 +196,28 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
+    def log_downstream(self, step, tokens, values: dict[str, float], seconds: float, time_share: float):
+        """One metrics.jsonl record {step, tokens, downstream/TASK/METRIC, ..., downstream/seconds,
+        downstream/time_share} for an in-loop evaluation (evaluation.in_loop), the same keys as
+        TensorBoard and wandb scalars, and one console line."""
+        if not self.enabled:
+            return
+        scores = {f"downstream/{key}": value for key, value in values.items()}
+        timing = {"downstream/seconds": seconds, "downstream/time_share": time_share}
+        record = {"step": step, "tokens": tokens, **scores, **timing, "time": time.time()}
+        self._file.write(json.dumps(record) + "\n")
+        said = " | ".join(f"{key} {value:.4g}" for key, value in values.items())
+        print(
+            f"step {step:>7d} | downstream {said} | {seconds:.1f} s ({100 * time_share:.1f}% of wall time)",
+            flush=True,
+        )
+        if self.tb is not None:
+            for key, value in {**scores, **timing}.items():
+                self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({**scores, **timing}, step=step)
+
     def log_activation_stats(self, step, tokens, values: dict[str, float]):
         """One metrics.jsonl record {step, tokens, activation_stats: {layerL/name: value}} (see
         activation_stats.py) and TensorBoard scalars activation/layerL/name; no console line."""

@@ -32,7 +32,13 @@ import torch
 import torch.distributed as dist
 
 from dense_model import collectives
-from dense_model.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from dense_model.checkpoint import (
+    CheckpointError,
+    finish_param_gather,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
 from dense_model.checkpoint.layout import LoadPlan, plan_run_load
 from dense_model.compat.quiet import filter_known_warnings
 from dense_model.config import (
@@ -108,6 +114,7 @@ class Trainer:
 
         self.cfg, self.claim = cfg, claim  # claim: rank 0's hold on the run directory
         p, t = cfg.parallel, cfg.training
+        tasks = load_downstream_tasks(cfg)  # before anything is written: a task that cannot build stops here
         initialize_parallel_from(p, seed=t.seed)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -155,6 +162,12 @@ class Trainer:
 
             self.moe_monitor = MoEMonitor(self.model, cfg)
         self.activation_stats = ActivationStats(self.model)
+        self.downstream = None
+        if tasks:
+            from dense_model.training.downstream import InLoopEvaluator
+
+            self.downstream = InLoopEvaluator(cfg, self.model, self.tokenizer, tasks)
+        self.downstream_seconds = 0.0  # this job's in-loop evaluations, for their share of wall time
         self.terminate = TerminationRequest()
         device_type = next(self.model.parameters()).device.type
         self.gc = ManualGC(manual_gc_wanted(t.manual_gc, device_type), t.manual_gc_interval)
@@ -374,6 +387,9 @@ class Trainer:
         interval_losses, interval_tokens, interval_time, interval_steps = [], 0, 0.0, 0
         last_saved = self.state.iteration if self.state.iteration else None
         last_eval = None
+        last_downstream = self.state.iteration  # a resumed step was scored (or not) by the job that trained it
+        self._fit_started = time.perf_counter()
+        in_loop = cfg.evaluation.in_loop
         while self.state.iteration < self.train_iters:
             started = time.perf_counter()
             loss, grad_norm, _ = self.train_step()
@@ -411,6 +427,9 @@ class Trainer:
             if lg.eval_interval and step % lg.eval_interval == 0:
                 self._validate()
                 last_eval = step
+            if self.downstream and step % in_loop.interval == 0:
+                self._evaluate_downstream()
+                last_downstream = step
             stop = collectives.any_rank(self.terminate.requested or bool(self.claim and self.claim.lost()))
             if (save_every and step % save_every == 0) or stop:
                 self._save()
@@ -422,6 +441,10 @@ class Trainer:
             self.gc.step(step)
         if last_eval != self.state.iteration:
             self._validate()
+        # the last step too, unless scored already or this job trained nothing (a relaunch of a
+        # finished run: its record is there from the job that trained it)
+        if self.downstream and last_downstream != self.state.iteration:
+            self._evaluate_downstream()
         if last_saved != self.state.iteration:
             self._save()
         self._print(
@@ -439,12 +462,37 @@ class Trainer:
         if named:
             self.metrics.log_valid_sets(self.state.iteration, self.tokens(), named)
 
+    def _evaluate_downstream(self) -> None:
+        """Score evaluation.in_loop's tasks on the live model (every rank) and log them with the time
+        it took and the share of this job's wall time its in-loop evaluations took so far."""
+        started = time.perf_counter()
+        paused = self.moe_monitor.paused() if self.moe_monitor else contextlib.nullcontext()
+        with self.gc.around(), paused:  # MoE: the router statistics count training forwards only
+            finish_param_gather(self.ddp)  # overlap_param_gather: the forward needs this step's weights
+            values = self.downstream.evaluate()
+        seconds = time.perf_counter() - started
+        self.downstream_seconds += seconds
+        wall = time.perf_counter() - self._fit_started
+        self.metrics.log_downstream(
+            self.state.iteration, self.tokens(), values, seconds, self.downstream_seconds / max(wall, 1e-9)
+        )
+
     def _save(self) -> None:
         with self.gc.around():
             self.save()
 
     def close(self) -> None:
         self.metrics.close()
+
+
+def load_downstream_tasks(cfg: Config) -> dict | None:
+    """evaluation.in_loop's lm-eval tasks, built (None when off); a ConfigError naming the task if one
+    cannot be built here (unknown, or its data neither local nor cached)."""
+    if not cfg.evaluation.in_loop.tasks:
+        return None
+    from dense_model.training.downstream import load_tasks  # imports lm-eval: only when used
+
+    return load_tasks(cfg.evaluation.in_loop)
 
 
 def plan_job_load(cfg: Config) -> LoadPlan:

@@ -454,7 +454,7 @@ def test_local_tasks_skip_indexing_the_built_in_ones():
     name among them (or no --include_path) leaves lm-eval's full index in place."""
     import lm_eval.tasks
 
-    from dense_model.evaluation.run import _task_index_of
+    from dense_model.evaluation.harness import _task_index_of
 
     full, folder = lm_eval.tasks.TaskManager, str(REPO / "examples/lm_eval_tasks")
     with _task_index_of(["tiny_python_mc,tiny_python_ppl"], folder):
