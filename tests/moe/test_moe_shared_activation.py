@@ -167,3 +167,57 @@ def test_ep2_trains_like_one_process_with_shared_coefficients(runs):
             for name, want in dense.items():
                 got = rank["grads"][step][name]
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * largest, msg=name)
+
+
+def _checkpoint_logits(rank, world_size, overrides, root, save, out_file):
+    """save: coefficients set apart from their init (each layer its own), checkpoint, logits. Else:
+    the checkpoint loaded into a fresh model, logits. Rank 0 saves them (and the saved tensors'
+    global shapes)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from dense_model.checkpoint.layout import iteration_dir
+    from dense_model.checkpoint.state import load_checkpoint, save_checkpoint
+    from dense_model.parallel import initialize_parallel_from
+    from dense_model.training.optim import build_training_model
+
+    cfg = load_config(None, overrides)
+    initialize_parallel_from(cfg.parallel, seed=11)
+    model, ddp, optimizer = build_training_model(cfg)
+    shapes = {}
+    if save:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".activation_func." in name:
+                    layer = int(name.split(".")[2])
+                    param.copy_(torch.linspace(-0.5, 0.7, param.numel()) + 0.1 * layer)
+        save_checkpoint(root, 1, ddp, cfg, optimizer)
+        metadata = dist_checkpointing.load_tensors_metadata(str(iteration_dir(root, 1)))
+        shapes = {key: tuple(t.global_shape) for key, t in metadata.items() if "activation_func" in key}
+    else:
+        load_checkpoint(iteration_dir(root, 1), ddp)  # the weights (no step taken: no Adam state)
+    model.eval()
+    batch = step_batches(0)[0]
+    with torch.no_grad():
+        logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, v] (TP=1)
+    coefficients = {n: p.detach().clone() for n, p in model.named_parameters() if ".activation_func." in n}
+    if rank == 0:
+        torch.save({"logits": logits, "shapes": shapes, "coefficients": coefficients}, out_file)
+    ps.destroy_model_parallel()
+
+
+@pytest.mark.slow
+def test_checkpoint_saved_at_ep2_loads_at_ep1_with_the_same_logits(tmp_path):
+    root = tmp_path / "ckpt"
+    plain = "parallel.use_distributed_optimizer=false"  # its state_dict needs a step taken first
+    spawn_workers(_checkpoint_logits, 2, [*_shared_training(ep=2), plain], str(root), True, str(tmp_path / "saver.pt"))
+    spawn_workers(_checkpoint_logits, 1, [*_shared_training(), plain], str(root), False, str(tmp_path / "loader.pt"))
+    saver, loader = torch.load(tmp_path / "saver.pt"), torch.load(tmp_path / "loader.pt")
+    # megatron stacks the layers (first axis); no expert axis: one tensor, replicated over EP and DP
+    assert saver["shapes"] == {
+        "decoder.layers.mlp.experts.activation_func.act.weight": (2, 3),
+        "decoder.layers.mlp.experts.activation_func.act.bias": (2, 1),
+    }
+    for name, value in saver["coefficients"].items():
+        torch.testing.assert_close(loader["coefficients"][name], value, rtol=0, atol=0)
+    torch.testing.assert_close(loader["logits"], saver["logits"], rtol=1e-5, atol=1e-5)
