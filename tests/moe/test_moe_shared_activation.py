@@ -221,3 +221,103 @@ def test_checkpoint_saved_at_ep2_loads_at_ep1_with_the_same_logits(tmp_path):
     for name, value in saver["coefficients"].items():
         torch.testing.assert_close(loader["coefficients"][name], value, rtol=0, atol=0)
     torch.testing.assert_close(loader["logits"], saver["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+def test_shared_without_parameters_is_one_line_exit_2_before_launch(activation, capsys, tmp_path):
+    from dense_model import launcher
+
+    overrides = [*moe_overrides(activation=activation), SHARED, "data.demo=true", f"run_dir={tmp_path / 'run'}"]
+    assert launcher.main(overrides) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        f"config error: model.moe.activation_params=shared: model.activation={activation} has no "
+        "parameters to share; set model.moe.activation_params=per_expert (or a PolyCom activation: "
+        "polynorm, polyrelu)"
+    )
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_shared_needs_expert_tp_equal_to_tp():
+    """Else the dense DP group's sum of the coefficients' gradient would miss EP ranks or count
+    expert-TP ranks twice (the TP=2, expert-TP=2 layout trains above)."""
+    cfg = load_config(None, [*moe_training_overrides(tp=2, etp=1, ep=2), SHARED, "data.demo=true"])
+    with pytest.raises(ConfigError, match=r"^model.moe.activation_params=shared needs parallel.expert_tensor"):
+        validate(cfg, world_size=2)
+
+
+def test_resume_refuses_a_changed_activation_params(tmp_path):
+    from dense_model.checkpoint import layout
+    from dense_model.config import config_from_dict, config_to_dict
+
+    saved = load_config(None, [*moe_overrides(), f"run_dir={tmp_path}"])
+    folder = layout.iteration_dir(tmp_path / "checkpoints", 4)
+    folder.mkdir(parents=True)
+    layout.write_metadata(folder, 4, config_from_dict(config_to_dict(saved)))
+    (tmp_path / "checkpoints" / layout.TRACKER).write_text("4")
+    assert layout.plan_run_load(saved).iteration == 4
+    with pytest.raises(layout.CheckpointError) as err:
+        layout.plan_run_load(load_config(None, [*moe_overrides(), f"run_dir={tmp_path}", SHARED]))
+    (line,) = str(err.value).splitlines()
+    assert "holds a model with model.moe.activation_params=per_expert, this config asks for " \
+        "model.moe.activation_params=shared: a model cannot change shape" in line, line
+
+
+def _export_import_job(rank, world_size, out_dir, tokenizer, tokens_file):
+    """A shared-coefficient MoE checkpoint (coefficients off their init), exported to Hugging Face
+    and imported back: our logits of both, and the imported run's model config."""
+    from pathlib import Path
+
+    from dense_model.checkpoint import read_metadata, resolve_checkpoint, save_checkpoint
+    from dense_model.checkpoint.inference import load_model_for_inference
+    from dense_model.export import export_hf
+    from dense_model.export.hf_import import import_hf
+    from dense_model.model import build_model
+    from dense_model.parallel import initialize_parallel
+    from tests.export.test_export_hf import VOCAB as EXPORT_VOCAB
+    from tests.export.test_export_moe import moe_config, perturb
+
+    out = Path(out_dir)
+    initialize_parallel(1, 1)
+    cfg = moe_config("polynorm", 2, [SHARED], tokenizer)
+    model = build_model(cfg)
+    perturb(model)  # every layer's shared coefficients their own values
+    save_checkpoint(out / "run" / "checkpoints", 3, model, cfg)
+    export_hf(out / "run", out / "hf", dtype="float32")
+    import_hf(out / "hf", out / "imported")
+    tokens = torch.load(tokens_file)  # [b, s]
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    logits = {}
+    for name in ("run", "imported"):
+        loaded = load_model_for_inference(out / name)
+        with torch.no_grad():
+            logits[name] = loaded.model(tokens, positions, None)[..., :EXPORT_VOCAB].clone()  # [b, s, vocab]
+    imported = read_metadata(resolve_checkpoint(out / "imported" / "checkpoints"))["config"]["model"]
+    torch.save({"logits": logits, "activation_params": imported["moe"]["activation_params"]}, out / "ours.pt")
+
+
+@pytest.mark.slow
+def test_export_and_import_keep_the_shared_coefficients(tmp_path, spm_model):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.export.test_export_hf import SEQ as EXPORT_SEQ
+    from tests.export.test_export_hf import VOCAB as EXPORT_VOCAB
+
+    tokens = torch.randint(0, EXPORT_VOCAB, (2, EXPORT_SEQ), generator=torch.Generator().manual_seed(3))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    spawn_workers(_export_import_job, 1, str(tmp_path), spm_model, str(tmp_path / "tokens.pt"))
+    ours = torch.load(tmp_path / "ours.pt")
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    for layer in range(2):
+        assert weights[f"model.layers.{layer}.mlp.act_fn.weight"].shape == (3,)  # one set per layer
+        assert f"model.layers.{layer}.mlp.act_fn.bias" in weights
+    assert not [key for key in weights if ".experts." in key and "act_fn" in key]
+    assert not torch.equal(weights["model.layers.0.mlp.act_fn.weight"], weights["model.layers.1.mlp.act_fn.weight"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True, dtype=torch.float32)
+    with torch.no_grad():
+        hf_logits = model.eval()(tokens).logits  # [b, s, vocab]
+    assert ours["logits"]["run"].abs().max() > 1.0  # far from uniform: the comparison means something
+    torch.testing.assert_close(hf_logits, ours["logits"]["run"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours["logits"]["imported"], ours["logits"]["run"], rtol=1e-5, atol=1e-5)
+    assert ours["activation_params"] == "shared"
