@@ -54,7 +54,7 @@ def _experts_outputs(rank, world_size, dtype_name, out_file):
             "type": type(experts).__name__,
             "fused": experts.activation_func.act.fused_kernel is not None,
             "params": {name: p.detach().clone() for name, p in experts.named_parameters()},
-            "grads": {name: p.grad.clone() for name, p in experts.named_parameters()},
+            "grads": {name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in experts.named_parameters()},
             "inputs": (hidden.detach(), probs, upstream),
             "y": y.detach(),
         }
