@@ -108,7 +108,9 @@ class SequentialExperts(SequentialMLP):
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         if self.shared:
             state.update(
-                self.activation_func.sharded_state_dict(f"{prefix}activation_func.", sharded_offsets, metadata)
+                self.activation_func.sharded_state_dict(
+                    f"{prefix}activation_func.", sharded_offsets, metadata
+                )
             )
         return state
 
@@ -120,7 +122,11 @@ class GroupedExperts(SequentialExperts):
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None, shared_activation=None):
         super().__init__(
-            num_local_experts, config, submodules, pg_collection=pg_collection, shared_activation=shared_activation
+            num_local_experts,
+            config,
+            submodules,
+            pg_collection=pg_collection,
+            shared_activation=shared_activation,
         )
         if self.config.add_bias_linear or self.config.fp8 or self.config.fp4:
             raise ValueError(

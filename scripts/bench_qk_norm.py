@@ -76,9 +76,7 @@ def main(argv=None) -> int:
         run.free()
     print(metadata_lines(blob["meta"]))
     print(
-        markdown_table(
-            [args.key, "median step (ms)", "IQR (ms)", f"step / {names[0]}'s, same round"], rows
-        )
+        markdown_table([args.key, "median step (ms)", "IQR (ms)", f"step / {names[0]}'s, same round"], rows)
     )
     write_json(args.json, blob)
     return 0

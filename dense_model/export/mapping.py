@@ -76,7 +76,10 @@ def _activation_rules(m: ModelConfig, ours: str, hf: str) -> list[Rule]:
 
     activation = activation_entry(m).cls(**m.activation_kwargs)
     # PolyCom: weight [r] = a_1..a_r, bias [1] = a_0
-    return [Rule((f"{ours}activation_func.act.{name}",), (f"{hf}act_fn.{name}",)) for name in activation.state_dict()]
+    return [
+        Rule((f"{ours}activation_func.act.{name}",), (f"{hf}act_fn.{name}",))
+        for name in activation.state_dict()
+    ]
 
 
 def weight_rules(m: ModelConfig) -> list[Rule]:
@@ -114,7 +117,9 @@ def weight_rules(m: ModelConfig) -> list[Rule]:
         rules.append(Rule((ours + "mlp.router.weight",), (hf + "mlp.gate.weight",)))  # [experts, hidden]
         shared = m.moe.activation_params == "shared"
         for e in range(m.moe.num_experts):
-            rules += _mlp_rules(m, f"{ours}mlp.experts.local_experts.{e}.", f"{hf}mlp.experts.{e}.", not shared)
+            rules += _mlp_rules(
+                m, f"{ours}mlp.experts.local_experts.{e}.", f"{hf}mlp.experts.{e}.", not shared
+            )
         if shared:  # one activation per layer, after the experts (the experts module registers it last)
             rules += _activation_rules(m, ours + "mlp.experts.", hf + "mlp.")
         if m.moe.shared_expert_ffn_hidden_size:

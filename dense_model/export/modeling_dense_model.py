@@ -80,7 +80,9 @@ class DenseModelSparseMoeBlock(nn.Module):
         self.norm_topk_prob = getattr(config, "norm_topk_prob", True)  # exports before the field: True
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         shared = getattr(config, "moe_activation_params", "per_expert") == "shared"
-        self.act_fn = build_activation(config.activation, **(config.activation_kwargs or {})) if shared else None
+        self.act_fn = (
+            build_activation(config.activation, **(config.activation_kwargs or {})) if shared else None
+        )
         self.experts = nn.ModuleList(
             DenseModelMLP(config, config.moe_intermediate_size, shared_act=self.act_fn)
             for _ in range(config.num_experts)

@@ -19,7 +19,13 @@ import torch
 from dense_model.config import ConfigError, load_config, validate
 from dense_model.testing import run_layouts, spawn_workers
 from tests.moe.test_moe_model import moe_overrides
-from tests.test_sequence_parallel import STEPS, _train, assert_trains_like, moe_training_overrides, step_batches
+from tests.test_sequence_parallel import (
+    STEPS,
+    _train,
+    assert_trains_like,
+    moe_training_overrides,
+    step_batches,
+)
 
 SHARED = "model.moe.activation_params=shared"
 SEQUENTIAL = "model.moe.grouped_gemm=false"
@@ -43,7 +49,9 @@ def _experts_outputs(rank, world_size, dtype_name, out_file):
         gen = torch.Generator().manual_seed(5)
         with torch.no_grad():
             for param in experts.parameters():
-                param.copy_(torch.randn(param.shape, generator=gen, dtype=dtype) * (0.3 if param.ndim == 1 else 0.1))
+                param.copy_(
+                    torch.randn(param.shape, generator=gen, dtype=dtype) * (0.3 if param.ndim == 1 else 0.1)
+                )
         n = sum(COUNTS)
         hidden = torch.randn(n, HIDDEN, generator=gen, dtype=dtype, requires_grad=True)
         probs = torch.rand(n, generator=gen, dtype=dtype)
@@ -54,7 +62,10 @@ def _experts_outputs(rank, world_size, dtype_name, out_file):
             "type": type(experts).__name__,
             "fused": experts.activation_func.act.fused_kernel is not None,
             "params": {name: p.detach().clone() for name, p in experts.named_parameters()},
-            "grads": {name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in experts.named_parameters()},
+            "grads": {
+                name: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                for name, p in experts.named_parameters()
+            },
             "inputs": (hidden.detach(), probs, upstream),
             "y": y.detach(),
         }
@@ -79,7 +90,10 @@ def _check_against_reference(res, rtol):
     outputs, sums = [], [torch.zeros_like(weight), torch.zeros_like(bias)]
     for e, (x, p, up) in enumerate(zip(*(torch.split(t, COUNTS) for t in (hidden, probs, upstream)))):
         w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-        fc1, fc2 = params[f"local_experts.{e}.linear_fc1.weight"], params[f"local_experts.{e}.linear_fc2.weight"]
+        fc1, fc2 = (
+            params[f"local_experts.{e}.linear_fc1.weight"],
+            params[f"local_experts.{e}.linear_fc2.weight"],
+        )
         y = (_polynorm(x @ fc1.t(), w, b) * p.unsqueeze(-1)) @ fc2.t()  # [tokens of e, hidden]
         outputs.append(y.detach())
         for total, grad in zip(sums, torch.autograd.grad(y, (w, b), up, allow_unused=True)):
@@ -94,7 +108,10 @@ def _check_against_reference(res, rtol):
 def test_shared_coefficients_gradient_is_the_sum_over_experts(tmp_path):
     spawn_workers(_experts_outputs, 1, "float64", str(tmp_path / "out.pt"))
     results = torch.load(tmp_path / "out.pt")
-    assert (results["grouped"]["type"], results["sequential"]["type"]) == ("GroupedExperts", "SequentialExperts")
+    assert (results["grouped"]["type"], results["sequential"]["type"]) == (
+        "GroupedExperts",
+        "SequentialExperts",
+    )
     for res in results.values():
         assert not res["fused"]  # the torch reference (the fused kernel: the next test)
         _check_against_reference(res, rtol=1e-10)
@@ -210,8 +227,12 @@ def _checkpoint_logits(rank, world_size, overrides, root, save, out_file):
 def test_checkpoint_saved_at_ep2_loads_at_ep1_with_the_same_logits(tmp_path):
     root = tmp_path / "ckpt"
     plain = "parallel.use_distributed_optimizer=false"  # its state_dict needs a step taken first
-    spawn_workers(_checkpoint_logits, 2, [*_shared_training(ep=2), plain], str(root), True, str(tmp_path / "saver.pt"))
-    spawn_workers(_checkpoint_logits, 1, [*_shared_training(), plain], str(root), False, str(tmp_path / "loader.pt"))
+    spawn_workers(
+        _checkpoint_logits, 2, [*_shared_training(ep=2), plain], str(root), True, str(tmp_path / "saver.pt")
+    )
+    spawn_workers(
+        _checkpoint_logits, 1, [*_shared_training(), plain], str(root), False, str(tmp_path / "loader.pt")
+    )
     saver, loader = torch.load(tmp_path / "saver.pt"), torch.load(tmp_path / "loader.pt")
     # megatron stacks the layers (first axis); no expert axis: one tensor, replicated over EP and DP
     assert saver["shapes"] == {
@@ -227,7 +248,12 @@ def test_checkpoint_saved_at_ep2_loads_at_ep1_with_the_same_logits(tmp_path):
 def test_shared_without_parameters_is_one_line_exit_2_before_launch(activation, capsys, tmp_path):
     from dense_model import launcher
 
-    overrides = [*moe_overrides(activation=activation), SHARED, "data.demo=true", f"run_dir={tmp_path / 'run'}"]
+    overrides = [
+        *moe_overrides(activation=activation),
+        SHARED,
+        "data.demo=true",
+        f"run_dir={tmp_path / 'run'}",
+    ]
     assert launcher.main(overrides) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line == (
@@ -242,7 +268,9 @@ def test_shared_needs_expert_tp_equal_to_tp():
     """Else the dense DP group's sum of the coefficients' gradient would miss EP ranks or count
     expert-TP ranks twice (the TP=2, expert-TP=2 layout trains above)."""
     cfg = load_config(None, [*moe_training_overrides(tp=2, etp=1, ep=2), SHARED, "data.demo=true"])
-    with pytest.raises(ConfigError, match=r"^model.moe.activation_params=shared needs parallel.expert_tensor"):
+    with pytest.raises(
+        ConfigError, match=r"^model.moe.activation_params=shared needs parallel.expert_tensor"
+    ):
         validate(cfg, world_size=2)
 
 
@@ -259,8 +287,10 @@ def test_resume_refuses_a_changed_activation_params(tmp_path):
     with pytest.raises(layout.CheckpointError) as err:
         layout.plan_run_load(load_config(None, [*moe_overrides(), f"run_dir={tmp_path}", SHARED]))
     (line,) = str(err.value).splitlines()
-    assert "holds a model with model.moe.activation_params=per_expert, this config asks for " \
-        "model.moe.activation_params=shared: a model cannot change shape" in line, line
+    assert (
+        "holds a model with model.moe.activation_params=per_expert, this config asks for "
+        "model.moe.activation_params=shared: a model cannot change shape" in line
+    ), line
 
 
 def _export_import_job(rank, world_size, out_dir, tokenizer, tokens_file):
@@ -313,7 +343,9 @@ def test_export_and_import_keep_the_shared_coefficients(tmp_path, spm_model):
         assert weights[f"model.layers.{layer}.mlp.act_fn.weight"].shape == (3,)  # one set per layer
         assert f"model.layers.{layer}.mlp.act_fn.bias" in weights
     assert not [key for key in weights if ".experts." in key and "act_fn" in key]
-    assert not torch.equal(weights["model.layers.0.mlp.act_fn.weight"], weights["model.layers.1.mlp.act_fn.weight"])
+    assert not torch.equal(
+        weights["model.layers.0.mlp.act_fn.weight"], weights["model.layers.1.mlp.act_fn.weight"]
+    )
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True, dtype=torch.float32)
     with torch.no_grad():
         hf_logits = model.eval()(tokens).logits  # [b, s, vocab]
