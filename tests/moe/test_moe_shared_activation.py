@@ -296,10 +296,12 @@ def test_resume_refuses_a_changed_activation_params(tmp_path):
 def _export_import_job(rank, world_size, out_dir, tokenizer, tokens_file):
     """A shared-coefficient MoE checkpoint (coefficients off their init), exported to Hugging Face
     and imported back: our logits of both, and the imported run's model config."""
+    import shutil
     from pathlib import Path
 
     from dense_model.checkpoint import read_metadata, resolve_checkpoint, save_checkpoint
     from dense_model.checkpoint.inference import load_model_for_inference
+    from dense_model.checkpoint.layout import METADATA
     from dense_model.export import export_hf
     from dense_model.export.hf_import import import_hf
     from dense_model.model import build_model
@@ -315,6 +317,10 @@ def _export_import_job(rank, world_size, out_dir, tokenizer, tokens_file):
     save_checkpoint(out / "run" / "checkpoints", 3, model, cfg)
     export_hf(out / "run", out / "hf", dtype="float32")
     import_hf(out / "hf", out / "imported")
+    # config.json alone (a folder without the export's dense_model.json): moe_activation_params
+    shutil.copytree(out / "hf", out / "hf_bare")
+    (out / "hf_bare" / METADATA).unlink()
+    import_hf(out / "hf_bare", out / "imported_bare")
     tokens = torch.load(tokens_file)  # [b, s]
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     logits = {}
@@ -322,8 +328,13 @@ def _export_import_job(rank, world_size, out_dir, tokenizer, tokens_file):
         loaded = load_model_for_inference(out / name)
         with torch.no_grad():
             logits[name] = loaded.model(tokens, positions, None)[..., :EXPORT_VOCAB].clone()  # [b, s, vocab]
-    imported = read_metadata(resolve_checkpoint(out / "imported" / "checkpoints"))["config"]["model"]
-    torch.save({"logits": logits, "activation_params": imported["moe"]["activation_params"]}, out / "ours.pt")
+    imported = [
+        read_metadata(resolve_checkpoint(out / name / "checkpoints"))["config"]["model"]["moe"][
+            "activation_params"
+        ]
+        for name in ("imported", "imported_bare")
+    ]
+    torch.save({"logits": logits, "activation_params": imported}, out / "ours.pt")
 
 
 @pytest.mark.slow
@@ -352,4 +363,4 @@ def test_export_and_import_keep_the_shared_coefficients(tmp_path, spm_model):
     assert ours["logits"]["run"].abs().max() > 1.0  # far from uniform: the comparison means something
     torch.testing.assert_close(hf_logits, ours["logits"]["run"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours["logits"]["imported"], ours["logits"]["run"], rtol=1e-5, atol=1e-5)
-    assert ours["activation_params"] == "shared"
+    assert ours["activation_params"] == ["shared", "shared"]
