@@ -13,6 +13,9 @@ Expert tensor parallelism splits each expert's FFN width over the *expert* TP gr
 be the dense TP group: PolyNorm's row statistics and the coefficient gradients are reduced over
 that group. The coefficients are expert parameters (megatron's ``allreduce=False`` when EP > 1),
 so DDP reduces their gradients over the expert data-parallel group, like the expert weights.
+With ``model.moe.activation_params=shared`` (the seed's megablocks dMoE) the layer has one
+``SharedExpertActivation`` that every expert calls (``dense_model.moe_experts.SequentialExperts``):
+a dense parameter, reduced over the full DP group (see moe_experts.py for why the sum is right).
 
 Also here: the layout-invariant init names of expert weights, the router metrics logged by the
 trainer (aux and z losses, tokens per expert) and the active-parameter FLOPs for MFU.
@@ -85,6 +88,25 @@ class ExpertActivation(RegistryActivation):
         )
 
 
+class SharedExpertActivation(RegistryActivation):
+    """``activation_params=shared``: the one activation module of a MoE layer, called by every expert.
+
+    Row statistics and the coefficient gradients over the expert-TP group (each expert's FFN width
+    is split over it; config rules require it to be the dense TP group). Not an expert parameter
+    (``allreduce`` True, megatron's default): DDP and the (distributed) optimizer treat it as a
+    dense one, its gradient summed over the full data-parallel group, which spans the EP ranks.
+    Checkpointed by RegistryActivation: replicated over TP and DP-CP, no expert axis.
+    """
+
+    def __init__(self, config, name: str, kwargs: dict, fused: bool):
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_expert_tensor_parallel_group(check_initialized=False)
+        super().__init__(config, name, kwargs, fused, tp_group=group)
+        for param in self.parameters():
+            param.allreduce = True
+
+
 def uses_grouped_gemm(cfg: ModelConfig) -> bool:
     """TE grouped-GEMM experts share one activation module over all local experts, so they are
     used only for activations without learnable coefficients; PolyCom keeps per-expert MLPs."""
@@ -105,6 +127,7 @@ def moe_layer_spec(cfg: ModelConfig, dense_activation):
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
+    from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     prepare_megatron_moe()
@@ -122,10 +145,17 @@ def moe_layer_spec(cfg: ModelConfig, dense_activation):
         module=ExpertActivation, params=dense_activation.params
     )
     moe.shared_experts.submodules.activation_func = dense_activation
-    if uses_torch_grouped_experts(cfg):  # SequentialMLP's modules and checkpoint keys, grouped GEMMs
-        from dense_model.moe_experts import GroupedExperts
+    from dense_model.moe_experts import GroupedExperts, SequentialExperts
 
+    if uses_torch_grouped_experts(cfg):  # SequentialMLP's modules and checkpoint keys, grouped GEMMs
         moe.experts.module = GroupedExperts
+    if cfg.moe.activation_params == "shared":
+        assert moe.experts.module in (GroupedExperts, SequentialMLP), moe.experts.module
+        if moe.experts.module is SequentialMLP:
+            moe.experts.module = SequentialExperts
+        moe.experts.params = {
+            "shared_activation": ModuleSpec(module=SharedExpertActivation, params=dense_activation.params)
+        }
     return spec
 
 

@@ -17,7 +17,7 @@ The forward takes the tokens megatron's dispatcher already permuted by local exp
 The weights are stacked at every forward (a copy of the local experts' weights; autograd hands
 each expert's slice of the stacked gradient back to its own parameter).
 
-``grouped_linear`` uses ``torch.nn.functional.grouped_mm`` where it runs (CPU: any float dtype;
+``grouped_linear`` uses ``torch.nn.functional.grouped_mm`` where it runs (CPU: fp32/bf16/fp16;
 CUDA: bf16; widths whose rows are 16-byte aligned), otherwise one matmul per expert, the same math.
 
 Activations: one without parameters (SwiGLU, GELU, ...) is called once on all rows (it acts per
@@ -27,6 +27,15 @@ expert's coefficient gradient is the sum over its rows only; PolyNorm's per-row 
 the coefficient gradients are reduced over the expert-TP group as in each expert's own module.
 An activation with parameters of another kind, and PolyCom with its fused Triton kernel (which
 takes one set of scalar coefficients per call), run per expert on that expert's rows.
+
+``model.moe.activation_params=shared`` (``SequentialExperts``, and ``GroupedExperts`` which extends
+it): the experts module holds ONE activation module, ``activation_func`` (parameter names
+``...mlp.experts.activation_func.act.<p>``), and each local expert's ``activation_func`` slot is a
+parameter-free ``SharedActivationCall`` into it. The grouped forward calls it once on all rows
+(fused kernel or reference), so its gradient is the sum over every local expert's rows. It is a
+dense parameter (``allreduce=True``): DDP sums its gradient over the full data-parallel group, which
+spans the EP ranks, so each rank's sum over its local experts adds up to the sum over all experts.
+Its checkpoint entry has no expert axis: one tensor replicated over (expert-)TP, EP and DP.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from dense_model.activations._polycom import PolyCom, fused_kernels_run_on, poly
 
 def grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``torch.nn.functional.grouped_mm`` takes ``x [N, in]`` and ``weight [E, out, in]``:
-    rows of 16-byte multiples, and on CUDA bf16 only (torch 2.13's grouped GEMM kernels)."""
+    rows of 16-byte multiples, on CUDA bf16 only, on the CPU not float64 (torch 2.13's kernels)."""
     if not hasattr(F, "grouped_mm") or x.dtype != weight.dtype or x.shape[0] == 0:
         return False
     size = x.element_size()
@@ -48,7 +57,8 @@ def grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if x.is_cuda:
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    return x.device.type == "cpu"
+    # torch 2.13's CPU grouped_mm takes fp32/bf16/fp16 (float64: the per-expert loop)
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -61,12 +71,63 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> 
     return torch.cat([torch.matmul(part, w.t()) for part, w in zip(parts, weight)], dim=0)
 
 
-class GroupedExperts(SequentialMLP):
-    """SequentialMLP's local experts (same parameters, names and checkpoint layout) computed as two
-    grouped GEMMs over all local experts, with the registry activation per expert."""
+class SharedActivationCall(torch.nn.Module):
+    """A local expert's ``activation_func`` slot under ``activation_params=shared``: calls the
+    experts module's one activation. Held in a tuple, not as a submodule, so the parameters are
+    registered (named, reduced, saved) once, on the experts module."""
 
-    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
+    def __init__(self, shared: torch.nn.Module):
+        super().__init__()
+        self._shared = (shared,)
+
+    def forward(self, x):  # [tokens of this expert, fc1 out] -> [tokens, ffn/tp]
+        return self._shared[0](x)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        return {}  # the experts module saves the shared parameters, without the expert axis
+
+
+class SequentialExperts(SequentialMLP):
+    """megatron-core's SequentialMLP; with ``shared_activation`` (a ModuleSpec, the layer's one
+    activation module) every local expert calls that module instead of its own."""
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None, shared_activation=None):
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+        self.shared = shared_activation is not None
+        if self.shared:
+            from megatron.core.transformer.spec_utils import build_module
+
+            # Replaces the per-expert modules megatron's MLP built (their coefficients are dropped).
+            self.activation_func = build_module(shared_activation, self.config)
+            for expert in self.local_experts:
+                expert.activation_func = SharedActivationCall(self.activation_func)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """SequentialMLP's (the experts, with their expert axis), plus the shared activation's
+        parameters with the layer's offsets only: one global tensor, replicas everywhere else."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.shared:
+            state.update(
+                self.activation_func.sharded_state_dict(
+                    f"{prefix}activation_func.", sharded_offsets, metadata
+                )
+            )
+        return state
+
+
+class GroupedExperts(SequentialExperts):
+    """SequentialMLP's local experts (same parameters, names and checkpoint layout) computed as two
+    grouped GEMMs over all local experts, with the registry activation per expert (or the layer's
+    shared one)."""
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None, shared_activation=None):
+        super().__init__(
+            num_local_experts,
+            config,
+            submodules,
+            pg_collection=pg_collection,
+            shared_activation=shared_activation,
+        )
         if self.config.add_bias_linear or self.config.fp8 or self.config.fp4:
             raise ValueError(
                 "dense_model's grouped experts (model.moe.grouped_gemm without Transformer Engine) "
@@ -94,6 +155,8 @@ class GroupedExperts(SequentialMLP):
 
     def _activation(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """The registry activation on all rows ``x [N, fc1 out]``, each with its expert's parameters."""
+        if self.shared:  # one module, the same coefficients for every row: one call (fused or reference)
+            return self.activation_func(x)
         modules = [e.activation_func for e in self.local_experts]  # ExpertActivation (.act: registry)
         first = modules[0].act
         if next(first.parameters(), None) is None:  # nothing per expert: one call over all rows

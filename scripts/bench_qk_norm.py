@@ -10,6 +10,11 @@ each run's median step and inter-quartile range, and the median of the per-round
     python scripts/bench_qk_norm.py                              # CPU, MoE demo, 20 timed steps each
     python scripts/bench_qk_norm.py --runs none,full,per_head --steps 40 --json qk.json
     python scripts/bench_qk_norm.py --config configs/1b/polynorm.yaml --device cuda model.num_layers=4
+
+``--key`` compares the values of another config field the same way, e.g. the MoE experts' activation
+coefficients, one set per layer against one per expert:
+
+    python scripts/bench_qk_norm.py --key model.moe.activation_params --runs per_expert,shared
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from dense_model.parallel import initialize_parallel  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/moe/demo.yaml", help="YAML config (default: %(default)s)")
+    p.add_argument("--key", default="model.qk_norm", help="the config field compared (default: %(default)s)")
     p.add_argument(
-        "--runs", default="none,full", help="comma-separated model.qk_norm values; the first is the baseline"
+        "--runs", default="none,full", help="comma-separated values of --key; the first is the baseline"
     )
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
     p.add_argument("--steps", type=int, default=20, help="timed steps per run (alternating)")
@@ -52,12 +58,13 @@ def main(argv=None) -> int:
         *([] if args.device == "cuda" else ["training.bf16=false"]),
         *args.overrides,
     ]
-    cfgs = [load_config(args.config, [*base, f"model.qk_norm={name}"]) for name in names]
+    cfgs = [load_config(args.config, [*base, f"{args.key}={name}"]) for name in names]
     initialize_parallel(1, 1, seed=cfgs[0].training.seed)
     args.dp_size = 1
     runs, _ = run_interleaved(args, cfgs)
     baseline = runs[0].step_ms
-    rows, blob = [], {"meta": run_metadata(config=args.config, overrides=base, steps=args.steps), "runs": {}}
+    meta = run_metadata(config=args.config, overrides=base, steps=args.steps, key=args.key)
+    rows, blob = [], {"meta": meta, "runs": {}}
     for name, run in zip(names, runs):
         ratios = [t / b for t, b in zip(run.step_ms, baseline)]
         q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
@@ -69,9 +76,7 @@ def main(argv=None) -> int:
         run.free()
     print(metadata_lines(blob["meta"]))
     print(
-        markdown_table(
-            ["model.qk_norm", "median step (ms)", "IQR (ms)", f"step / {names[0]}'s, same round"], rows
-        )
+        markdown_table([args.key, "median step (ms)", "IQR (ms)", f"step / {names[0]}'s, same round"], rows)
     )
     write_json(args.json, blob)
     return 0

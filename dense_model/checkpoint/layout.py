@@ -398,6 +398,7 @@ _MODEL_IDENTITY = {
     "model.vocab_size": lambda m: m.vocab_size,
     "model.moe.num_experts": lambda m: m.moe.num_experts or 0,
     "model.moe.shared_expert_ffn_hidden_size": lambda m: m.moe.shared_expert_ffn_hidden_size,
+    "model.moe.activation_params": lambda m: m.moe.activation_params if m.moe.num_experts else None,
 }
 _WIDTHS = {  # derived from the activation: compared when both models have the same one
     "model.ffn_hidden_size": ffn_hidden_size,

@@ -141,11 +141,31 @@ def _validate_moe(cfg: Config, world_size: int | None) -> None:
             f"parallel.expert_tensor_parallel_size={etp} differs from tensor_model_parallel_size={tp} "
             "but expert_model_parallel_size=1; use EP > 1 or leave expert_tensor_parallel_size unset"
         )
+    if moe.activation_params == "shared":
+        _check_shared_activation_params(m.activation, m.activation_kwargs, tp, etp)
     if world_size is not None and world_size % (etp * ep * pp):
         raise ConfigError(
             f"world size {world_size} is not divisible by expert_tensor_parallel_size x "
             f"expert_model_parallel_size x pipeline_model_parallel_size = {etp} x {ep} x {pp}; "
             "launch a multiple of that many processes or change parallel.expert_*"
+        )
+
+
+def _check_shared_activation_params(activation: str, kwargs: dict, tp: int, etp: int) -> None:
+    """``model.moe.activation_params=shared``: something to share, and a layout whose gradient sum is right."""
+    from dense_model.activations import build_activation
+
+    if next(build_activation(activation, **kwargs).parameters(), None) is None:
+        raise ConfigError(
+            f"model.moe.activation_params=shared: model.activation={activation} has no parameters to share; "
+            "set model.moe.activation_params=per_expert (or a PolyCom activation: polynorm, polyrelu)"
+        )
+    if etp != tp:
+        # The shared coefficients are dense parameters: DDP sums their gradients over the dense DP
+        # group, which then holds expert-TP ranks (each with the whole, already TP-reduced sum).
+        raise ConfigError(
+            f"model.moe.activation_params=shared needs parallel.expert_tensor_parallel_size={etp} equal to "
+            f"tensor_model_parallel_size={tp}; leave expert_tensor_parallel_size unset or use per_expert"
         )
 
 

@@ -59,6 +59,9 @@ class MoEConfig:
     router_loss_scaling: Literal["per_layer", "olmoe"] = "per_layer"
     """What aux_loss_coeff/z_loss_coeff mean: per_layer = megatron-core's, each layer's loss times the
     coefficient (summed over layers); olmoe = megablocks' (OLMoE): averaged over layers, the z-loss also / top-k."""
+    activation_params: Literal["per_expert", "shared"] = "per_expert"
+    """The activation's coefficients (PolyCom's a0..ar): per_expert = each expert its own; shared = one set per
+    MoE layer used by every expert of the layer (the seed's megablocks dMoE: one PolyNorm per OLMoE block)."""
 
 
 @dataclass

@@ -6,7 +6,8 @@ there with ``trust_remote_code=True``, on machines without dense_model installed
 its keyword arguments, e.g. ``{"order": 3}`` for PolyNorm/PolyReLU), and for a mixture of experts
 Qwen2-MoE's field names: ``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``,
 ``shared_expert_intermediate_size`` (None: no shared expert) and ``norm_topk_prob`` (True: softmax
-over the top-k logits; False: softmax over all experts, top-k probabilities as they are, OLMoE's).
+over the top-k logits; False: softmax over all experts, top-k probabilities as they are, OLMoE's); and ``moe_activation_params``
+(``shared``: one activation, ``mlp.act_fn``, per layer for all experts; ``per_expert``: each its own).
 """
 
 from transformers.models.llama.configuration_llama import LlamaConfig
@@ -33,6 +34,7 @@ class DenseModelConfig(LlamaConfig):
     moe_intermediate_size: int | None = None
     shared_expert_intermediate_size: int | None = None
     norm_topk_prob: bool = True
+    moe_activation_params: str = "per_expert"
 
 
 __all__ = ["DenseModelConfig"]

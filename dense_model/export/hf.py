@@ -121,6 +121,7 @@ def hf_config(cfg: Config, special_ids: dict, dtype: torch.dtype):
             moe_intermediate_size=expert_ffn_hidden_size(m),
             shared_expert_intermediate_size=m.moe.shared_expert_ffn_hidden_size,
             norm_topk_prob=m.moe.router_score == "topk_then_softmax",  # else OLMoE's softmax, top-k
+            moe_activation_params=m.moe.activation_params,  # shared: one mlp.act_fn per layer
         )
     config = DenseModelConfig(activation=m.activation, activation_kwargs=dict(m.activation_kwargs), **kwargs)
     config.architectures = ["DenseModelForCausalLM"]

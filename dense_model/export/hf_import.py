@@ -144,6 +144,7 @@ def _dense_model_model(hf) -> dict:
             ffn_hidden_size=hf.moe_intermediate_size,
             shared_expert_ffn_hidden_size=hf.shared_expert_intermediate_size,
             router_score="topk_then_softmax" if getattr(hf, "norm_topk_prob", True) else "softmax_then_topk",
+            activation_params=getattr(hf, "moe_activation_params", "per_expert"),  # exports before the field
         )
     return model
 

@@ -23,6 +23,8 @@ A mixture-of-experts layer (``DenseModelSparseMoeBlock`` on the Hugging Face sid
 
     mlp.router.weight                                    -> mlp.gate.weight
     mlp.experts.local_experts.E.<MLP as above>           -> mlp.experts.E.<MLP as above>
+    mlp.experts.activation_func.act.<p>                  -> mlp.act_fn.<p> (model.moe.activation_params=shared:
+                                                            one per layer; the experts have none of their own)
     mlp.shared_experts.<MLP as above>                    -> mlp.shared_expert.<MLP as above>
 
 plus embedding.word_embeddings -> model.embed_tokens, decoder.final_layernorm -> model.norm and,
@@ -56,7 +58,7 @@ class Rule:
         return self.ours[0]
 
 
-def _mlp_rules(m: ModelConfig, ours: str, hf: str) -> list[Rule]:
+def _mlp_rules(m: ModelConfig, ours: str, hf: str, activation: bool = True) -> list[Rule]:
     from dense_model.model import activation_entry
 
     entry = activation_entry(m)
@@ -66,10 +68,18 @@ def _mlp_rules(m: ModelConfig, ours: str, hf: str) -> list[Rule]:
         else Rule((ours + "linear_fc1.weight",), (hf + "up_proj.weight",)),
         Rule((ours + "linear_fc2.weight",), (hf + "down_proj.weight",)),
     ]
-    activation = entry.cls(**m.activation_kwargs)
-    for name in activation.state_dict():  # PolyCom: weight [r] = a_1..a_r, bias [1] = a_0
-        rules.append(Rule((f"{ours}activation_func.act.{name}",), (f"{hf}act_fn.{name}",)))
-    return rules
+    return rules + (_activation_rules(m, ours, hf) if activation else [])
+
+
+def _activation_rules(m: ModelConfig, ours: str, hf: str) -> list[Rule]:
+    from dense_model.model import activation_entry
+
+    activation = activation_entry(m).cls(**m.activation_kwargs)
+    # PolyCom: weight [r] = a_1..a_r, bias [1] = a_0
+    return [
+        Rule((f"{ours}activation_func.act.{name}",), (f"{hf}act_fn.{name}",))
+        for name in activation.state_dict()
+    ]
 
 
 def weight_rules(m: ModelConfig) -> list[Rule]:
@@ -105,8 +115,13 @@ def weight_rules(m: ModelConfig) -> list[Rule]:
             rules += _mlp_rules(m, ours + "mlp.", hf + "mlp.")
             continue
         rules.append(Rule((ours + "mlp.router.weight",), (hf + "mlp.gate.weight",)))  # [experts, hidden]
+        shared = m.moe.activation_params == "shared"
         for e in range(m.moe.num_experts):
-            rules += _mlp_rules(m, f"{ours}mlp.experts.local_experts.{e}.", f"{hf}mlp.experts.{e}.")
+            rules += _mlp_rules(
+                m, f"{ours}mlp.experts.local_experts.{e}.", f"{hf}mlp.experts.{e}.", not shared
+            )
+        if shared:  # one activation per layer, after the experts (the experts module registers it last)
+            rules += _activation_rules(m, ours + "mlp.experts.", hf + "mlp.")
         if m.moe.shared_expert_ffn_hidden_size:
             rules += _mlp_rules(m, ours + "mlp.shared_experts.", hf + "mlp.shared_expert.")
     rules.append(Rule(("decoder.final_layernorm.weight",), ("model.norm.weight",)))

@@ -22,7 +22,9 @@ A mixture-of-experts checkpoint (``config.num_experts`` set) gets ``DenseModelSp
 every layer's ``mlp``: megatron-core 0.16.1's ``MoELayer`` at inference as dense_model configures it
 (dropless, see the class), with ``mlp.gate`` (the router), ``mlp.experts.N`` (each a
 ``DenseModelMLP`` with its own activation, so PolyCom experts keep their own coefficients) and
-``mlp.shared_expert`` when the checkpoint has one.
+``mlp.shared_expert`` when the checkpoint has one. With ``config.moe_activation_params == "shared"``
+(the seed's megablocks dMoE) the block holds one activation, ``mlp.act_fn``, that every routed
+expert calls; the experts then have no ``act_fn`` parameters of their own.
 """
 
 import torch
@@ -37,20 +39,24 @@ from .configuration_dense_model import DenseModelConfig
 class DenseModelMLP(nn.Module):
     """The dense_model MLP with Llama's projection names (gate_proj only when gated)."""
 
-    def __init__(self, config: DenseModelConfig, intermediate_size: int | None = None):
+    def __init__(self, config: DenseModelConfig, intermediate_size: int | None = None, shared_act=None):
         super().__init__()
         hidden, ffn = config.hidden_size, intermediate_size or config.intermediate_size
         self.gated = is_gated(config.activation)
         self.gate_proj = nn.Linear(hidden, ffn, bias=config.mlp_bias) if self.gated else None
         self.up_proj = nn.Linear(hidden, ffn, bias=config.mlp_bias)
         self.down_proj = nn.Linear(ffn, hidden, bias=config.mlp_bias)
-        self.act_fn = build_activation(config.activation, **(config.activation_kwargs or {}))
+        if shared_act is None:
+            self.act_fn = build_activation(config.activation, **(config.activation_kwargs or {}))
+        else:  # the MoE block's one activation: held in a tuple, its parameters are the block's
+            self.act_fn, self._shared_act = None, (shared_act,)
 
     def forward(self, x, scale=None):  # [..., hidden] -> [..., hidden]; scale [...] or None
+        act = self.act_fn if self.act_fn is not None else self._shared_act[0]
         if self.gated:  # dense_model's gated activations take fc1's [gate, up] layout
-            h = self.act_fn(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1))  # [..., ffn]
+            h = act(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1))  # [..., ffn]
         else:
-            h = self.act_fn(self.up_proj(x))
+            h = act(self.up_proj(x))
         if scale is not None:  # a routed expert's gate weight, applied where megatron's MLP applies it
             h = h * scale.unsqueeze(-1)
         return self.down_proj(h)
@@ -73,8 +79,13 @@ class DenseModelSparseMoeBlock(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = getattr(config, "norm_topk_prob", True)  # exports before the field: True
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        shared = getattr(config, "moe_activation_params", "per_expert") == "shared"
+        self.act_fn = (
+            build_activation(config.activation, **(config.activation_kwargs or {})) if shared else None
+        )
         self.experts = nn.ModuleList(
-            DenseModelMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts)
+            DenseModelMLP(config, config.moe_intermediate_size, shared_act=self.act_fn)
+            for _ in range(config.num_experts)
         )
         self.shared_expert = (
             DenseModelMLP(config, config.shared_expert_intermediate_size)
@@ -116,9 +127,11 @@ class DenseModelForCausalLM(LlamaForCausalLM):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, DenseModelMLP):  # the activation's parameters at its own init
+        act = getattr(module, "act_fn", None)
+        if isinstance(module, DenseModelMLP | DenseModelSparseMoeBlock) and act is not None:
+            # the activation's parameters at its own init
             fresh = build_activation(self.config.activation, **(self.config.activation_kwargs or {}))
-            for name, param in module.act_fn.named_parameters():
+            for name, param in act.named_parameters():
                 init.copy_(param, fresh.get_parameter(name))
 
 
