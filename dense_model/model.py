@@ -374,13 +374,15 @@ def count_parameters(m: ModelConfig) -> dict[str, int]:
     if moe_enabled(m):  # each expert an MLP with its own activation, the router [experts, h]
         moe = m.moe
         width = expert_ffn_hidden_size(m)
-        expert = h * width * (2 if gated else 1) + width * h + act_params
+        one_set = moe.activation_params == "shared"  # one activation per layer for all routed experts
+        expert = h * width * (2 if gated else 1) + width * h + (0 if one_set else act_params)
         shared = moe.shared_expert_ffn_hidden_size or 0
         always = moe.num_experts * h + (
             h * shared * (2 if gated else 1) + shared * h + act_params if shared else 0
         )
+        always += act_params if one_set else 0
         mlp, active_mlp = moe.num_experts * expert + always, moe.router_topk * expert + always
-        act_params *= moe.num_experts + (1 if shared else 0)
+        act_params *= (1 if one_set else moe.num_experts) + (1 if shared else 0)
     norms = 2 * h + {"none": 0, "per_head": 2 * kv, "full": (heads + groups) * kv}[m.qk_norm]
     per_layer = attention + mlp + norms
     vocab = padded_vocab_size(m, 1)

@@ -14,11 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS, D, EXPERTS, TOPK, VOCAB = 16, 2048, 64, 8, 50304
 
 
-def olmoe_counts(expert_matrices: int, width: int, scalars_per_expert: int) -> tuple[int, int]:
-    """(total, active) counted from the shape alone."""
+def olmoe_counts(expert_matrices: int, width: int, scalars_per_layer: int) -> tuple[int, int]:
+    """(total, active) counted from the shape alone; the activation's scalars once per layer, shared
+    by its experts (model.moe.activation_params: shared, the seed's)."""
     attention = 4 * D * D  # q, k, v, o: 16 heads x 128 = 2048
-    norms = 2 * D + 2 * D  # the layer's two RMSNorm gains + QK-norm's q and k gains (2048 each)
-    expert = expert_matrices * D * width + scalars_per_expert
+    norms = 2 * D + 2 * D + scalars_per_layer  # two RMSNorm gains, QK-norm's q and k gains, PolyNorm's a_i
+    expert = expert_matrices * D * width
     router = EXPERTS * D
     embeddings = 2 * VOCAB * D + D  # input, output, final norm
     total = LAYERS * (attention + norms + router + EXPERTS * expert) + embeddings
@@ -53,7 +54,7 @@ def test_olmoe_dry_run_prints_the_papers_total_and_active_parameters(capsys):
         ), layout
         (line,) = err.splitlines()
         assert line.startswith("not launchable here yet: data.blend:"), line
-    assert olmoe_counts(2, 1536, 4)[0] == 6_919_165_952 and olmoe_counts(3, 1024, 0)[1] == 1_282_017_280
+    assert olmoe_counts(2, 1536, 4)[0] == 6_919_161_920 and olmoe_counts(3, 1024, 0)[1] == 1_282_017_280
 
 
 def test_demo_dry_run_tokenises_nothing(tmp_path, monkeypatch, capsys):
