@@ -11,6 +11,7 @@ CASES = {
     "polynorm": [],
     "swiglu": ["model.activation=swiglu"],
     "polynorm+shared+full_qk": ["model.moe.shared_expert_ffn_hidden_size=48", "model.qk_norm=full"],
+    "polynorm+one_set_per_layer": ["model.moe.activation_params=shared"],
 }
 
 
@@ -36,7 +37,10 @@ def _count(rank, world_size, out_file):
         cfg = load_config(None, overrides(extra))
         model = build_model(cfg)
         experts = model.decoder.layers[0].mlp.experts  # the 4 routed experts, grouped or one by one
-        experts = sum(p.numel() for p in experts.parameters()) // 4
+        # a set shared by the layer's experts (activation_params=shared) is visited by every token
+        experts = (
+            sum(p.numel() for n, p in experts.named_parameters() if not n.startswith("activation_func.")) // 4
+        )
         counts[name] = {
             "built": sum(p.numel() for p in model.parameters()),
             "expert_per_layer": experts,
