@@ -129,15 +129,17 @@ def offline_env(folder) -> dict[str, str]:
     }
 
 
-def run_tool(script, args, folder, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python SCRIPT ARGS...`` under offline_env(folder), its output captured as text: run in a
+def run_tool(
+    script, args, folder, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS...`` under offline_env(folder) (or ``env``), its output captured as text: run in a
     worker forked from the fork server (spawn_workers), which already imported torch and
     megatron-core, as ``python SCRIPT`` runs it (``__main__``, ``sys.argv``, the script's folder first
     on ``sys.path``; an uncaught exception prints its traceback and exits 1)."""
     import tempfile
 
     cmd = [sys.executable, str(script), *map(str, args)]
-    env = offline_env(folder)
+    env = offline_env(folder) if env is None else env
     _ensure_fork_server()
     ctx = multiprocessing.get_context("forkserver")
     with tempfile.TemporaryDirectory() as out:
