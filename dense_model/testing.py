@@ -15,16 +15,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-import torch.multiprocessing as mp
-
-from dense_model.parallel import destroy_parallel
 from dense_model.procutil import kill_process_tree
+
+# torch (and dense_model.parallel, which imports it) are imported where used: tests/conftest.py imports
+# this module in every pytest process, and a process that runs no torch (pytest-xdist's controller, an
+# inner pytest session of a test) should not pay its ~2.5 s of CPU.
 
 
 def random_lm_batches(count: int, micro_batch_size: int, seq: int, vocab: int, seed: int = 7) -> list[dict]:
     """``count`` micro-batches of uniformly random tokens in the trainer's batch layout (tokens,
     labels, loss_mask, position_ids: [micro_batch_size, seq] each), the same on every rank for a seed."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
@@ -127,15 +129,17 @@ def offline_env(folder) -> dict[str, str]:
     }
 
 
-def run_tool(script, args, folder, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python SCRIPT ARGS...`` under offline_env(folder), its output captured as text: run in a
+def run_tool(
+    script, args, folder, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS...`` under offline_env(folder) (or ``env``), its output captured as text: run in a
     worker forked from the fork server (spawn_workers), which already imported torch and
     megatron-core, as ``python SCRIPT`` runs it (``__main__``, ``sys.argv``, the script's folder first
     on ``sys.path``; an uncaught exception prints its traceback and exits 1)."""
     import tempfile
 
     cmd = [sys.executable, str(script), *map(str, args)]
-    env = offline_env(folder)
+    env = offline_env(folder) if env is None else env
     _ensure_fork_server()
     ctx = multiprocessing.get_context("forkserver")
     with tempfile.TemporaryDirectory() as out:
@@ -235,6 +239,8 @@ PRELOAD = (
 
 
 def _interpreting_server() -> bool:
+    import torch
+
     return not torch.cuda.is_available()
 
 
@@ -324,6 +330,8 @@ def _adopt(env: dict[str, str]) -> None:
     it started), set before the job is unpickled or run (importing its modules may read it)."""
     os.environ.clear()
     os.environ.update(env)
+    import torch
+
     # OpenMP read OMP_NUM_THREADS when the server loaded torch: apply this job's value.
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
     # The caller's sys.path comes down with the job; where an earlier test in the caller loaded
@@ -343,6 +351,8 @@ def _entry(rank, world_size, port, env, payload):
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    from dense_model.parallel import destroy_parallel
+
     fn, args = pickle.loads(payload)
     try:
         fn(rank, world_size, *args)
@@ -354,6 +364,8 @@ def _entry(rank, world_size, port, env, payload):
 def spawn_workers(fn, world_size: int, *args, env: dict[str, str] | None = None) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` new processes wired for torch.distributed,
     each with this process's environment (plus ``env``; one OpenMP thread unless ``env`` says)."""
+    import torch.multiprocessing as mp
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     method = start_method(env)
     if method == "forkserver":
@@ -372,6 +384,8 @@ def run_layouts(fn, layouts: dict, out_dir) -> dict:
     """``layouts``: world size -> {name: ...}; runs ``fn(rank, world_size, layouts[world_size],
     out_dir)`` once per world size, where each rank saves ``OUT_DIR/NAME.rankR`` with torch.save.
     Returns name -> the ranks' saved objects."""
+    import torch
+
     results = {}
     for world_size, named in layouts.items():
         spawn_workers(fn, world_size, named, str(out_dir))
