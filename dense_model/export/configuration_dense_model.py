@@ -8,6 +8,7 @@ Qwen2-MoE's field names: ``num_experts``, ``num_experts_per_tok``, ``moe_interme
 ``shared_expert_intermediate_size`` (None: no shared expert) and ``norm_topk_prob`` (True: softmax
 over the top-k logits; False: softmax over all experts, top-k probabilities as they are, OLMoE's); and ``moe_activation_params``
 (``shared``: one activation, ``mlp.act_fn``, per layer for all experts; ``per_expert``: each its own).
+``qk_norm`` ("none" or "full"): "full" adds OLMoE's RMSNorm over the whole query and key projections.
 """
 
 from transformers.models.llama.configuration_llama import LlamaConfig
@@ -35,6 +36,7 @@ class DenseModelConfig(LlamaConfig):
     shared_expert_intermediate_size: int | None = None
     norm_topk_prob: bool = True
     moe_activation_params: str = "per_expert"
+    qk_norm: str = "none"
 
 
 __all__ = ["DenseModelConfig"]

@@ -20,7 +20,8 @@ same math.
 
 The weight mapping (our names -> Llama's, MoE included) is the table in mapping.py, which the
 import (hf_import.py) reads in the other direction. SwiGLU experts with ``model.qk_norm: full``
-export as transformers' own ``OlmoeForCausalLM`` instead (``--format auto``/``olmoe``, olmoe.py).
+export as transformers' own ``OlmoeForCausalLM`` instead (``--format auto``/``olmoe``, olmoe.py);
+any other model with it as the remote code with OLMoE's ``self_attn.q_norm`` / ``k_norm``.
 
 The router settings the HF block implements are checked on the loaded model's TransformerConfig
 (``MOE_ROUTER_AS_EXPORTED``); a checkpoint with any other (token dropping by capacity, ...) is refused.
@@ -107,7 +108,7 @@ def hf_config(cfg: Config, special_ids: dict, dtype: torch.dtype):
         pad_token_id=None,
         dtype=str(dtype).removeprefix("torch."),
     )
-    if m.activation == "swiglu" and not moe_enabled(m):
+    if m.activation == "swiglu" and not moe_enabled(m) and m.qk_norm == "none":
         from transformers import LlamaConfig
 
         config = LlamaConfig(**kwargs)
@@ -123,6 +124,8 @@ def hf_config(cfg: Config, special_ids: dict, dtype: torch.dtype):
             norm_topk_prob=m.moe.router_score == "topk_then_softmax",  # else OLMoE's softmax, top-k
             moe_activation_params=m.moe.activation_params,  # shared: one mlp.act_fn per layer
         )
+    if m.qk_norm == "full":  # OLMoE's q/k norm (export_as_olmoe refuses per_head)
+        kwargs.update(qk_norm="full")
     config = DenseModelConfig(activation=m.activation, activation_kwargs=dict(m.activation_kwargs), **kwargs)
     config.architectures = ["DenseModelForCausalLM"]
     config.auto_map = {
@@ -332,29 +335,24 @@ def export_hf(
 
 
 def export_as_olmoe(m, fmt: str, folder: Path) -> bool:
-    """Whether the model ``m`` exports as transformers' OlmoeForCausalLM (``fmt``: --format); an
-    ExportError for a q/k norm no exported layout has, or an OLMoE that cannot run it exactly."""
-    as_olmoe = wants_olmoe(m, fmt)
-    refusal = olmoe_refusal(m) if as_olmoe else None
-    if refusal:  # the full q/k norm exists only in OLMoE's layout (Llama's and our remote code have none)
-        qk = m.qk_norm
-        asked = (
-            "--format olmoe"
-            if fmt == "olmoe"
-            else f"model.qk_norm={qk!r} exports only as transformers' OlmoeForCausalLM (our remote code has no q/k norm)"
-        )
-        fix = (
-            "export without --format olmoe (Llama or our trust_remote_code model)"
-            if qk == "none"
-            else "evaluate this checkpoint with the lm-eval model dense_model instead"
-        )
-        raise ExportError(f"{folder}: {asked}, but OlmoeForCausalLM {refusal}; {fix}")
-    if m.qk_norm != "none" and not as_olmoe:  # per_head: no transformers layout has it
+    """Whether the model ``m`` exports as transformers' OlmoeForCausalLM (``fmt``: --format): asked
+    for (an ExportError when OLMoE cannot run it exactly), or ``auto`` with the full q/k norm and a
+    model OLMoE expresses (otherwise our remote code, which has the full q/k norm too); an
+    ExportError for megatron-core's per-head q/k norm, which no exported layout has."""
+    if m.qk_norm == "per_head":  # no transformers layout has it
         raise ExportError(
-            f"{folder}: model.qk_norm={m.qk_norm!r}: no Hugging Face layout here has megatron-core's "
+            f"{folder}: model.qk_norm='per_head': no Hugging Face layout here has megatron-core's "
             "per-head q/k norm (evaluate this checkpoint with the lm-eval model dense_model instead)"
         )
-    return as_olmoe
+    refusal = olmoe_refusal(m) if wants_olmoe(m, fmt) else None
+    if refusal and fmt == "olmoe":
+        fix = (
+            "export without --format olmoe (Llama or our trust_remote_code model)"
+            if m.qk_norm == "none"
+            else "export without --format olmoe (our trust_remote_code model has the full q/k norm)"
+        )
+        raise ExportError(f"{folder}: --format olmoe, but OlmoeForCausalLM {refusal}; {fix}")
+    return wants_olmoe(m, fmt) and refusal is None
 
 
 def _export(folder: Path, tmp: Path | None, dtype: str, max_shard_size: str | int, fmt: str = "auto") -> None:

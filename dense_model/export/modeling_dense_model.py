@@ -25,12 +25,17 @@ every layer's ``mlp``: megatron-core 0.16.1's ``MoELayer`` at inference as dense
 ``mlp.shared_expert`` when the checkpoint has one. With ``config.moe_activation_params == "shared"``
 (the seed's megablocks dMoE) the block holds one activation, ``mlp.act_fn``, that every routed
 expert calls; the experts then have no ``act_fn`` parameters of their own.
+
+With ``config.qk_norm == "full"`` (the paper's MoE run, OLMoE's layout) each attention layer also
+has ``self_attn.q_norm`` and ``self_attn.k_norm``: one RMSNorm over the whole query projection
+(heads x head_dim) and one over the whole key projection (kv heads x head_dim), applied to the
+projections' outputs before the head split and RoPE, as transformers' ``OlmoeAttention`` does.
 """
 
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.models.llama.modeling_llama import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaRMSNorm
 
 from .activation_dense_model import build_activation, is_gated
 from .configuration_dense_model import DenseModelConfig
@@ -112,6 +117,16 @@ class DenseModelSparseMoeBlock(nn.Module):
         return out.reshape(x.shape)
 
 
+def add_full_width_qk_norm(attn, config: DenseModelConfig) -> None:
+    """``attn.q_norm`` / ``attn.k_norm`` over the full q / k projection width, applied to the
+    projections' outputs (forward hooks: Llama's attention then splits the heads and applies RoPE)."""
+    head_dim = config.head_dim
+    attn.q_norm = LlamaRMSNorm(config.num_attention_heads * head_dim, eps=config.rms_norm_eps)
+    attn.k_norm = LlamaRMSNorm(config.num_key_value_heads * head_dim, eps=config.rms_norm_eps)
+    attn.q_proj.register_forward_hook(lambda module, args, out: attn.q_norm(out))  # [b, s, heads * hd]
+    attn.k_proj.register_forward_hook(lambda module, args, out: attn.k_norm(out))  # [b, s, kv * hd]
+
+
 class DenseModelForCausalLM(LlamaForCausalLM):
     """``LlamaForCausalLM`` whose layers' ``mlp`` is ``DenseModelMLP``."""
 
@@ -123,6 +138,8 @@ class DenseModelForCausalLM(LlamaForCausalLM):
         super().__init__(config)
         for layer in self.model.layers:
             layer.mlp = DenseModelSparseMoeBlock(config) if config.num_experts else DenseModelMLP(config)
+            if getattr(config, "qk_norm", "none") == "full":  # exports before the field: none
+                add_full_width_qk_norm(layer.self_attn, config)
         self.post_init()
 
     def _init_weights(self, module):

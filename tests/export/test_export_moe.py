@@ -1,6 +1,8 @@
 """Hugging Face export of mixture-of-experts checkpoints: the exported ``DenseModelSparseMoeBlock``
 (trust_remote_code) gives megatron-core's logits for PolyNorm experts with a shared expert (top-2),
-SwiGLU experts (top-3) and PolyNorm experts behind OLMoE's router (softmax, top-2, not renormalised); each expert keeps its own PolyNorm coefficients; a checkpoint saved at
+SwiGLU experts (top-3), PolyNorm experts behind OLMoE's router (softmax, top-2, not renormalised)
+and the paper's PolyNorm MoE layout (OLMoE's router, one PolyNorm per layer shared by its experts,
+OLMoE's q/k norm over the full width); each expert keeps its own PolyNorm coefficients; a checkpoint saved at
 EP=2 exports the same bytes; router settings the block does not reproduce (token dropping by
 capacity) are refused.
 
@@ -23,9 +25,16 @@ SPECS = {
     "swiglu_top3": ("swiglu", 3, []),
     # OLMoE's router: softmax over all experts, top-k weights not renormalised (norm_topk_prob false)
     "polynorm_olmoe_router": ("polynorm", 2, ["model.moe.router_score=softmax_then_topk"]),
+    # the seed's PolyNorm MoE (configs/moe/olmoe_1b7b_polynorm.yaml): OLMoE's router and q/k norm,
+    # one PolyNorm per layer
+    "polynorm_seed": (
+        "polynorm",
+        2,
+        ["model.moe.router_score=softmax_then_topk", "model.qk_norm=full", "model.moe.activation_params=shared"],
+    ),
 }
+OLMOE_ROUTER = ("polynorm_olmoe_router", "polynorm_seed")
 DROPPING = ("polynorm", 2, ["model.moe.capacity_factor=1.0"])  # refused by the export
-QK_FULL = ("polynorm", 2, ["model.qk_norm=full"])  # refused: only OLMoE has it, with SwiGLU experts
 
 
 def moe_config(activation, topk, extra, tokenizer):
@@ -47,6 +56,7 @@ def _job(rank, world_size, out_dir, tokenizer, tokens_file):
     from dense_model.checkpoint import save_checkpoint
     from dense_model.checkpoint.inference import load_model_for_inference
     from dense_model.export import ExportError, export_hf
+    from dense_model.export.hf_import import import_hf
     from dense_model.model import build_model
     from dense_model.parallel import initialize_parallel
 
@@ -55,7 +65,7 @@ def _job(rank, world_size, out_dir, tokenizer, tokens_file):
     tokens = torch.load(tokens_file)  # [b, s]
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     logits = {}
-    for name, spec in {**SPECS, "dropping": DROPPING, "qk_full": QK_FULL}.items():
+    for name, spec in {**SPECS, "dropping": DROPPING}.items():
         cfg = moe_config(*spec, tokenizer)
         model = build_model(cfg)
         perturb(model)  # norms and every expert's PolyNorm coefficients, each its own values
@@ -68,6 +78,13 @@ def _job(rank, world_size, out_dir, tokenizer, tokens_file):
         loaded = load_model_for_inference(out_dir / name)
         with torch.no_grad():
             logits[name] = loaded.model(tokens, positions, None)[..., :VOCAB].clone()  # [b, s, vocab]
+    # the seed's layout back through import_hf.py, from config.json alone (no dense_model.json)
+    (out_dir / "hf" / "polynorm_seed" / "dense_model.json").rename(out_dir / "polynorm_seed.dense_model.json")
+    import_hf(out_dir / "hf" / "polynorm_seed", out_dir / "imported_seed")
+    (out_dir / "polynorm_seed.dense_model.json").rename(out_dir / "hf" / "polynorm_seed" / "dense_model.json")
+    imported = load_model_for_inference(out_dir / "imported_seed")
+    with torch.no_grad():
+        logits["imported_seed"] = imported.model(tokens, positions, None)[..., :VOCAB].clone()
     torch.save(logits, out_dir / "logits.pt")
 
 
@@ -102,7 +119,8 @@ def test_exported_moe_gives_our_logits(exported, name):
     folder = exported / "hf" / name
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "dense_model" and config["activation"] == activation
-    assert config["norm_topk_prob"] == (name != "polynorm_olmoe_router")
+    assert config["norm_topk_prob"] == (name not in OLMOE_ROUTER)
+    assert config["qk_norm"] == ("full" if name == "polynorm_seed" else "none")
     assert (config["num_experts"], config["num_experts_per_tok"], config["moe_intermediate_size"]) == (
         EXPERTS,
         topk,
@@ -112,6 +130,9 @@ def test_exported_moe_gives_our_logits(exported, name):
 
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
     assert type(model.model.layers[0].mlp).__name__ == "DenseModelSparseMoeBlock"
+    if name == "polynorm_seed":  # the gains were moved off ones: a norm not applied changes the logits
+        assert model.model.layers[0].self_attn.q_norm.weight.shape == (64,)
+        assert (model.model.layers[0].self_attn.k_norm.weight - 1).abs().max() > 0.1
     routed = []  # per layer: how many experts the tokens' top-k choices cover
     for layer in model.model.layers:
         layer.mlp.gate.register_forward_hook(
@@ -124,6 +145,20 @@ def test_exported_moe_gives_our_logits(exported, name):
     assert ours.abs().max() > 1.0  # logits far from uniform: the comparison means something
     diff = (logits - ours).abs().max().item()
     assert diff < 1e-4, f"{name}: max |HF - ours| = {diff:.3g}"
+
+
+@pytest.mark.slow
+def test_the_seeds_layout_imports_back_from_config_json_alone(exported):
+    """import_hf.py on the remote-code export of the paper's PolyNorm MoE (q/k norm full, one PolyNorm
+    per layer, OLMoE's router), without dense_model.json: the same model section and logits."""
+    from dense_model.checkpoint import read_metadata, resolve_checkpoint
+
+    model = read_metadata(resolve_checkpoint(exported / "imported_seed"))["config"]["model"]
+    assert model["qk_norm"] == "full" and model["activation"] == "polynorm"
+    assert (model["moe"]["activation_params"], model["moe"]["router_score"]) == ("shared", "softmax_then_topk")
+    logits = torch.load(exported / "logits.pt")
+    diff = (logits["imported_seed"] - logits["polynorm_seed"]).abs().max().item()
+    assert diff < 1e-5, f"imported: max |ours - exported| = {diff:.3g}"
 
 
 @pytest.mark.slow
@@ -147,13 +182,6 @@ def test_token_dropping_checkpoint_is_refused(exported):
     message = (exported / "dropping.refused").read_text()
     assert "moe_expert_capacity_factor=1.0" in message and "model.moe.capacity_factor" in message
     assert not (exported / "hf" / "dropping").exists()
-
-
-@pytest.mark.slow
-def test_full_qk_norm_checkpoint_is_refused_before_anything_is_written(exported):
-    message = (exported / "qk_full.refused").read_text()
-    assert "model.qk_norm='full'" in message and "lm-eval model dense_model" in message
-    assert not (exported / "hf" / "qk_full").exists()
 
 
 @pytest.mark.slow

@@ -38,12 +38,13 @@ SPECS = {
 }
 # name -> (activation, top-k, overrides, --format); each refused with one line
 REFUSED = {
-    "polynorm_auto": ("polynorm", 2, ["model.qk_norm=full"], "auto"),
+    # forced: without --format olmoe these export as our remote code (tests/export/test_export_moe.py)
+    "polynorm_forced": ("polynorm", 2, ["model.qk_norm=full"], "olmoe"),
     "shared_expert": (
         "swiglu",
         2,
         ["model.qk_norm=full", "model.moe.shared_expert_ffn_hidden_size=32"],
-        "auto",
+        "olmoe",
     ),
     "qk_none_forced": ("swiglu", 2, ["model.qk_norm=none"], "olmoe"),
     "per_head_forced": ("swiglu", 2, ["model.qk_norm=per_head"], "olmoe"),
@@ -188,8 +189,8 @@ def test_exports_as_transformers_olmoe_with_our_logits(olmoe, name):
 def test_what_olmoe_cannot_express_is_refused_in_one_line(olmoe):
     refused = json.loads((olmoe / "refused.json").read_text())
     says = {
-        "polynorm_auto": "OlmoeForCausalLM has SwiGLU experts and this model's are model.activation='polynorm'; "
-        "evaluate this checkpoint with the lm-eval model dense_model",
+        "polynorm_forced": "--format olmoe, but OlmoeForCausalLM has SwiGLU experts and this model's are "
+        "model.activation='polynorm'; export without --format olmoe (our trust_remote_code model has the full q/k norm)",
         "shared_expert": "OlmoeForCausalLM has no shared expert",
         "qk_none_forced": "--format olmoe, but OlmoeForCausalLM always normalises q and k over their full width and "
         "this model has model.qk_norm='none'; export without --format olmoe",
