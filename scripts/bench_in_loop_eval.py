@@ -85,20 +85,32 @@ def main(argv=None) -> int:
         if done.returncode:
             sys.exit(f"run_lm_eval.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
         times["run_lm_eval.sh"].append(time.perf_counter() - start)
-    same = all(abs(v - theirs["results"][k.split("/")[0]][k.split("/")[1] + ",none"]) < 1e-9 for k, v in ours.items())
+    same = all(
+        abs(v - theirs["results"][k.split("/")[0]][k.split("/")[1] + ",none"]) < 1e-9 for k, v in ours.items()
+    )
 
     print(metadata_lines(run_metadata()) + f"; {torch.get_num_threads()} threads")
     print(
         f"checkpoint {args.checkpoint}: {sum(p.numel() for p in lm.model.parameters()):,} parameters; tasks "
         f"{args.tasks}, limit {args.limit}; {args.repeats} alternating repeats; in-loop scores equal: {same}\n"
     )
-    rows = [
-        [name, f"{statistics.median(v):.2f}", f"{min(v):.2f}..{max(v):.2f}"] for name, v in times.items()
-    ]
+    rows = [[name, f"{statistics.median(v):.2f}", f"{min(v):.2f}..{max(v):.2f}"] for name, v in times.items()]
     startup = [t - s for t, s in zip(times["run_lm_eval.sh"], times["scoring"])]
-    rows.append(["run_lm_eval.sh start-up (total - scoring)", f"{statistics.median(startup):.2f}", f"{min(startup):.2f}..{max(startup):.2f}"])
+    rows.append(
+        [
+            "run_lm_eval.sh start-up (total - scoring)",
+            f"{statistics.median(startup):.2f}",
+            f"{min(startup):.2f}..{max(startup):.2f}",
+        ]
+    )
     ratios = [i / s for i, s in zip(times["in-loop"], times["scoring"])]
-    rows.append(["ratio in-loop / scoring", f"{statistics.median(ratios):.2f}", f"{min(ratios):.2f}..{max(ratios):.2f}"])
+    rows.append(
+        [
+            "ratio in-loop / scoring",
+            f"{statistics.median(ratios):.2f}",
+            f"{min(ratios):.2f}..{max(ratios):.2f}",
+        ]
+    )
     print(markdown_table(["what", "median (s)", "min..max"], rows))
     return 0
 

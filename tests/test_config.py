@@ -128,7 +128,9 @@ def data_files(tmp_path, spm_model):
         builder.add_document(np.arange(1, 50, dtype=np.uint16), [49])
     builder.finalize(prefix + ".idx")
     blend = tmp_path / "blend.json"
-    write_blend(str(blend), [{"subset": "tiny", "prefix": prefix, "documents": 600, "tokens": 600 * 49}], "tokens")
+    write_blend(
+        str(blend), [{"subset": "tiny", "prefix": prefix, "documents": 600, "tokens": 600 * 49}], "tokens"
+    )
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "broken.model").write_text("not a sentencepiece model")
     return {"prefix": prefix, "blend": str(blend), "tokenizer": spm_model, "dir": tmp_path}

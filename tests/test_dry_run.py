@@ -41,9 +41,7 @@ def test_olmoe_dry_run_prints_the_papers_total_and_active_parameters(capsys):
     must not pass without the data)."""
     assert not (REPO / "data/tokenizer/allenai_gpt-neox-olmo-dolma-v1_5.json").exists()
     for activation, matrices, width, scalars in (("polynorm", 2, 1536, 4), ("swiglu", 3, 1024, 0)):
-        layout, err = dry_run_layout(
-            capsys, str(REPO / f"configs/moe/olmoe_1b7b_{activation}.yaml"), code=2
-        )
+        layout, err = dry_run_layout(capsys, str(REPO / f"configs/moe/olmoe_1b7b_{activation}.yaml"), code=2)
         total, active = olmoe_counts(matrices, width, scalars)
         assert f"| {total:,} parameters" in layout, (activation, layout)
         assert f"| {active:,} active per token | total 6.9B, active 1.3B |" in layout, (activation, layout)

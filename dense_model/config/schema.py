@@ -301,7 +301,9 @@ class RepetitionFilterConfig:
     def validate(self) -> None:
         for name in ("min_period", "max_period", "max_count"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"data.repetition_filter.{name}={getattr(self, name)}: give a positive number")
+                raise ConfigError(
+                    f"data.repetition_filter.{name}={getattr(self, name)}: give a positive number"
+                )
         if self.min_period > self.max_period:
             raise ConfigError(
                 f"data.repetition_filter.min_period={self.min_period} > max_period={self.max_period}; "

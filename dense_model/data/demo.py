@@ -145,18 +145,27 @@ def demo_heldout_prefix(subset: str, work_dir: str | None = None) -> str:
 
     work_dir = os.path.abspath(work_dir or demo_work_dir())
     prefixes = load_blend(prepare_demo_dataset(work_dir)["blend"])[0]
-    by_subset = {os.path.basename(p).removeprefix("redpajama_sample_").removesuffix("_text_document"): p for p in prefixes}
+    by_subset = {
+        os.path.basename(p).removeprefix("redpajama_sample_").removesuffix("_text_document"): p
+        for p in prefixes
+    }
     if subset not in by_subset:
-        raise ValueError(f"demo:{subset}: the demo sample has no subset {subset!r}; use one of {', '.join(sorted(by_subset))}")
+        raise ValueError(
+            f"demo:{subset}: the demo sample has no subset {subset!r}; use one of {', '.join(sorted(by_subset))}"
+        )
     source = by_subset[subset]
     out = os.path.join(work_dir, f"heldout_{subset}_text_document")
     with _exclusive(work_dir):
-        if os.path.isfile(out + ".idx") and os.path.getmtime(out + ".idx") >= os.path.getmtime(source + ".idx"):
+        if os.path.isfile(out + ".idx") and os.path.getmtime(out + ".idx") >= os.path.getmtime(
+            source + ".idx"
+        ):
             return out
         header = read_index_header(source + ".idx")
         lengths, pointers = header.lengths(), header.pointers()
         n = header.sequence_count
-        begin, end = (int(round(b * float(n))) for b in split_matrix(DEMO_SPLIT)[1])  # as megatron-core cuts it
+        begin, end = (
+            int(round(b * float(n))) for b in split_matrix(DEMO_SPLIT)[1]
+        )  # as megatron-core cuts it
         tokens = np.memmap(source + ".bin", dtype=header.dtype, mode="r")
         writer = DocumentWriter(out, header.dtype)
         for i in range(begin, end):

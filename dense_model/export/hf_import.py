@@ -137,7 +137,9 @@ def _dense_model_model(hf) -> dict:
     """Our own export (``DenseModelForCausalLM``): Llama plus the activation and the MoE fields."""
     model = _llama_model(hf)  # the export writes hidden_act "silu"; the MLP reads ``activation``
     model.update(activation=hf.activation, activation_kwargs=dict(hf.activation_kwargs or {}))
-    model["qk_norm"] = getattr(hf, "qk_norm", "none")  # "full": OLMoE's q/k norm (exports before the field: none)
+    model["qk_norm"] = getattr(
+        hf, "qk_norm", "none"
+    )  # "full": OLMoE's q/k norm (exports before the field: none)
     if getattr(hf, "num_experts", None):
         model["moe"] = dict(
             num_experts=hf.num_experts,

@@ -210,9 +210,12 @@ class InLoopEvaluator:
                 np.random.seed(NUMPY_SEED)
                 torch.manual_seed(TORCH_SEED)
                 results = evaluate(
-                    lm=self.lm, task_dict=self.tasks, limit=self.in_loop.limit, bootstrap_iters=0, log_samples=False
+                    lm=self.lm,
+                    task_dict=self.tasks,
+                    limit=self.in_loop.limit,
+                    bootstrap_iters=0,
+                    log_samples=False,
                 )
         finally:
             self.model.train(was_training)
         return metric_values(results or {})
-

@@ -65,7 +65,9 @@ class MegatronLM(TemplateLM):
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.vocab_size = config.model.vocab_size
         if tokenizer.vocab_size > self.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {self.vocab_size}")
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {self.vocab_size}"
+            )
         self.dtype = next(model.parameters()).dtype
         on_gpu = torch.cuda.is_available()
         self._device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")

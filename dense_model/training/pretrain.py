@@ -387,7 +387,9 @@ class Trainer:
         interval_losses, interval_tokens, interval_time, interval_steps = [], 0, 0.0, 0
         last_saved = self.state.iteration if self.state.iteration else None
         last_eval = None
-        last_downstream = self.state.iteration  # a resumed step was scored (or not) by the job that trained it
+        last_downstream = (
+            self.state.iteration
+        )  # a resumed step was scored (or not) by the job that trained it
         self._fit_started = time.perf_counter()
         in_loop = cfg.evaluation.in_loop
         while self.state.iteration < self.train_iters:

@@ -70,5 +70,7 @@ def test_the_launcher_refuses_another_shape_before_launch(tmp_path, capsys):
     before = sorted(p.name for p in run.rglob("*"))
     assert launcher.main([config, f"run_dir={run}", "model.hidden_size=96"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("config error: ") and "model.hidden_size=" in line and "cannot change shape" in line
+    assert (
+        line.startswith("config error: ") and "model.hidden_size=" in line and "cannot change shape" in line
+    )
     assert sorted(p.name for p in run.rglob("*")) == before

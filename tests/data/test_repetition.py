@@ -26,7 +26,9 @@ def _planted(rng, period: int, times: int, length: int = 512, extra: int = 0) ->
     """Random ids (from a big vocabulary: chance repeats are negligible) with `times` copies (plus
     `extra` tokens of one more) of a random period-`period` unit planted at a random place."""
     unit = rng.integers(100, 50000, period)
-    while period > 1 and any(len(set(unit[i::q])) == 1 for q in range(1, period) if period % q == 0 for i in range(q)):
+    while period > 1 and any(
+        len(set(unit[i::q])) == 1 for q in range(1, period) if period % q == 0 for i in range(q)
+    ):
         unit = rng.integers(100, 50000, period)  # a unit with a shorter period would be counted as that
     block = np.concatenate([np.tile(unit, times), unit[:extra]])
     at = int(rng.integers(0, length - len(block)))

@@ -11,7 +11,12 @@ import pytest
 from dense_model.data.token_files import convert_token_files
 from dense_model.testing import run_tool
 
-TOOL = Path(__file__).resolve().parents[2] / "toolkits" / "pretrain_data_preprocessing" / "convert_token_files.py"
+TOOL = (
+    Path(__file__).resolve().parents[2]
+    / "toolkits"
+    / "pretrain_data_preprocessing"
+    / "convert_token_files.py"
+)
 EOS = 0
 
 
@@ -53,7 +58,16 @@ def test_a_real_npy_brings_its_dtype(tmp_path, data_helpers):
     np.save(tmp_path / "part.npy", np.concatenate(docs).astype(np.uint32))
     proc = run_tool(
         TOOL,
-        ["--input", tmp_path / "part.npy", "--eos-id", EOS, "--vocab-size", 50280, "--output-prefix", tmp_path / "o"],
+        [
+            "--input",
+            tmp_path / "part.npy",
+            "--eos-id",
+            EOS,
+            "--vocab-size",
+            50280,
+            "--output-prefix",
+            tmp_path / "o",
+        ],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -87,10 +101,18 @@ def test_gpt_dataset_samples_are_the_files_tokens(tmp_path, spm_model):
     docs = _documents(np.random.default_rng(2), 200, tok.vocab_size)
     _write_raw(tmp_path / "part.npy", docs, np.uint16)
     prefix = str(tmp_path / "olmoe")
-    convert_token_files([str(tmp_path / "part.npy")], prefix, vocab_size=tok.vocab_size, eos_id=EOS, dtype="uint16")
+    convert_token_files(
+        [str(tmp_path / "part.npy")], prefix, vocab_size=tok.vocab_size, eos_id=EOS, dtype="uint16"
+    )
     train, _, _ = build_gpt_datasets(
-        [prefix], None, tokenizer=tok, seq_length=32, seed=1, split="100,0,0",
-        num_samples=(64, 0, 0), cache_dir=str(tmp_path / "cache"),
+        [prefix],
+        None,
+        tokenizer=tok,
+        seq_length=32,
+        seed=1,
+        split="100,0,0",
+        num_samples=(64, 0, 0),
+        cache_dir=str(tmp_path / "cache"),
     )
     known = {tuple(d.tolist()) for d in docs}
     for i in range(64):

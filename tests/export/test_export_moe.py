@@ -30,7 +30,11 @@ SPECS = {
     "polynorm_seed": (
         "polynorm",
         2,
-        ["model.moe.router_score=softmax_then_topk", "model.qk_norm=full", "model.moe.activation_params=shared"],
+        [
+            "model.moe.router_score=softmax_then_topk",
+            "model.qk_norm=full",
+            "model.moe.activation_params=shared",
+        ],
     ),
 }
 OLMOE_ROUTER = ("polynorm_olmoe_router", "polynorm_seed")
@@ -155,7 +159,10 @@ def test_the_seeds_layout_imports_back_from_config_json_alone(exported):
 
     model = read_metadata(resolve_checkpoint(exported / "imported_seed"))["config"]["model"]
     assert model["qk_norm"] == "full" and model["activation"] == "polynorm"
-    assert (model["moe"]["activation_params"], model["moe"]["router_score"]) == ("shared", "softmax_then_topk")
+    assert (model["moe"]["activation_params"], model["moe"]["router_score"]) == (
+        "shared",
+        "softmax_then_topk",
+    )
     logits = torch.load(exported / "logits.pt")
     diff = (logits["imported_seed"] - logits["polynorm_seed"]).abs().max().item()
     assert diff < 1e-5, f"imported: max |ours - exported| = {diff:.3g}"

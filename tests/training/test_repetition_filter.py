@@ -52,7 +52,9 @@ def _filtered_batches(rank: int, world_size: int, out_file: str) -> None:
                 "data.repetition_filter.max_count=9",
             ],
         )
-        batches = batch_iterator(_samples(), cfg, 0, num_workers=0, device=torch.device("cpu"), filter_repeats=True)
+        batches = batch_iterator(
+            _samples(), cfg, 0, num_workers=0, device=torch.device("cpu"), filter_repeats=True
+        )
         batch = next(batches)
         losses = torch.rand(4, SEQ, generator=torch.Generator().manual_seed(1))  # per-token losses [b, s]
         total, count, _ = loss_func(batch["loss_mask"], losses)

@@ -26,7 +26,9 @@ def main(argv=None) -> int:
     p.add_argument("--input", nargs="+", required=True, help="token files, converted in this order")
     p.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin/.idx")
     p.add_argument("--dtype", choices=sorted(RAW_DTYPES), help="the raw files' token type (memmap_dtype)")
-    p.add_argument("--eos-id", type=int, required=True, help="the id that ends each document (OLMoE-mix: 50279)")
+    p.add_argument(
+        "--eos-id", type=int, required=True, help="the id that ends each document (OLMoE-mix: 50279)"
+    )
     p.add_argument("--vocab-size", type=int, help="the tokenizer's vocabulary size (or give the tokenizer)")
     p.add_argument("--tokenizer-type", default="huggingface", help="sentencepiece or huggingface")
     p.add_argument("--tokenizer-model", help="the tokenizer the files were made with, for its vocabulary")
@@ -38,7 +40,9 @@ def main(argv=None) -> int:
         vocab = args.vocab_size
         if vocab is None:
             if not args.tokenizer_model:
-                raise ValueError("give --vocab-size or --tokenizer-model (the tokenizer the files were made with)")
+                raise ValueError(
+                    "give --vocab-size or --tokenizer-model (the tokenizer the files were made with)"
+                )
             from dense_model.data.tokenizers import build_tokenizer
 
             vocab = build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size
