@@ -86,17 +86,44 @@ def is_torchrun_agent(pid: int) -> bool:
 def kill_process_tree(pid: int, timeout: float = 30.0) -> None:
     """SIGKILL ``pid`` and every process below it, as a crashed node would lose them. The tree is
     collected first: torchrun puts its workers in sessions of their own, so a process-group kill
-    misses them."""
+    misses them. Every process of the tree is stopped (SIGSTOP) before any is killed, and the tree
+    collected again until no new process appears: a process forking at that moment (a checkpoint
+    writer or data-loader worker started mid-save) would otherwise leave a child the list missed,
+    orphaned when its parent dies. A process may kill its own tree: it is not stopped, and dies last."""
     import psutil  # only the tools that kill jobs need it
 
     root = psutil.Process(pid)
-    tree = root.children(recursive=True) + [root]
-    for proc in tree:
+    tree: dict[int, psutil.Process] = {}
+    while True:
+        try:
+            found = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            found = []
+        for child in list(tree.values()):  # children of stopped processes (forked before the stop)
+            try:
+                found += child.children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+        new = [p for p in found if p.pid not in tree]
+        if not new:
+            break
+        for proc in new:
+            tree[proc.pid] = proc
+            if proc.pid == os.getpid():
+                continue
+            try:
+                proc.send_signal(signal.SIGSTOP)
+            except psutil.NoSuchProcess:
+                pass
+    me = tree.pop(os.getpid(), None)
+    for proc in tree.values():
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(tree, timeout=timeout)
+    if me is not None:
+        me.kill()
+    psutil.wait_procs(list(tree.values()), timeout=timeout)
 
 
 # -- who holds a lock ----------------------------------------------------------------------------

@@ -73,3 +73,25 @@ def test_a_zombie_holds_no_claim(tmp_path):
         assert run_lock.stale_reason(holder, tmp_path / "job.lock") is not None
     finally:
         child.wait()
+
+
+def test_kill_process_tree_leaves_no_child_forked_while_it_kills(tmp_path):
+    """A parent forking as fast as it can (a checkpoint writer or data-loader worker started at the
+    moment of the kill): every child it made is dead afterwards, none orphaned to init."""
+    import subprocess
+    import time as _time
+
+    import psutil
+
+    from dense_model.procutil import kill_process_tree
+
+    marker = f"1000.{os.getpid()}{len(str(tmp_path))}"  # a sleep argument no other process has
+    parent = subprocess.Popen(["bash", "-c", f"while :; do sleep {marker} & done"], start_new_session=True)
+    _time.sleep(0.1)  # tens of children by now, more every millisecond
+    kill_process_tree(parent.pid)
+    parent.wait()
+    _time.sleep(0.2)
+    left = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    for proc in left:  # never leave them to the session-end check
+        proc.kill()
+    assert not left, f"{len(left)} children outlived kill_process_tree"
