@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 
-from dense_model.activations._polycom import _AllReduceSumBothWays
 from dense_model.activations._polycom_common import tp_world_size
 
 QK_NORMS = ("none", "per_head", "full")
@@ -38,13 +37,50 @@ def full_width_rms_norm(x, weight, eps: float, width: int, tp_group=None):
     x: [..., heads_local, head_dim] (megatron's [sq, b, np, hn]); weight: [heads_local * head_dim];
     width: heads x head_dim over the whole TP group. Returns a tensor like x (dtype: x's and the
     gain's, promoted)."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 at least
-    x32 = x.to(compute)
-    sumsq = x32.square().sum(dim=(-2, -1), keepdim=True)  # [..., 1, 1]: this rank's heads
-    if tp_world_size(tp_group) > 1:
-        sumsq = _AllReduceSumBothWays.apply(sumsq, tp_group)  # all heads of the token
-    normed = (x32 * torch.rsqrt(sumsq / width + eps)).to(x.dtype)
-    return weight.view(x.shape[-2:]) * normed
+    return _FullWidthRMSNorm.apply(x, weight, float(eps), int(width), tp_group)
+
+
+def _token_dot(a, b):
+    """Per-token dot product over the last two dims: [..., h, d] x [..., h, d] -> [..., 1, 1]."""
+    return torch.linalg.vecdot(a.flatten(-2), b.flatten(-2))[..., None, None]
+
+
+class _FullWidthRMSNorm(torch.autograd.Function):
+    """``w * (x * rsqrt(mean(x^2) + eps))`` with the mean over every head of the token, its sum of
+    squares all-reduced over the TP group.
+
+    A hand-written backward rather than autograd's: autograd's graph of the broadcasting formula
+    takes about twice the passes over q and k (square, sum, two broadcast products and their
+    backward reductions), which is a visible share of a small model's step. With r = rsqrt(S/W + eps)
+    and S the sum of squares over all ranks' heads:
+        dL/dx = r * g' - x * r^3 * <g', x> / W,   g' = g * w,
+    where <g', x> spans every head too, so it is all-reduced over TP as S is."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, width, tp_group):
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 at least
+        x32 = x.to(compute)
+        sumsq = _token_dot(x32, x32)  # [..., 1, 1]: this rank's heads
+        if tp_world_size(tp_group) > 1:
+            torch.distributed.all_reduce(sumsq, group=tp_group)  # all heads of the token
+        rstd = torch.rsqrt(sumsq / width + eps)  # [..., 1, 1]
+        normed = (x32 * rstd).to(x.dtype)
+        gain = weight.view(x.shape[-2:])
+        ctx.save_for_backward(x, gain, rstd, normed)
+        ctx.width, ctx.tp_group = width, tp_group
+        return gain * normed
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gain, rstd, normed = ctx.saved_tensors
+        x32 = x.to(rstd.dtype)
+        grad_gain = (grad * normed).sum(dim=tuple(range(grad.dim() - 2))).reshape(-1)  # [local width]
+        grad_normed = (grad * gain).to(rstd.dtype)  # [..., h, d]
+        dot = _token_dot(grad_normed, x32)  # [..., 1, 1]
+        if tp_world_size(ctx.tp_group) > 1:
+            torch.distributed.all_reduce(dot, group=ctx.tp_group)
+        grad_x = torch.addcmul(grad_normed * rstd, x32, rstd.pow(3) * dot / ctx.width, value=-1)
+        return grad_x.to(x.dtype), grad_gain.to(gain.dtype), None, None, None
 
 
 class FullWidthQKNorm(torch.nn.Module):

@@ -187,9 +187,18 @@ def test_full_width_norm_is_olmoes_rmsnorm_on_the_projection_output():
         assert norm.weight.shape == (heads * HEAD_DIM,)
         with torch.no_grad():
             norm.weight.copy_(t["gain"])
-        projection = t["x"].reshape(SEQ, BATCH, heads * HEAD_DIM)  # what q_proj / k_proj output
-        want = olmoe_rms_norm(projection, t["gain"]).reshape(t["x"].shape)
-        torch.testing.assert_close(norm(t["x"]), want, rtol=1e-13, atol=1e-13)
+        x = t["x"].clone().requires_grad_()
+        projection = x.reshape(SEQ, BATCH, heads * HEAD_DIM)  # what q_proj / k_proj output
+        gain = t["gain"].clone().requires_grad_()
+        want = olmoe_rms_norm(projection, gain).reshape(t["x"].shape)
+        got = norm(x)
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+        # the hand-written backward against autograd through transformers' formula
+        want_grads = torch.autograd.grad(want, (x, gain), t["grad"])
+        got_grads = torch.autograd.grad(got, (x, norm.weight), t["grad"])
+        for name, g, w in zip(("input", "gain"), got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=f"{kind} {name} gradient")
+        want = want.detach()
         # not a per-head norm: normalising each head on its own gives another result
         per_head = olmoe_rms_norm(t["x"], t["gain"].view(heads, HEAD_DIM))
         assert (per_head - want).abs().max() > 1e-3
