@@ -30,7 +30,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from dense_model.data.tables import TABLE_SUFFIXES, is_table
+from dense_model.data.tables import TABLE_SUFFIXES, damaged_input, is_table
 
 BAD_REASONS = ("invalid_utf8", "invalid_json", "missing_key", "not_string", "empty_text")
 MAX_REPORTED_POSITIONS = 5
@@ -205,11 +205,17 @@ class LineSource:
         if self.compressed:
             stream, self._counter = open_compressed(self.path)
             with stream:
-                offset = 0
-                for number, line in enumerate(stream, start=1):
+                offset, number, lines = 0, 0, iter(stream)
+                while True:
+                    try:
+                        line = next(lines)
+                    except StopIteration:
+                        return
+                    except Exception as err:  # noqa: BLE001 - zstd, gzip and zlib raise their own types
+                        raise damaged_input(self.path, err, f"after line {number}") from None
+                    number += 1
                     yield number, offset, line
                     offset += len(line)
-            return
         with open(self.path, "rb", buffering=1 << 20) as f:
             end = os.fstat(f.fileno()).st_size if self.end is None else self.end
             pos = 0

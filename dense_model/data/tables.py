@@ -24,6 +24,17 @@ BATCH_ROWS = 1024  # rows per record batch read: ~1-10 MB of text for web docume
 SUBSET_COLUMNS = ("red_pajama_subset", "meta")  # what subset_from_record looks at
 
 
+def damaged_input(path: str, err: BaseException, where: str = "") -> ValueError:
+    """The one-line error for an input file that cannot be decoded (a truncated or damaged .zst/.gz,
+    a file that is not the Parquet/Arrow its name says): path, where, the decoder's words, the fix."""
+    words = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    at = f" {where}" if where else ""
+    return ValueError(
+        f"{path}: cannot be read{at} ({type(err).__name__}: {words}); the file is damaged or not what its "
+        "name says: fetch it again, or leave it out of --input (rerun the same command: finished shards are kept)"
+    )
+
+
 def is_table(path: str) -> bool:
     return path.endswith(TABLE_SUFFIXES)
 
@@ -35,13 +46,23 @@ def _arrow_table(path: str) -> pa.Table:
     try:
         return pa.ipc.open_stream(source).read_all()
     except pa.ArrowInvalid:
-        return pa.ipc.open_file(source).read_all()
+        try:
+            return pa.ipc.open_file(source).read_all()
+        except pa.ArrowException as err:
+            raise damaged_input(path, err) from None
+
+
+def _parquet(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except pa.ArrowException as err:
+        raise damaged_input(path, err) from None
 
 
 def table_ranges(path: str, shard_size: int) -> list[tuple[int, int, int]]:
     """[(start row, end row, approximate input bytes)] covering the file, each about shard_size bytes."""
     if path.endswith(".parquet"):
-        meta = pq.ParquetFile(path).metadata
+        meta = _parquet(path).metadata
         ranges, start, rows, size = [], 0, 0, 0
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
@@ -62,7 +83,7 @@ def table_ranges(path: str, shard_size: int) -> list[tuple[int, int, int]]:
 
 def columns_of(path: str) -> list[str]:
     if path.endswith(".parquet"):
-        return list(pq.ParquetFile(path).schema_arrow.names)
+        return list(_parquet(path).schema_arrow.names)
     return list(_arrow_table(path).schema.names)
 
 
@@ -73,7 +94,7 @@ def iter_table_rows(
     the `columns` the file has. Memory: one batch of rows."""
     wanted = [c for c in columns if c in set(columns_of(path))]
     if path.endswith(".parquet"):
-        pf = pq.ParquetFile(path)
+        pf = _parquet(path)
         groups, first = [], 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -85,7 +106,14 @@ def iter_table_rows(
         table = _arrow_table(path).select(wanted).slice(start, end - start)
         batches = table.to_batches(max_chunksize=BATCH_ROWS)
     number = start + 1
-    for batch in batches:
+    batches = iter(batches)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except pa.ArrowException as err:  # a damaged row group or page
+            raise damaged_input(path, err, f"at row {number}") from None
         rows = batch.to_pylist() if wanted else [{} for _ in range(batch.num_rows)]
         yield number, rows
         number += len(rows)

@@ -116,7 +116,14 @@ class SentencePieceTokenizer(Tokenizer):
         # One thread by default: preprocessing runs one process per core, and more threads inside
         # each would oversubscribe the cores.
         self.num_threads = num_threads
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+        except (RuntimeError, OSError) as err:  # sentencepiece says "INTERNAL: could not parse ModelProto"
+            raise ValueError(
+                f"--tokenizer-model {model_file}: not a SentencePiece model ({str(err).strip()[:120]}); give "
+                "the .model file SentencePiece wrote (toolkits/pretrain_data_preprocessing/train_tokenizer.py "
+                "trains one), or a Hugging Face tokenizer folder / tokenizer.json with --tokenizer-type huggingface"
+            ) from None
         self.vocab_size = int(self._sp.vocab_size())
         eos = int(self._sp.eos_id())
         if eos < 0:

@@ -64,7 +64,7 @@ def test_preprocess_cli_reports_errors_without_a_traceback(tmp_path, spm_model):
             spm_model,
         ]
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.startswith("error: --input") and "Traceback" not in proc.stderr
 
 
@@ -121,3 +121,57 @@ def test_train_tokenizer_and_inspect_clis(tmp_path, texts, data_helpers):
     assert (tmp_path / "tok.model").is_file() and "trained" in proc.stdout
     proc = _run([sys.executable, str(TOOLS / "inspect_dataset.py"), str(tmp_path / "nothing")])
     assert proc.returncode == 2 and "does not exist" in proc.stderr  # bad input: exit 2 (dense_model.cli)
+
+
+def _damaged(path: Path, kind: str, texts: list[str], data_helpers) -> str:
+    """An input file of ``kind`` whose bytes cannot be decoded, and where the reader should stop."""
+    rows = [{"text": t} for t in texts[:200]]
+    if kind in ("zst", "gz"):
+        whole = Path(data_helpers.write_jsonl(str(path / f"a.jsonl.{kind}"), rows, kind))
+        data = whole.read_bytes()
+        cut = len(data) // 2
+        # zst: a run of garbage in the middle of the frame; gz: the stream cut short, as a copy killed midway
+        whole.write_bytes(data[:cut] + b"\xff" * 64 + data[cut + 64 :] if kind == "zst" else data[:cut])
+        return str(whole)
+    bad = path / f"a.{kind}"
+    bad.write_bytes((b"PAR1" if kind == "parquet" else b"ARROW1\0\0") + b"not a table" * 10)
+    return str(bad)
+
+
+@pytest.mark.parametrize("kind", ["zst", "gz", "parquet", "arrow"])
+def test_a_damaged_input_file_is_one_line_naming_it_and_exit_2(
+    tmp_path, spm_model, texts, data_helpers, kind, capsys
+):
+    """A truncated or damaged .zst/.gz, or a file that is not the Parquet/Arrow its name says: one
+    "error:" line with the file's path and what to do, exit 2, no traceback, no dataset written."""
+    from dense_model.data.preprocess.cli import main
+
+    bad = _damaged(tmp_path, kind, texts, data_helpers)
+    prefix = tmp_path / "out" / "d"
+    prefix.parent.mkdir()
+    args = ["--input", bad, "--output-prefix", str(prefix), "--tokenizer-type", "sentencepiece"]
+    code = main([*args, "--tokenizer-model", spm_model, "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: cannot be read"), err
+    assert "fetch it again, or leave it out of --input" in lines[0], err
+    if kind in ("zst", "gz"):
+        assert "after line " in lines[0], err
+    assert not list(prefix.parent.glob("*.bin"))
+
+
+def test_a_tokenizer_file_that_is_not_sentencepiece_is_one_line_and_exit_2(
+    tmp_path, texts, data_helpers, capsys
+):
+    from dense_model.data.preprocess.cli import main
+
+    data = data_helpers.write_jsonl(str(tmp_path / "a.jsonl"), [{"text": t} for t in texts[:5]])
+    args = ["--input", data, "--output-prefix", str(tmp_path / "d"), "--tokenizer-type", "sentencepiece"]
+    code = main([*args, "--tokenizer-model", data, "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith(
+        f"error: --tokenizer-model {data}: not a SentencePiece model"
+    ), err
+    assert "--tokenizer-type huggingface" in err, err

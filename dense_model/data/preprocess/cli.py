@@ -204,7 +204,10 @@ def main(argv=None) -> int:
     except ResumeError as err:  # the work folder is another run's, or another process works on it
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (BadLineError, NoDocumentsError, ValueError, FileNotFoundError, RuntimeError) as err:
+    except (BadLineError, NoDocumentsError, ValueError, FileNotFoundError) as err:  # the input or options
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # e.g. an array task whose partners never ran: not the input's fault
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
