@@ -152,6 +152,8 @@ LAYOUTS = {
         "grouped_tp2_etp1_ep2": [*_shared_training(tp=2, ep=2, etp=1), PLAIN],
         "grouped_tp2_etp1_ep2_distopt": _shared_training(tp=2, ep=2, etp=1),
     },
+    # expert-TP > TP needs expert-TP x EP = 4 ranks (DP=4, every rank fed the same batch)
+    4: {"grouped_tp1_etp2_ep2": [*_shared_training(ep=2, etp=2), PLAIN]},
 }
 
 
@@ -224,24 +226,39 @@ def _assert_dense_grads_like(rank: dict, one: dict) -> None:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * largest, msg=name)
 
 
-@pytest.mark.slow
-def test_tp2_expert_tp1_ep2_trains_like_one_process_with_shared_coefficients(runs):
-    """Expert-TP (1) != TP (2), EP=2, sequence parallel: each rank routes its half of the sequence
-    and runs 2 of the 4 experts on tokens of both halves; the shared coefficients' gradient is the
-    sum over the two ranks (finalize_model_grads' TP all-reduce of the ``sequence_parallel`` mark),
-    so losses, every dense gradient and the coefficients after each Adam step equal one process's.
-    With the distributed optimizer: the losses and the coefficients after each step."""
+def _assert_coefficients_like(runs: dict, layouts: tuple[str, ...]) -> None:
+    """Losses and the shared coefficients after each Adam step equal one process's, on every rank."""
     one = runs["grouped"][0]
     assert len(one["coefficients"]) == STEPS
-    for layout in ("grouped_tp2_etp1_ep2", "grouped_tp2_etp1_ep2_distopt"):
+    for layout in layouts:
         for rank in runs[layout]:
             assert rank["losses"] == pytest.approx(one["losses"], rel=1e-5), layout
             for step, values in enumerate(one["coefficients"]):
                 for name, want in values.items():
                     got = rank["coefficients"][step][name]
                     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{layout} {step} {name}")
+
+
+@pytest.mark.slow
+def test_tp2_expert_tp1_ep2_trains_like_one_process_with_shared_coefficients(runs):
+    """Expert-TP (1) < TP (2), EP=2, sequence parallel: each rank routes its half of the sequence
+    and runs 2 of the 4 experts on tokens of both halves; the shared coefficients' gradient is the
+    sum over the two ranks (finalize_model_grads' TP all-reduce of the ``sequence_parallel`` mark),
+    so losses, every dense gradient and the coefficients after each Adam step equal one process's.
+    With the distributed optimizer: the losses and the coefficients after each step."""
+    _assert_coefficients_like(runs, ("grouped_tp2_etp1_ep2", "grouped_tp2_etp1_ep2_distopt"))
     for rank in runs["grouped_tp2_etp1_ep2"]:
-        _assert_dense_grads_like(rank, one)
+        _assert_dense_grads_like(rank, runs["grouped"][0])
+
+
+@pytest.mark.slow
+def test_tp1_expert_tp2_ep2_trains_like_one_process_with_shared_coefficients(runs):
+    """Expert-TP (2) > TP (1), EP=2, 4 ranks: DDP sums the coefficients' gradient over all 4 (DP=4),
+    where each expert-TP pair holds the same expert-TP total: the hook's division by expert-TP
+    counts it once. Losses, every dense gradient, the coefficients after each step."""
+    _assert_coefficients_like(runs, ("grouped_tp1_etp2_ep2",))
+    for rank in runs["grouped_tp1_etp2_ep2"]:
+        _assert_dense_grads_like(rank, runs["grouped"][0])
 
 
 def _checkpoint_logits(rank, world_size, overrides, root, save, out_file):
