@@ -150,7 +150,11 @@ LAYOUTS = {
         "sequential_tp2": [*_shared_training(tp=2), SEQUENTIAL],
         # expert-TP != TP: each rank holds half the sequence and 2 of the 4 experts
         "grouped_tp2_etp1_ep2": [*_shared_training(tp=2, ep=2, etp=1), PLAIN],
-        "grouped_tp2_etp1_ep2_distopt": _shared_training(tp=2, ep=2, etp=1),
+        # and DDP's reduce overlapped with the backward (the expert-TP hook only scales, before it)
+        "grouped_tp2_etp1_ep2_distopt": [
+            *_shared_training(tp=2, ep=2, etp=1),
+            "parallel.overlap_grad_reduce=true",
+        ],
     },
     # expert-TP > TP needs expert-TP x EP = 4 ranks (DP=4, every rank fed the same batch)
     4: {"grouped_tp1_etp2_ep2": [*_shared_training(ep=2, etp=2), PLAIN]},
@@ -245,7 +249,8 @@ def test_tp2_expert_tp1_ep2_trains_like_one_process_with_shared_coefficients(run
     and runs 2 of the 4 experts on tokens of both halves; the shared coefficients' gradient is the
     sum over the two ranks (finalize_model_grads' TP all-reduce of the ``sequence_parallel`` mark),
     so losses, every dense gradient and the coefficients after each Adam step equal one process's.
-    With the distributed optimizer: the losses and the coefficients after each step."""
+    With the distributed optimizer and overlapped gradient reduce: the losses and the coefficients
+    after each step."""
     _assert_coefficients_like(runs, ("grouped_tp2_etp1_ep2", "grouped_tp2_etp1_ep2_distopt"))
     for rank in runs["grouped_tp2_etp1_ep2"]:
         _assert_dense_grads_like(rank, runs["grouped"][0])
