@@ -15,7 +15,8 @@ that group. The coefficients are expert parameters (megatron's ``allreduce=False
 so DDP reduces their gradients over the expert data-parallel group, like the expert weights.
 With ``model.moe.activation_params=shared`` (the seed's megablocks dMoE) the layer has one
 ``SharedExpertActivation`` that every expert calls (``dense_model.moe_experts.SequentialExperts``):
-a dense parameter, reduced over the full DP group (see moe_experts.py for why the sum is right).
+a dense parameter whose gradient is summed over the whole pipeline stage (DDP over DP, then
+finalize_model_grads over TP) and divided by expert-TP, right whether expert-TP equals TP or not.
 
 Also here: the layout-invariant init names of expert weights, the router metrics logged by the
 trainer (aux and z losses, tokens per expert) and the active-parameter FLOPs for MFU.
@@ -31,6 +32,7 @@ import torch.distributed as dist
 
 from dense_model import collectives
 from dense_model.activations import build_activation, get_activation_entry
+from dense_model.activations._polycom_common import tp_world_size
 from dense_model.backends import transformer_engine_available
 from dense_model.config import Config, ModelConfig, expert_ffn_hidden_size, expert_tensor_parallel_size
 from dense_model.mlp import RegistryActivation
@@ -91,11 +93,23 @@ class ExpertActivation(RegistryActivation):
 class SharedExpertActivation(RegistryActivation):
     """``activation_params=shared``: the one activation module of a MoE layer, called by every expert.
 
-    Row statistics and the coefficient gradients over the expert-TP group (each expert's FFN width
-    is split over it; config rules require it to be the dense TP group). Not an expert parameter
-    (``allreduce`` True, megatron's default): DDP and the (distributed) optimizer treat it as a
-    dense one, its gradient summed over the full data-parallel group, which spans the EP ranks.
-    Checkpointed by RegistryActivation: replicated over TP and DP-CP, no expert axis.
+    Row statistics over the expert-TP group (each expert's FFN width is split over it). The
+    gradient must be the sum over all experts and all tokens, over any layout (expert-TP equal to
+    TP or not). Each token lives on one rank of a pipeline stage (sequence parallel splits it over
+    TP, data parallel over DP), and the dispatcher brings it to its experts' ranks within the
+    expert-TP x EP group; so a rank's backward gives its local experts' share of the tokens of its
+    expert-TP x EP group, already summed over expert-TP (the reference's coefficient all-reduce and
+    the fused kernel's row moments), hence the same on the expert-TP ranks. The whole stage's sum
+    is then expert-TP times the true sum, and the true gradient is
+
+        sum over the stage (TP x DP ranks) of the rank's gradient / expert-TP, / DP (the batch mean)
+
+    which megatron's own mechanisms give: a dense parameter (``allreduce`` True: DDP and the
+    (distributed) optimizer sum it over the DP group and divide by DP), marked ``sequence_parallel``
+    so ``finalize_model_grads`` sums it over the TP group (as the norms'; nothing at TP=1), and a
+    gradient hook dividing each backward's gradient by expert-TP (no communication, so DDP's
+    overlapped reduce is untouched). Checkpointed by RegistryActivation: replicated over TP and
+    DP-CP, which cover the stage, no expert axis.
     """
 
     def __init__(self, config, name: str, kwargs: dict, fused: bool):
@@ -103,8 +117,12 @@ class SharedExpertActivation(RegistryActivation):
 
         group = parallel_state.get_expert_tensor_parallel_group(check_initialized=False)
         super().__init__(config, name, kwargs, fused, tp_group=group)
+        etp = tp_world_size(group)
         for param in self.parameters():
             param.allreduce = True
+            param.sequence_parallel = config.sequence_parallel  # finalize_model_grads: sum over TP
+            if etp > 1:  # each expert-TP rank holds the same expert-TP total: count it once
+                param.register_hook(lambda grad, etp=etp: grad / etp)
 
 
 def uses_grouped_gemm(cfg: ModelConfig) -> bool:

@@ -33,8 +33,9 @@ it): the experts module holds ONE activation module, ``activation_func`` (parame
 ``...mlp.experts.activation_func.act.<p>``), and each local expert's ``activation_func`` slot is a
 parameter-free ``SharedActivationCall`` into it. The grouped forward calls it once on all rows
 (fused kernel or reference), so its gradient is the sum over every local expert's rows. It is a
-dense parameter (``allreduce=True``): DDP sums its gradient over the full data-parallel group, which
-spans the EP ranks, so each rank's sum over its local experts adds up to the sum over all experts.
+dense parameter (``allreduce=True``) summed over the whole pipeline stage (DDP over DP,
+finalize_model_grads over TP) and divided by expert-TP (``dense_model.moe.SharedExpertActivation``),
+so each rank's sum over its local experts adds up to the sum over all experts and all tokens.
 Its checkpoint entry has no expert axis: one tensor replicated over (expert-)TP, EP and DP.
 """
 

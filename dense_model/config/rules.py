@@ -142,7 +142,7 @@ def _validate_moe(cfg: Config, world_size: int | None) -> None:
             "but expert_model_parallel_size=1; use EP > 1 or leave expert_tensor_parallel_size unset"
         )
     if moe.activation_params == "shared":
-        _check_shared_activation_params(m.activation, m.activation_kwargs, tp, etp)
+        _check_shared_activation_params(m.activation, m.activation_kwargs)
     if world_size is not None and world_size % (etp * ep * pp):
         raise ConfigError(
             f"world size {world_size} is not divisible by expert_tensor_parallel_size x "
@@ -151,21 +151,15 @@ def _validate_moe(cfg: Config, world_size: int | None) -> None:
         )
 
 
-def _check_shared_activation_params(activation: str, kwargs: dict, tp: int, etp: int) -> None:
-    """``model.moe.activation_params=shared``: something to share, and a layout whose gradient sum is right."""
+def _check_shared_activation_params(activation: str, kwargs: dict) -> None:
+    """``model.moe.activation_params=shared``: something to share. Any expert layout sums the
+    gradient right (``dense_model.moe.SharedExpertActivation``), expert-TP equal to TP or not."""
     from dense_model.activations import build_activation
 
     if next(build_activation(activation, **kwargs).parameters(), None) is None:
         raise ConfigError(
             f"model.moe.activation_params=shared: model.activation={activation} has no parameters to share; "
             "set model.moe.activation_params=per_expert (or a PolyCom activation: polynorm, polyrelu)"
-        )
-    if etp != tp:
-        # The shared coefficients are dense parameters: DDP sums their gradients over the dense DP
-        # group, which then holds expert-TP ranks (each with the whole, already TP-reduced sum).
-        raise ConfigError(
-            f"model.moe.activation_params=shared needs parallel.expert_tensor_parallel_size={etp} equal to "
-            f"tensor_model_parallel_size={tp}; leave expert_tensor_parallel_size unset or use per_expert"
         )
 
 

@@ -6,17 +6,18 @@ every expert (the seed's megablocks dMoE), over gloo.
   the fused Triton kernel (interpreted) gives the same;
 - training (the trainer's model, DDP, distributed optimizer): grouped ≡ sequential experts, and
   EP=2 ≡ one process in losses and in the shared coefficients' gradients (a dense parameter summed
-  over the full data-parallel group, not the expert one);
-- a checkpoint saved at EP=2 holds each layer's coefficients once, without an expert axis, and
-  loads at EP=1 with the same logits;
+  over the full data-parallel group, not the expert one); TP=2 with expert-TP=1, EP=2 ≡ one
+  process in losses, gradients and the coefficients after each step (summed over TP too);
+- a checkpoint saved at EP=2, and at TP=2 / expert-TP=1 / EP=2, holds each layer's coefficients
+  once, without an expert axis, and loads at EP=1 / TP=1 with the same coefficients and logits;
 - the bad inputs: ``shared`` for an activation without parameters (one line, exit 2 before launch),
-  with expert-TP != TP, and a resume that changes the setting.
+  and a resume that changes the setting.
 """
 
 import pytest
 import torch
 
-from dense_model.config import ConfigError, load_config, validate
+from dense_model.config import load_config, validate
 from dense_model.testing import run_layouts, spawn_workers
 from tests.moe.test_moe_model import moe_overrides
 from tests.test_sequence_parallel import (
@@ -136,24 +137,61 @@ def test_shared_coefficients_with_the_fused_kernel(tmp_path, monkeypatch):
         _check_against_reference(as_double, rtol=1e-4)
 
 
-def _shared_training(tp=1, ep=1):
-    return [*moe_training_overrides(tp=tp, ep=ep), SHARED]
+def _shared_training(tp=1, ep=1, etp=None):
+    return [*moe_training_overrides(tp=tp, ep=ep, etp=etp), SHARED]
 
 
+PLAIN = "parallel.use_distributed_optimizer=false"  # main_grad read whole (distopt: each rank its shard)
 LAYOUTS = {
     1: {"grouped": _shared_training(), "sequential": [*_shared_training(), SEQUENTIAL]},
     2: {
-        # main_grad read whole: the distributed optimizer leaves each rank only its shard reduced
-        "grouped_ep2": [*_shared_training(ep=2), "parallel.use_distributed_optimizer=false"],
+        "grouped_ep2": [*_shared_training(ep=2), PLAIN],
         "grouped_ep2_distopt": _shared_training(ep=2),
         "sequential_tp2": [*_shared_training(tp=2), SEQUENTIAL],
+        # expert-TP != TP: each rank holds half the sequence and 2 of the 4 experts
+        "grouped_tp2_etp1_ep2": [*_shared_training(tp=2, ep=2, etp=1), PLAIN],
+        # and DDP's reduce overlapped with the backward (the expert-TP hook only scales, before it)
+        "grouped_tp2_etp1_ep2_distopt": [
+            *_shared_training(tp=2, ep=2, etp=1),
+            "parallel.overlap_grad_reduce=true",
+        ],
     },
+    # expert-TP > TP needs expert-TP x EP = 4 ranks (DP=4, every rank fed the same batch)
+    4: {"grouped_tp1_etp2_ep2": [*_shared_training(ep=2, etp=2), PLAIN]},
 }
+
+
+def _train_keeping_coefficients(rank, world_size, runs, out_dir):
+    """``_train``, and the shared coefficients' values after each optimizer step (``coefficients``)."""
+    from dense_model.training import optim
+
+    build, kept = optim.build_training_model, []
+
+    def build_and_keep(cfg):
+        model, ddp, optimizer = build(cfg)
+        values, step = [], optimizer.step
+
+        def step_and_keep():
+            out = step()
+            values.append(
+                {n: p.detach().clone() for n, p in model.named_parameters() if ".activation_func." in n}
+            )
+            return out
+
+        optimizer.step = step_and_keep
+        kept.append(values)
+        return model, ddp, optimizer
+
+    optim.build_training_model = build_and_keep  # this forked worker only
+    _train(rank, world_size, runs, out_dir)
+    for name, values in zip(runs, kept):
+        result = torch.load(f"{out_dir}/{name}.rank{rank}")
+        torch.save({**result, "coefficients": values}, f"{out_dir}/{name}.rank{rank}")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return run_layouts(_train, LAYOUTS, tmp_path_factory.mktemp("shared_activation"))
+    return run_layouts(_train_keeping_coefficients, LAYOUTS, tmp_path_factory.mktemp("shared_activation"))
 
 
 @pytest.mark.slow
@@ -176,14 +214,56 @@ def test_ep2_trains_like_one_process_with_shared_coefficients(runs):
         assert rank["losses"] == pytest.approx(one["losses"], rel=1e-5)
     for rank in runs["grouped_ep2"]:
         assert rank["losses"] == pytest.approx(one["losses"], rel=1e-5)
-        for step in range(STEPS):
-            dense = {n: g for n, g in one["grads"][step].items() if ".local_experts." not in n}
-            coefficients = [n for n in dense if ".mlp.experts.activation_func." in n]
-            assert len(coefficients) == 2 * 2  # layers x (a1..ar, a0)
-            largest = max(g.abs().max().item() for g in dense.values())  # fp32 summation-order floor
-            for name, want in dense.items():
-                got = rank["grads"][step][name]
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * largest, msg=name)
+        _assert_dense_grads_like(rank, one)
+
+
+def _assert_dense_grads_like(rank: dict, one: dict) -> None:
+    """Every dense gradient of every step (the shared coefficients' included) equals one
+    process's; experts' own weights are left out (under EP each rank holds only its own)."""
+    for step in range(STEPS):
+        dense = {n: g for n, g in one["grads"][step].items() if ".local_experts." not in n}
+        coefficients = [n for n in dense if ".mlp.experts.activation_func." in n]
+        assert len(coefficients) == 2 * 2  # layers x (a1..ar, a0)
+        largest = max(g.abs().max().item() for g in dense.values())  # fp32 summation-order floor
+        for name, want in dense.items():
+            got = rank["grads"][step][name]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * largest, msg=name)
+
+
+def _assert_coefficients_like(runs: dict, layouts: tuple[str, ...]) -> None:
+    """Losses and the shared coefficients after each Adam step equal one process's, on every rank."""
+    one = runs["grouped"][0]
+    assert len(one["coefficients"]) == STEPS
+    for layout in layouts:
+        for rank in runs[layout]:
+            assert rank["losses"] == pytest.approx(one["losses"], rel=1e-5), layout
+            for step, values in enumerate(one["coefficients"]):
+                for name, want in values.items():
+                    got = rank["coefficients"][step][name]
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{layout} {step} {name}")
+
+
+@pytest.mark.slow
+def test_tp2_expert_tp1_ep2_trains_like_one_process_with_shared_coefficients(runs):
+    """Expert-TP (1) < TP (2), EP=2, sequence parallel: each rank routes its half of the sequence
+    and runs 2 of the 4 experts on tokens of both halves; the shared coefficients' gradient is the
+    sum over the two ranks (finalize_model_grads' TP all-reduce of the ``sequence_parallel`` mark),
+    so losses, every dense gradient and the coefficients after each Adam step equal one process's.
+    With the distributed optimizer and overlapped gradient reduce: the losses and the coefficients
+    after each step."""
+    _assert_coefficients_like(runs, ("grouped_tp2_etp1_ep2", "grouped_tp2_etp1_ep2_distopt"))
+    for rank in runs["grouped_tp2_etp1_ep2"]:
+        _assert_dense_grads_like(rank, runs["grouped"][0])
+
+
+@pytest.mark.slow
+def test_tp1_expert_tp2_ep2_trains_like_one_process_with_shared_coefficients(runs):
+    """Expert-TP (2) > TP (1), EP=2, 4 ranks: DDP sums the coefficients' gradient over all 4 (DP=4),
+    where each expert-TP pair holds the same expert-TP total: the hook's division by expert-TP
+    counts it once. Losses, every dense gradient, the coefficients after each step."""
+    _assert_coefficients_like(runs, ("grouped_tp1_etp2_ep2",))
+    for rank in runs["grouped_tp1_etp2_ep2"]:
+        _assert_dense_grads_like(rank, runs["grouped"][0])
 
 
 def _checkpoint_logits(rank, world_size, overrides, root, save, out_file):
@@ -216,7 +296,7 @@ def _checkpoint_logits(rank, world_size, overrides, root, save, out_file):
     model.eval()
     batch = step_batches(0)[0]
     with torch.no_grad():
-        logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, v] (TP=1)
+        logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, v / TP]: rank 0's vocab shard
     coefficients = {n: p.detach().clone() for n, p in model.named_parameters() if ".activation_func." in n}
     if rank == 0:
         torch.save({"logits": logits, "shapes": shapes, "coefficients": coefficients}, out_file)
@@ -224,14 +304,20 @@ def _checkpoint_logits(rank, world_size, overrides, root, save, out_file):
 
 
 @pytest.mark.slow
-def test_checkpoint_saved_at_ep2_loads_at_ep1_with_the_same_logits(tmp_path):
+@pytest.mark.parametrize("saved_at", [{"ep": 2}, {"tp": 2, "etp": 1, "ep": 2}], ids=["ep2", "tp2_etp1_ep2"])
+def test_checkpoint_saved_at_ep2_loads_at_ep1_with_the_same_logits(tmp_path, saved_at):
     root = tmp_path / "ckpt"
-    plain = "parallel.use_distributed_optimizer=false"  # its state_dict needs a step taken first
+    # PLAIN: the distributed optimizer's state_dict needs a step taken first
     spawn_workers(
-        _checkpoint_logits, 2, [*_shared_training(ep=2), plain], str(root), True, str(tmp_path / "saver.pt")
+        _checkpoint_logits,
+        2,
+        [*_shared_training(**saved_at), PLAIN],
+        str(root),
+        True,
+        str(tmp_path / "saver.pt"),
     )
     spawn_workers(
-        _checkpoint_logits, 1, [*_shared_training(), plain], str(root), False, str(tmp_path / "loader.pt")
+        _checkpoint_logits, 1, [*_shared_training(), PLAIN], str(root), False, str(tmp_path / "loader.pt")
     )
     saver, loader = torch.load(tmp_path / "saver.pt"), torch.load(tmp_path / "loader.pt")
     # megatron stacks the layers (first axis); no expert axis: one tensor, replicated over EP and DP
@@ -241,7 +327,8 @@ def test_checkpoint_saved_at_ep2_loads_at_ep1_with_the_same_logits(tmp_path):
     }
     for name, value in saver["coefficients"].items():
         torch.testing.assert_close(loader["coefficients"][name], value, rtol=0, atol=0)
-    torch.testing.assert_close(loader["logits"], saver["logits"], rtol=1e-5, atol=1e-5)
+    vocab_shard = saver["logits"].shape[-1]  # TP=2: rank 0 holds the first half of the vocabulary
+    torch.testing.assert_close(loader["logits"][..., :vocab_shard], saver["logits"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "relu"])
@@ -264,14 +351,10 @@ def test_shared_without_parameters_is_one_line_exit_2_before_launch(activation, 
     assert not (tmp_path / "run").exists()  # nothing written
 
 
-def test_shared_needs_expert_tp_equal_to_tp():
-    """Else the dense DP group's sum of the coefficients' gradient would miss EP ranks or count
-    expert-TP ranks twice (the TP=2, expert-TP=2 layout trains above)."""
+def test_shared_with_expert_tp_other_than_tp_is_a_valid_layout():
+    """Once refused (the dense DP group's sum missed EP ranks); it trains like one process above."""
     cfg = load_config(None, [*moe_training_overrides(tp=2, etp=1, ep=2), SHARED, "data.demo=true"])
-    with pytest.raises(
-        ConfigError, match=r"^model.moe.activation_params=shared needs parallel.expert_tensor"
-    ):
-        validate(cfg, world_size=2)
+    validate(cfg, world_size=2, files=False)  # the layout's rules (files: the tiny vocabulary is the tests')
 
 
 def test_resume_refuses_a_changed_activation_params(tmp_path):
