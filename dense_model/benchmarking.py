@@ -20,7 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
+# torch is imported where it is used: gpu_check.py --cpu records its metadata without it (a torch
+# import is ~2.5 s of CPU, and the check's orchestrator never runs a model itself).
 
 
 def cpu_name() -> str:
@@ -39,15 +40,23 @@ def _version(package: str) -> str | None:
         return None
 
 
-def run_metadata(**extra) -> dict:
+def run_metadata(cpu_only: bool = False, **extra) -> dict:
     """Where, when and how a benchmark ran: device (the GPU's name, else the CPU's), cores, date
-    (UTC), Python, torch, megatron-core and Triton versions, the command line; plus ``extra``."""
+    (UTC), Python, torch, megatron-core and Triton versions, the command line; plus ``extra``.
+    ``cpu_only``: the run uses no GPU; torch is not imported (its version from the package's metadata)."""
+    if cpu_only:
+        device, torch_version = f"cpu ({cpu_name()})", _version("torch")
+    else:
+        import torch
+
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({cpu_name()})"
+        torch_version = torch.__version__
     return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({cpu_name()})",
+        "device": device,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": torch_version,
         "megatron_core": _version("megatron-core"),
         "triton": _version("triton"),
         "command": " ".join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
@@ -113,6 +122,8 @@ def kernel_bench_device(script: str, device: str) -> bool:
 
 def require_cuda(script: str, device: str, hint: str) -> None:
     """Exit with status 2 and one line on stderr when ``device`` is cuda and there is no GPU."""
+    import torch
+
     if device == "cuda" and not torch.cuda.is_available():
         print(f"{script}: no CUDA device here; {hint}", file=sys.stderr)
         raise SystemExit(2)

@@ -49,8 +49,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# No torch at module level, nor with --cpu at all: the parts import what they need in their own
+# processes, and a bad argument is refused at once (torch alone is ~2.5 s of CPU to import).
 from dense_model.benchmarking import markdown_table, metadata_lines, run_metadata, write_json  # noqa: E402
-from dense_model.model import installed_kernels  # noqa: E402
 from dense_model.procutil import kill_process_tree  # noqa: E402
 
 # The demo's fp32 losses on the CPU. The data order depends on train_iters (megatron-core's dataset
@@ -100,7 +101,7 @@ class Check:
         self.env["GPUS_PER_NODE"] = (
             "1"  # one process (run_pretrain.sh takes every GPU otherwise); TP=2 sets 2
         )
-        self.meta = run_metadata(mode="cpu" if cpu else "gpu", budget_s=budget, caps=caps)
+        self.meta = run_metadata(cpu_only=cpu, mode="cpu" if cpu else "gpu", budget_s=budget, caps=caps)
 
     def wants(self, name: str) -> bool:
         """Whether part ``name`` is to run (selected, and budget left); records the skip if not."""
@@ -231,7 +232,6 @@ def main(argv=None) -> int:
     p.add_argument("--parts", default=None, help=f"comma-separated subset of {','.join(CAPS)}")
     p.add_argument("--cap", action="append", default=[], metavar="PART=SECONDS", help="a part's time cap")
     args = p.parse_args(argv)
-    import torch
 
     # The caps are sized for an H200; the CPU parts are tiny but a CPU is slow: ten times as long.
     caps = {name: cap * (10 if args.cpu else 1) for name, cap in CAPS.items()}
@@ -253,9 +253,12 @@ def main(argv=None) -> int:
         )
         return 2
     cpu = args.cpu
-    if not cpu and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; run with --cpu for the CPU parts", file=sys.stderr)
-        return 2
+    if not cpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("gpu_check: no CUDA device here; run with --cpu for the CPU parts", file=sys.stderr)
+            return 2
     out = Path(args.out).resolve()
     check = Check(out, cpu, caps, budget, wanted)
     gpus = 0 if cpu else torch.cuda.device_count()
@@ -265,7 +268,11 @@ def main(argv=None) -> int:
     check.env.update(cpu_env)
     fp32 = runs / "fp32"
     fp32_overrides = ["training.bf16=false", *(CPU_TINY if cpu else [])]
-    te = ["model.transformer_impl=transformer_engine"] if installed_kernels().transformer_engine else []
+    te = []  # the GPU demo's layers: TE's where it imports
+    if not cpu:
+        from dense_model.backends import installed_kernels
+
+        te = ["model.transformer_impl=transformer_engine"] if installed_kernels().transformer_engine else []
 
     if check.wants("env"):
         env_log = out / "logs" / "env.log"

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from dense_model.config import parse_overrides
-from dense_model.testing import offline_env, spawn_workers
+from dense_model.testing import offline_env, run_tool, spawn_workers
 from tests.training.conftest import tiny_overrides
 from tests.training.pretrain_jobs import trained_ok
 
@@ -66,13 +66,9 @@ def test_activation_from_a_test_module_trains_exports_and_matches(tmp_path, mmap
     assert "done: 4 steps" in out
 
     hf = tmp_path / "hf"
-    export = subprocess.run(
-        [sys.executable, str(EXPORT_CLI), str(run_dir), str(hf), "--dtype", "float32"],
-        capture_output=True,
-        text=True,
-        env=offline_env(tmp_path),
-        timeout=600,
-    )
+    # The export CLI forked from the fork server (run_tool): it imports the activation module from
+    # the run's config as a fresh `python export_hf.py` would (the HF side below needs a fresh Python).
+    export = run_tool(EXPORT_CLI, [run_dir, hf, "--dtype", "float32"], tmp_path, timeout=600)
     assert export.returncode == 0, export.stderr[-3000:]
     assert (hf / "scaled_tanh_activation.py").is_file()  # the activation's own file travels with the model
 

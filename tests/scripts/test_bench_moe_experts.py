@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dense_model.testing import run_tool
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -19,10 +21,14 @@ def _run(*args, tmp_path, env=None):
 
 
 def test_layer_benchmark_runs_both_implementations_on_cpu(tmp_path):
+    # Forked from the fork server (torch and megatron-core imported): the benchmark, not its start, is
+    # tested. The run without a GPU below stays a fresh Python: CUDA_VISIBLE_DEVICES acts at torch's start.
     out = tmp_path / "layer.json"
-    proc = _run(
-        "layer", "--device", "cpu", "--config", "configs/moe/demo.yaml", "--seq", "32", "--mbs", "1",
-        "--warmup", "1", "--iters", "1", "--json", str(out), "model.hidden_size=64", tmp_path=tmp_path,
+    proc = run_tool(
+        REPO / "scripts/bench_moe_experts.py",
+        ["layer", "--device", "cpu", "--config", REPO / "configs/moe/demo.yaml", "--seq", "32", "--mbs", "1",
+         "--warmup", "1", "--iters", "1", "--json", out, "model.hidden_size=64"],
+        None, env={**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]

@@ -169,12 +169,8 @@ def test_coefficients_are_logged_and_plotted(study):
     assert polynorm[0]["layer0/a1"] != polynorm[-1]["layer0/a1"]  # the coefficients train
     assert "layer0/a0" not in gelu[-1] and gelu[-1]["layer0/out_rms"] > 0
     png = study["tmp"] / "plot.png"
-    proc = subprocess.run(
-        [sys.executable, "scripts/plot_runs.py", str(study["runs"] / "polynorm_s2"), "-o", str(png)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    # Forked from the fork server (its imports done): plot_runs.py's own start is tests/scripts' business.
+    proc = run_tool(REPO / "scripts/plot_runs.py", [study["runs"] / "polynorm_s2", "-o", png], study["tmp"])
     assert proc.returncode == 0, proc.stderr
     assert (study["tmp"] / "plot_coefficients.png").read_bytes()[:4] == b"\x89PNG"
 
