@@ -150,13 +150,15 @@ class MegatronLM(TemplateLM):
         if self._sequence_parallel and s % self._tp:  # the sequence is split over the TP ranks
             tokens = F.pad(tokens, (0, self._tp - s % self._tp), value=self.eot_token_id)
         length = tokens.shape[1]
-        positions = torch.arange(first_position, first_position + length, device=self._device).expand(b, length)
+        positions = torch.arange(first_position, first_position + length, device=self._device)
+        positions = positions.expand(b, length)
         if not self.first_stage:
             self.model.set_input_tensor(self._receive(length, b))
         if cache is not None:  # megatron gathers the vocab-parallel logits itself in inference mode
             logits = self.model(tokens, positions, None, inference_context=cache, runtime_gather_output=True)
         else:
-            logits = self.model(tokens, positions, None)  # [b, length, padded_vocab / tp]; hidden at a middle stage
+            # [b, length, padded_vocab / tp]; a stage that is not the last: hidden [length(/tp), b, h]
+            logits = self.model(tokens, positions, None)
             if not self.last_stage:
                 torch.distributed.send(logits.contiguous(), self._next_rank, group=self.pipeline_group)
                 return None
@@ -273,7 +275,8 @@ class MegatronLM(TemplateLM):
         position, step = 0, min(lengths)  # prefill to the shortest prompt, then one position at a time
         while not all(done):
             if cache is not None:
-                predicted = self._forward(tokens[:, position : position + step], position, cache)[:, -1].argmax(-1)
+                logits = self._forward(tokens[:, position : position + step], position, cache)
+                predicted = logits[:, -1].argmax(-1)
                 cache.sequence_len_offset += step
                 cache.enable_decode_mode()
             else:  # the whole prefix again: the same last position as the cached step
@@ -290,7 +293,6 @@ class MegatronLM(TemplateLM):
                 text = self.tok_decode(generated[row])
                 done[row] = len(generated[row]) == max_new or any(stop and stop in text for stop in until)
         return [postprocess_generated_text(self.tok_decode(g), until, None) for g in generated]
-
 
     def _next_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """The greedy next token [b] after each row of ``tokens`` [b, s], without a KV cache; at
