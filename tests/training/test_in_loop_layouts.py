@@ -114,7 +114,8 @@ def test_in_loop_scores_at_the_layout_equal_run_lm_eval_request_by_request(
 
 @pytest.mark.slow
 def test_in_loop_evaluation_at_ep2_changes_no_training_loss(in_loop_runs, module_tiny_config, monkeypatch):
-    """The MoE forwards of the evaluation (eval mode, no grad) record no router loss."""
+    """The MoE forwards of the evaluation (eval mode, no grad, the trainer's MoEMonitor paused) add to
+    no router loss or expert-load count."""
     monkeypatch.chdir(REPO)
     config, plain_dir = module_tiny_config("ep2_plain", *SHORT, *STEPS, *EP2)
     trained_ok(config, nproc=2)
@@ -124,9 +125,11 @@ def test_in_loop_evaluation_at_ep2_changes_no_training_loss(in_loop_runs, module
 
 
 def _router_losses(run_dir: Path) -> dict:
-    """{step: (moe_aux_loss, moe_z_loss)} of the training records."""
+    """{step: (router losses, expert load)} of the training records: megatron-core's aux-loss tracker
+    and our MoEMonitor's statistics, both of training forwards only."""
+    keys = ("moe_aux_loss", "moe_z_loss", "expert_load_min", "expert_load_max", "expert_load_entropy")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: (r["moe_aux_loss"], r["moe_z_loss"]) for r in records if "loss" in r}
+    return {r["step"]: tuple(r[k] for k in keys) for r in records if "loss" in r}
 
 
 def test_what_in_loop_evaluation_still_refuses_is_one_line_before_launch(tiny_config, capsys):
