@@ -147,7 +147,7 @@ class DataParallelLM(MegatronLM):
     requests r, r + DP, ...; the answers are gathered, so every rank returns all of them in order.
 
     At PP > 1 the answers of a pipeline are its last stage's. With ``lockstep`` (expert parallelism:
-    the MoE layers' all-to-all spans DP ranks) every forward is preceded by a sum over all ranks of
+    the MoE layers' token exchange spans DP ranks) every forward is preceded by a sum over all ranks of
     "I have a forward to run"; a rank whose share is done answers 0 and runs a one-token forward while
     the sum is not 0, so every rank enters every collective. The whole world takes part: the TP ranks
     and pipeline stages of one DP rank always agree, and one group is simpler than the expert groups
@@ -231,7 +231,9 @@ class InLoopEvaluator:
             tokenizer,
             batch_size=self.in_loop.batch_size,
             dp_group=ps.get_data_parallel_group(),
-            lockstep=ps.get_expert_model_parallel_world_size() > 1,
+            # the MoE layers' collectives span the expert TP x EP ranks: beyond one DP rank's TP ranks?
+            lockstep=ps.get_expert_tensor_and_model_parallel_world_size()
+            > ps.get_tensor_model_parallel_world_size(),
         )
 
     def evaluate(self) -> dict[str, float]:
