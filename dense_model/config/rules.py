@@ -196,19 +196,33 @@ def _check_validation_sets(cfg: Config) -> None:
 
 
 def _validate_in_loop_layout(cfg: Config) -> None:
-    """evaluation.in_loop scores on the live model as one pipeline stage, every DP rank its own
-    share of requests: layouts whose forward spans stages or DP ranks cannot run it."""
+    """evaluation.in_loop scores on the live model at its own layout (TP, PP, sequence parallelism,
+    EP: dense_model/training/downstream.py). Where the expert groups span DP ranks (EP > 1, or an
+    expert TP above TP) the DP ranks' forwards run in lockstep, a done rank feeding one dummy token:
+    the allgather dispatcher needs every rank's batch to have the same shape, and with a capacity
+    factor the padding (sequence parallelism) or the split over ranks could decide which real tokens
+    are dropped."""
     if not cfg.evaluation.in_loop.tasks:
         return
-    p = cfg.parallel
-    for name, value, bad in (
-        ("pipeline_model_parallel_size", p.pipeline_model_parallel_size, p.pipeline_model_parallel_size > 1),
-        ("sequence_parallel", p.sequence_parallel, p.sequence_parallel),
-        ("expert_model_parallel_size", p.expert_model_parallel_size, p.expert_model_parallel_size > 1),
-    ):
-        if bad:
-            raise ConfigError(
-                f"evaluation.in_loop.tasks is set but parallel.{name}={value}: in-loop evaluation runs "
-                "at PP=1, EP=1 without sequence parallelism; score the saved checkpoints instead "
-                "(run_lm_eval.sh RUN_DIR TASKS --every-checkpoint) or change the layout"
-            )
+    p, moe = cfg.parallel, cfg.model.moe
+    if not moe.num_experts:
+        return
+    # the expert groups (expert TP x EP) reach beyond the TP ranks of one DP rank
+    spans_ranks = p.expert_model_parallel_size * expert_tensor_parallel_size(p) > p.tensor_model_parallel_size
+    layout = f"parallel.expert_model_parallel_size={p.expert_model_parallel_size}"
+    if p.expert_model_parallel_size == 1:
+        layout = f"parallel.expert_tensor_parallel_size={p.expert_tensor_parallel_size}"
+    if spans_ranks and moe.token_dispatcher == "allgather":
+        raise ConfigError(
+            f"evaluation.in_loop.tasks is set but model.moe.token_dispatcher=allgather at "
+            f"{layout}: the in-loop requests give the "
+            "expert-parallel ranks batches of different shapes, which allgather cannot exchange; use "
+            "model.moe.token_dispatcher=alltoall"
+        )
+    if moe.capacity_factor is not None and (spans_ranks or p.sequence_parallel):
+        raise ConfigError(
+            f"evaluation.in_loop.tasks is set but model.moe.capacity_factor={moe.capacity_factor} with "
+            + ("parallel.sequence_parallel=true" if p.sequence_parallel else layout)
+            + ": the evaluation's padding could drop real tokens; score the saved checkpoints instead "
+            "(run_lm_eval.sh RUN_DIR TASKS --every-checkpoint) or train dropless (capacity_factor=null)"
+        )

@@ -8,7 +8,11 @@ refuse an unknown task or one whose data is neither local nor cached before anyt
 ``MegatronLM`` over the trainer's model (no export, no reload): lm-eval builds the requests as
 ``run_lm_eval.sh`` does (same ``limit``, ``num_fewshot`` and seeds), each data-parallel rank scores
 every DP-size-th request, the answers are gathered over the DP group, and every rank computes the
-same metrics. TP ranks of one DP rank take the same requests and cooperate in each forward.
+same metrics. TP ranks of one DP rank take the same requests and cooperate in each forward; so do
+the pipeline stages of one DP rank (``lm_scoring``: each stage sends its output on, the last one's
+answers are broadcast to the pipeline). Under expert parallelism a forward's all-to-all spans the DP
+ranks of an expert group, but the ranks have different numbers of forwards: they run in lockstep
+(``DataParallelLM``), a rank done with its share running a one-token forward while another has work.
 
 It changes nothing of training: the model is put back in train mode, every random state lm-eval or
 the forward could touch (Python, NumPy, torch CPU and CUDA, megatron-core's tracker) is restored,
@@ -140,17 +144,46 @@ def _no_request_bars():
 
 class DataParallelLM(MegatronLM):
     """MegatronLM whose request lists are split over the data-parallel group: DP rank r scores
-    requests r, r + DP, ...; the answers are gathered, so every rank returns all of them in order."""
+    requests r, r + DP, ...; the answers are gathered, so every rank returns all of them in order.
 
-    def __init__(self, *args, dp_group=None, **kwargs):
+    At PP > 1 the answers of a pipeline are its last stage's. With ``lockstep`` (expert parallelism:
+    the MoE layers' token exchange spans DP ranks) every forward is preceded by a sum over all ranks of
+    "I have a forward to run"; a rank whose share is done answers 0 and runs a one-token forward while
+    the sum is not 0, so every rank enters every collective. The whole world takes part: the TP ranks
+    and pipeline stages of one DP rank always agree, and one group is simpler than the expert groups
+    of each stage."""
+
+    def __init__(self, *args, dp_group=None, lockstep: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.dp_group = dp_group
         self.dp_rank = torch.distributed.get_rank(dp_group) if torch.distributed.is_initialized() else 0
         self.dp_size = torch.distributed.get_world_size(dp_group) if torch.distributed.is_initialized() else 1
+        self.lockstep = lockstep
+
+    def _forward(self, tokens, first_position, cache=None):
+        if self.lockstep:
+            self._anyone_running(True)
+        return super()._forward(tokens, first_position, cache)
+
+    def _anyone_running(self, mine: bool) -> bool:
+        flag = torch.tensor([1 if mine else 0], dtype=torch.int64)
+        return int(collectives.sum_over_group(flag)[0]) > 0
+
+    def _join(self) -> None:
+        """This rank's share is done: one-token forwards (their output unused) until everyone's is."""
+        idle = torch.full((1, 1), self.eot_token_id, dtype=torch.long)
+        while self._anyone_running(False):
+            MegatronLM._forward(self, idle, 0)
 
     def _sharded(self, method, requests):
         mine = requests[self.dp_rank :: self.dp_size]
         share = method(mine) if mine else []
+        if self.lockstep:
+            self._join()
+        if self.pipeline_group is not None:  # the other stages hold placeholders
+            box = [share]
+            torch.distributed.broadcast_object_list(box, self.last_stage_rank, group=self.pipeline_group)
+            share = box[0]
         gathered = collectives.all_gather_objects(share, self.dp_group)
         answers = [None] * len(requests)
         for rank, part in enumerate(gathered):
@@ -193,7 +226,14 @@ class InLoopEvaluator:
         self.model = model  # the GPTModel (not the DDP wrapper): train()/eval() reach the same modules
         self.tasks = tasks
         self.lm = DataParallelLM(
-            model, cfg, tokenizer, batch_size=self.in_loop.batch_size, dp_group=ps.get_data_parallel_group()
+            model,
+            cfg,
+            tokenizer,
+            batch_size=self.in_loop.batch_size,
+            dp_group=ps.get_data_parallel_group(),
+            # the MoE layers' collectives span the expert TP x EP ranks: beyond one DP rank's TP ranks?
+            lockstep=ps.get_expert_tensor_and_model_parallel_world_size()
+            > ps.get_tensor_model_parallel_world_size(),
         )
 
     def evaluate(self) -> dict[str, float]:

@@ -4,8 +4,18 @@ and the ``dense_model`` model of ``dense_model/evaluation/adapter.py`` (a checkp
 evaluation). It sits on the training floor so the trainer can use it without importing the apps.
 
 Under TP every rank handles every request (lm-eval sees rank 0 of 1 on each); the vocab-parallel
-logits are all-gathered, so all ranks take identical decisions. The model runs as one stage
-(PP = 1, no sequence parallelism), as ``checkpoint.inference`` builds it.
+logits are all-gathered, so all ranks take identical decisions. ``checkpoint.inference`` builds the
+model as one stage (PP = 1, no sequence parallelism); the trainer's live model may be laid out
+otherwise, and every forward follows the layout it was built with:
+  * sequence parallelism: each forward's sequence is right-padded to a multiple of TP (its tokens
+    are split over the TP ranks); the causal mask keeps the padding out of every real position.
+  * PP > 1: every stage of a pipeline takes the same requests and computes each forward's shape
+    itself; the first stage embeds, each stage sends its output to the next (torch.distributed
+    send/recv over the pipeline group), and only the last stage has logits: the scores on the other
+    stages are placeholders (0.0, False), which the caller replaces with the last stage's
+    (``downstream.DataParallelLM``). Generation broadcasts each step's tokens from the last stage.
+  * Under either, generation runs without a KV cache (a forward over the tokens so far per step):
+    the one-token decode step can be neither split over TP ranks nor fed to a middle stage.
 
 Conventions:
   * Nothing is added to encoded text (our pretraining has no BOS). An empty context and each
@@ -18,7 +28,8 @@ Conventions:
     supported and falls back to 8), right-padded; the causal mask keeps padding out of every real
     position. A context + continuation longer than the sequence length is cut from the left.
   * ``generate_until`` is greedy; it stops at any ``until`` string, at EOD or after
-    ``max_gen_toks`` (default 256). It runs on megatron-core's KV cache (static batching): the batch
+    ``max_gen_toks`` (default 256). It runs on megatron-core's KV cache (static batching; without it
+    at PP > 1 or under sequence parallelism): the batch
     is prefilled up to its shortest prompt, then advances one position per forward; rows whose
     prompt is longer read their prompt tokens until it ends. Generated text leaves out special
     tokens, as lm-eval's ``hf`` model does.
@@ -75,6 +86,25 @@ class MegatronLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self._prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
         self._main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        self._layout(model)
+
+    def _layout(self, model) -> None:
+        """The parallel layout the forward follows (see the module docstring)."""
+        from megatron.core import parallel_state as ps
+
+        laid_out = torch.distributed.is_initialized() and ps.model_parallel_is_initialized()
+        self._tp = ps.get_tensor_model_parallel_world_size() if laid_out else 1
+        self._sequence_parallel = bool(getattr(model.config, "sequence_parallel", False)) and self._tp > 1
+        self.pipeline_group = None  # set at PP > 1
+        self.first_stage = self.last_stage = True
+        if laid_out and ps.get_pipeline_model_parallel_world_size() > 1:
+            self.pipeline_group = ps.get_pipeline_model_parallel_group()
+            self.first_stage, self.last_stage = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+            self._prev_rank = ps.get_pipeline_model_parallel_prev_rank()
+            self._next_rank = ps.get_pipeline_model_parallel_next_rank()
+            self.last_stage_rank = ps.get_pipeline_model_parallel_last_rank()
+            self._hidden = (model.config.hidden_size, model.config.pipeline_dtype or self.dtype)
+        self._kv_cache = self.pipeline_group is None and not self._sequence_parallel
 
     # ---------------------------------------------------------------------------------- basics
 
@@ -104,26 +134,46 @@ class MegatronLM(TemplateLM):
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     @torch.no_grad()
-    def logits(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Full-vocabulary logits [b, s, vocab] (model dtype) of right-padded token sequences."""
+    def logits(self, sequences: list[list[int]]) -> torch.Tensor | None:
+        """Full-vocabulary logits [b, s, vocab] (model dtype) of right-padded token sequences; None on
+        a pipeline stage that is not the last."""
         return self._forward(_right_padded(sequences, self.eot_token_id), 0)
 
-    def _forward(self, tokens: torch.Tensor, first_position: int, cache=None) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, first_position: int, cache=None) -> torch.Tensor | None:
         """Logits [b, s, vocab] of ``tokens`` [b, s] at positions ``first_position``...; with a
-        megatron ``StaticInferenceContext`` (``cache``), only the last position's, [b, 1, vocab]."""
-        from megatron.core import parallel_state
+        megatron ``StaticInferenceContext`` (``cache``), only the last position's, [b, 1, vocab].
+        None on a pipeline stage that is not the last (it has sent its output to the next stage)."""
         from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
         tokens = tokens.to(self._device)
         b, s = tokens.shape
-        positions = torch.arange(first_position, first_position + s, device=self._device).expand(b, s)
+        if self._sequence_parallel and s % self._tp:  # the sequence is split over the TP ranks
+            tokens = F.pad(tokens, (0, self._tp - s % self._tp), value=self.eot_token_id)
+        length = tokens.shape[1]
+        positions = torch.arange(first_position, first_position + length, device=self._device)
+        positions = positions.expand(b, length)
+        if not self.first_stage:
+            self.model.set_input_tensor(self._receive(length, b))
         if cache is not None:  # megatron gathers the vocab-parallel logits itself in inference mode
             logits = self.model(tokens, positions, None, inference_context=cache, runtime_gather_output=True)
         else:
-            logits = self.model(tokens, positions, None)  # [b, s, padded_vocab / tp]
-            if parallel_state.get_tensor_model_parallel_world_size() > 1:
-                logits = gather_from_tensor_model_parallel_region(logits)  # [b, s, padded_vocab]
-        return logits[..., : self.vocab_size]
+            # [b, length, padded_vocab / tp]; a stage that is not the last: hidden [length(/tp), b, h]
+            logits = self.model(tokens, positions, None)
+            if not self.last_stage:
+                torch.distributed.send(logits.contiguous(), self._next_rank, group=self.pipeline_group)
+                return None
+            if self._tp > 1:
+                logits = gather_from_tensor_model_parallel_region(logits)  # [b, length, padded_vocab]
+        return logits[:, :s, : self.vocab_size]
+
+    def _receive(self, length: int, b: int) -> torch.Tensor:
+        """The previous stage's output for a forward of ``b`` sequences of ``length`` tokens:
+        [length (/ TP under sequence parallelism), b, hidden], as megatron's schedules pass it."""
+        hidden, dtype = self._hidden
+        rows = length // self._tp if self._sequence_parallel else length
+        received = torch.empty(rows, b, hidden, dtype=dtype, device=self._device)
+        torch.distributed.recv(received, self._prev_rank, group=self.pipeline_group)
+        return received
 
     # ---------------------------------------------------------------------------------- scoring
 
@@ -144,6 +194,10 @@ class MegatronLM(TemplateLM):
                     )
                 inputs.append((context + continuation)[-(self.max_length + 1) :][:-1])
             logits = self.logits(inputs)  # [b, s, vocab]
+            if logits is None:  # a pipeline stage that is not the last: the caller takes the last's
+                results.extend([(0.0, False)] * len(batch))
+                bar.update(len(batch))
+                continue
             for row, ((request, _, continuation), seq) in enumerate(zip(batch, inputs)):
                 end, k = len(seq), len(continuation)
                 logprobs = F.log_softmax(logits[row, end - k : end].float(), dim=-1)  # [k, vocab]
@@ -217,14 +271,16 @@ class MegatronLM(TemplateLM):
         tokens = _right_padded(prompts, self.eot_token_id, total)  # [b, total], generated tokens go in
         generated: list[list[int]] = [[] for _ in prompts]
         done = [max_new <= 0] * len(prompts)
-        cache = StaticInferenceContext(len(prompts), total)
+        cache = StaticInferenceContext(len(prompts), total) if self._kv_cache else None
         position, step = 0, min(lengths)  # prefill to the shortest prompt, then one position at a time
         while not all(done):
-            predicted = self._forward(tokens[:, position : position + step], position, cache)[:, -1].argmax(
-                -1
-            )
-            cache.sequence_len_offset += step
-            cache.enable_decode_mode()
+            if cache is not None:
+                logits = self._forward(tokens[:, position : position + step], position, cache)
+                predicted = logits[:, -1].argmax(-1)
+                cache.sequence_len_offset += step
+                cache.enable_decode_mode()
+            else:  # the whole prefix again: the same last position as the cached step
+                predicted = self._next_tokens(tokens[:, : position + step])
             position, step = position + step, 1
             for row, token in enumerate(predicted.tolist()):
                 if done[row] or position < lengths[row]:  # finished, or still reading its prompt
@@ -237,6 +293,18 @@ class MegatronLM(TemplateLM):
                 text = self.tok_decode(generated[row])
                 done[row] = len(generated[row]) == max_new or any(stop and stop in text for stop in until)
         return [postprocess_generated_text(self.tok_decode(g), until, None) for g in generated]
+
+    def _next_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The greedy next token [b] after each row of ``tokens`` [b, s], without a KV cache; at
+        PP > 1 the last stage's, broadcast to the pipeline."""
+        logits = self._forward(tokens, 0)
+        if logits is not None:
+            predicted = logits[:, -1].argmax(-1)
+        else:
+            predicted = torch.empty(tokens.shape[0], dtype=torch.long, device=self._device)
+        if self.pipeline_group is not None:
+            torch.distributed.broadcast(predicted, self.last_stage_rank, group=self.pipeline_group)
+        return predicted
 
 
 def _right_padded(sequences: list[list[int]], pad: int, length: int | None = None) -> torch.Tensor:

@@ -63,10 +63,6 @@ def test_a_task_that_cannot_run_is_one_line_before_launch_and_nothing_is_written
             ],
             f"evaluation.in_loop.include_path={tmp_path / 'nope'}: no such folder",
         ),
-        (
-            ["evaluation.in_loop.tasks=[tiny_python_mc]", "parallel.pipeline_model_parallel_size=2"],
-            "evaluation.in_loop.tasks is set but parallel.pipeline_model_parallel_size=2",
-        ),
     ]
     for i, (extra, said) in enumerate(cases):
         config, run_dir = tiny_config(f"bad{i}", *extra)
