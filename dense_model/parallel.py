@@ -26,6 +26,7 @@ def initialize_parallel_from(parallel: ParallelConfig, seed: int) -> None:
         parallel.tensor_model_parallel_size,
         parallel.pipeline_model_parallel_size,
         seed=seed,
+        timeout_minutes=parallel.distributed_timeout_minutes,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
     )
@@ -35,7 +36,7 @@ def initialize_parallel(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
-    timeout_minutes: int = 30,
+    timeout_minutes: float = 30,
     expert_model_parallel_size: int = 1,
     expert_tensor_parallel_size: int | None = None,
 ) -> None:

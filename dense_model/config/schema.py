@@ -181,9 +181,18 @@ class ParallelConfig:
     """EP: ranks the MoE experts are spread over (model.moe.num_experts must divide evenly)."""
     expert_tensor_parallel_size: int | None = None
     """Expert TP: ranks each expert's FFN width is split over; None = tensor_model_parallel_size."""
+    distributed_timeout_minutes: float = 30
+    """How long a collective may wait for the other ranks before the job fails (a rank that died or
+    hangs): torch.distributed's process-group timeout (Megatron-LM's --distributed-timeout-minutes)."""
 
     def validate(self) -> None:
-        positive(self, "parallel", "tensor_model_parallel_size", "pipeline_model_parallel_size")
+        positive(
+            self,
+            "parallel",
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "distributed_timeout_minutes",
+        )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
 

@@ -27,6 +27,8 @@ def tiny_overrides(run_dir, prefix, spm_model, *extra):
         "logging.eval_interval=6",
         "logging.eval_iters=2",
         "logging.tensorboard=true",
+        # a rank that hangs (a collective one rank never joins) fails the test in minutes, not 30
+        "parallel.distributed_timeout_minutes=5",
         *extra,
     ]
 
