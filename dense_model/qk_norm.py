@@ -51,36 +51,39 @@ class _FullWidthRMSNorm(torch.autograd.Function):
 
     A hand-written backward rather than autograd's: autograd's graph of the broadcasting formula
     takes about twice the passes over q and k (square, sum, two broadcast products and their
-    backward reductions), which is a visible share of a small model's step. With r = rsqrt(S/W + eps)
-    and S the sum of squares over all ranks' heads:
-        dL/dx = r * g' - x * r^3 * <g', x> / W,   g' = g * w,
-    where <g', x> spans every head too, so it is all-reduced over TP as S is."""
+    backward reductions), and megatron hands q and k over as strided views of the fused QKV output,
+    which every one of those passes (and the copies a reshape makes of them) reads slowly. Here x is
+    made contiguous once. With x^ = x * r, r = rsqrt(S/W + eps) and S the sum of squares over all
+    ranks' heads:
+        dL/dx = r * (g' - x^ * <g', x^> / W),   g' = g * w,
+    where <g', x^> spans every head too, so it is all-reduced over TP as S is. x^ is kept in the
+    statistic's dtype (fp32 at least), so bf16 gradients are those of the fp32 formula."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, width, tp_group):
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 at least
-        x32 = x.to(compute)
+        x32 = x.to(compute).contiguous()  # [..., h, d]; a strided view of the fused QKV output
         sumsq = _token_dot(x32, x32)  # [..., 1, 1]: this rank's heads
         if tp_world_size(tp_group) > 1:
             torch.distributed.all_reduce(sumsq, group=tp_group)  # all heads of the token
         rstd = torch.rsqrt(sumsq / width + eps)  # [..., 1, 1]
-        normed = (x32 * rstd).to(x.dtype)
+        xhat = x32 * rstd
+        normed = xhat.to(x.dtype)  # the same tensor unless x is narrower than fp32
         gain = weight.view(x.shape[-2:])
-        ctx.save_for_backward(x, gain, rstd, normed)
-        ctx.width, ctx.tp_group = width, tp_group
+        ctx.save_for_backward(xhat, gain, rstd, normed)
+        ctx.width, ctx.tp_group, ctx.x_dtype = width, tp_group, x.dtype
         return gain * normed
 
     @staticmethod
     def backward(ctx, grad):
-        x, gain, rstd, normed = ctx.saved_tensors
-        x32 = x.to(rstd.dtype)
+        xhat, gain, rstd, normed = ctx.saved_tensors
         grad_gain = (grad * normed).sum(dim=tuple(range(grad.dim() - 2))).reshape(-1)  # [local width]
-        grad_normed = (grad * gain).to(rstd.dtype)  # [..., h, d]
-        dot = _token_dot(grad_normed, x32)  # [..., 1, 1]
+        grad_normed = (grad * gain).to(xhat.dtype)  # [..., h, d]
+        dot = _token_dot(grad_normed, xhat)  # [..., 1, 1]
         if tp_world_size(ctx.tp_group) > 1:
             torch.distributed.all_reduce(dot, group=ctx.tp_group)
-        grad_x = torch.addcmul(grad_normed * rstd, x32, rstd.pow(3) * dot / ctx.width, value=-1)
-        return grad_x.to(x.dtype), grad_gain.to(gain.dtype), None, None, None
+        grad_x = torch.addcmul(grad_normed, xhat, dot / ctx.width, value=-1).mul_(rstd)
+        return grad_x.to(ctx.x_dtype), grad_gain.to(gain.dtype), None, None, None
 
 
 class FullWidthQKNorm(torch.nn.Module):
