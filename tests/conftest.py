@@ -40,27 +40,30 @@ def mmap_dataset(tmp_path_factory, spm_model):
     return prefix
 
 
-# The files with the longest tests (`pytest --durations`, 2-core machine, 2026-12-05): run first.
+# The files with the longest tests (`pytest --durations`, 2-core machine, 2026-12-06): run first.
 # The suite is spread over the workers by file (pytest-xdist --dist loadfile, in this order with
 # --no-loadscope-reorder; xdist's own order puts files with many tests first, so these one-test
 # minutes-long files came last and ran alone at the end). Only the order changes: a stale list costs
 # time, not tests.
 LONGEST_FIRST = (
-    "tests/studies/test_run_study.py",
     "tests/training/test_pretrain.py",
+    "tests/studies/test_run_study.py",
     "tests/test_run_pretrain_demo.py",
     "tests/scripts/test_gpu_check.py",
-    "tests/evaluation/test_every_checkpoint.py",
-    "tests/export/test_export_hf.py",
-    "tests/evaluation/test_lm_eval_adapter.py",
+    "tests/training/test_in_loop_eval.py",
+    "tests/training/test_in_loop_layouts.py",
     "tests/training/test_checkpoint_load.py",
-    "tests/export/test_export_safety.py",
-    "tests/export/test_import_hf.py",
-    "tests/export/test_import_memory.py",
     "tests/training/test_pretrain_moe.py",
+    "tests/evaluation/test_every_checkpoint.py",
+    "tests/export/test_import_memory.py",
+    "tests/evaluation/test_lm_eval_adapter.py",
+    "tests/moe/test_moe_shared_activation.py",
+    "tests/export/test_export_hf.py",
+    "tests/training/test_schedule_change.py",
+    "tests/export/test_import_hf.py",
+    "tests/export/test_export_safety.py",
     "tests/export/test_export_olmoe.py",
     "tests/activations/kernels/test_polycom_bench_scripts.py",
-    "tests/training/test_in_loop_eval.py",
 )
 
 
