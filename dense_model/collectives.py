@@ -12,6 +12,7 @@ package calls these helpers instead of ``torch.distributed`` collectives
     sum_over_group(tensor, group)       # in-place sum of an existing tensor (e.g. loss sums)
     broadcast_from_last_stage(value)    # a number known on the last PP stage, on every stage
     all_gather_objects(obj, group)      # every rank's picklable object, in rank order
+    send(tensor, dst, group); recv_into(tensor, src, group); broadcast_tensor(tensor, src, group)
     barrier()                           # no-op without torch.distributed
 """
 
@@ -64,6 +65,31 @@ def sum_over_group(tensor: torch.Tensor, group=None) -> torch.Tensor:
     device = communication_device(group)
     staged = tensor.to(device)
     dist.all_reduce(staged, op=dist.ReduceOp.SUM, group=group)
+    if staged is not tensor:
+        tensor.copy_(staged)
+    return tensor
+
+
+def send(tensor: torch.Tensor, dst: int, group=None) -> None:
+    """Point-to-point send of ``tensor`` to global rank ``dst`` (staged on the group's device)."""
+    dist.send(tensor.to(communication_device(group)).contiguous(), dst, group=group)
+
+
+def recv_into(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """Receive into ``tensor`` (its shape and dtype) from global rank ``src``; returns it."""
+    staged = tensor.to(communication_device(group))
+    dist.recv(staged, src, group=group)
+    if staged is not tensor:
+        tensor.copy_(staged)
+    return tensor
+
+
+def broadcast_tensor(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """``tensor`` of global rank ``src`` into ``tensor`` on every rank of ``group``; returns it."""
+    if not _initialized():
+        return tensor
+    staged = tensor.to(communication_device(group))
+    dist.broadcast(staged, src, group=group)
     if staged is not tensor:
         tensor.copy_(staged)
     return tensor

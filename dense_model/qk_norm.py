@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from dense_model import collectives
 from dense_model.activations._polycom_common import tp_world_size
 
 QK_NORMS = ("none", "per_head", "full")
@@ -65,7 +66,7 @@ class _FullWidthRMSNorm(torch.autograd.Function):
         x32 = x.to(compute).contiguous()  # [..., h, d]; a strided view of the fused QKV output
         sumsq = _token_dot(x32, x32)  # [..., 1, 1]: this rank's heads
         if tp_world_size(tp_group) > 1:
-            torch.distributed.all_reduce(sumsq, group=tp_group)  # all heads of the token
+            collectives.sum_over_group(sumsq, tp_group)  # all heads of the token
         rstd = torch.rsqrt(sumsq / width + eps)  # [..., 1, 1]
         xhat = x32 * rstd
         normed = xhat.to(x.dtype)  # the same tensor unless x is narrower than fp32
@@ -81,7 +82,7 @@ class _FullWidthRMSNorm(torch.autograd.Function):
         grad_normed = (grad * gain).to(xhat.dtype)  # [..., h, d]
         dot = _token_dot(grad_normed, xhat)  # [..., 1, 1]
         if tp_world_size(ctx.tp_group) > 1:
-            torch.distributed.all_reduce(dot, group=ctx.tp_group)
+            collectives.sum_over_group(dot, ctx.tp_group)
         grad_x = torch.addcmul(grad_normed, xhat, dot / ctx.width, value=-1).mul_(rstd)
         return grad_x.to(ctx.x_dtype), grad_gain.to(gain.dtype), None, None, None
 

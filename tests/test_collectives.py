@@ -116,6 +116,9 @@ STAGING_CALLS = {
     "any_rank": lambda c: c.any_rank(True),
     "sum_over_group": lambda c: c.sum_over_group(torch.tensor([1.0])),
     "broadcast_from_last_stage": lambda c: c.broadcast_from_last_stage(1.0),
+    "send": lambda c: c.send(torch.tensor([1.0]), 0),
+    "recv_into": lambda c: c.recv_into(torch.tensor([1.0]), 0),
+    "broadcast_tensor": lambda c: c.broadcast_tensor(torch.tensor([1.0]), 0),
 }
 # all_gather_objects: torch pickles onto the group's device itself (all_gather_object)
 NOT_STAGING = {"device_for_backend", "communication_device", "barrier", "rank", "all_gather_objects"}
@@ -151,7 +154,7 @@ def _staging_devices(rank, world_size, out_dir):
     def recorder(tensor, *args, **kwargs):
         seen.append(tensor.device.type)
 
-    dist.all_reduce = dist.broadcast = recorder
+    dist.all_reduce = dist.broadcast = dist.send = dist.recv = recorder
     devices = {}
     for name, call in STAGING_CALLS.items():
         seen.clear()

@@ -51,6 +51,8 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from dense_model import collectives
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
@@ -160,7 +162,7 @@ class MegatronLM(TemplateLM):
             # [b, length, padded_vocab / tp]; a stage that is not the last: hidden [length(/tp), b, h]
             logits = self.model(tokens, positions, None)
             if not self.last_stage:
-                torch.distributed.send(logits.contiguous(), self._next_rank, group=self.pipeline_group)
+                collectives.send(logits, self._next_rank, self.pipeline_group)
                 return None
             if self._tp > 1:
                 logits = gather_from_tensor_model_parallel_region(logits)  # [b, length, padded_vocab]
@@ -172,7 +174,7 @@ class MegatronLM(TemplateLM):
         hidden, dtype = self._hidden
         rows = length // self._tp if self._sequence_parallel else length
         received = torch.empty(rows, b, hidden, dtype=dtype, device=self._device)
-        torch.distributed.recv(received, self._prev_rank, group=self.pipeline_group)
+        collectives.recv_into(received, self._prev_rank, self.pipeline_group)
         return received
 
     # ---------------------------------------------------------------------------------- scoring
@@ -303,7 +305,7 @@ class MegatronLM(TemplateLM):
         else:
             predicted = torch.empty(tokens.shape[0], dtype=torch.long, device=self._device)
         if self.pipeline_group is not None:
-            torch.distributed.broadcast(predicted, self.last_stage_rank, group=self.pipeline_group)
+            collectives.broadcast_tensor(predicted, self.last_stage_rank, self.pipeline_group)
         return predicted
 
 
