@@ -12,6 +12,7 @@ package calls these helpers instead of ``torch.distributed`` collectives
     sum_over_group(tensor, group)       # in-place sum of an existing tensor (e.g. loss sums)
     broadcast_from_last_stage(value)    # a number known on the last PP stage, on every stage
     all_gather_objects(obj, group)      # every rank's picklable object, in rank order
+    broadcast_object(obj, src, group)   # one rank's picklable object on every rank
     send(tensor, dst, group); recv_into(tensor, src, group); broadcast_tensor(tensor, src, group)
     barrier()                           # no-op without torch.distributed
 """
@@ -116,6 +117,16 @@ def all_gather_objects(obj, group=None) -> list:
     gathered = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, obj, group=group)
     return gathered
+
+
+def broadcast_object(obj, src: int, group=None):
+    """Global rank ``src``'s picklable ``obj`` on every rank of ``group`` (``obj`` alone without
+    torch.distributed); torch pickles it onto the group's device itself (broadcast_object_list)."""
+    if not _initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src, group=group)
+    return box[0]
 
 
 def barrier(group=None) -> None:

@@ -120,8 +120,15 @@ STAGING_CALLS = {
     "recv_into": lambda c: c.recv_into(torch.tensor([1.0]), 0),
     "broadcast_tensor": lambda c: c.broadcast_tensor(torch.tensor([1.0]), 0),
 }
-# all_gather_objects: torch pickles onto the group's device itself (all_gather_object)
-NOT_STAGING = {"device_for_backend", "communication_device", "barrier", "rank", "all_gather_objects"}
+# all_gather_objects, broadcast_object: torch pickles onto the group's device itself
+NOT_STAGING = {
+    "device_for_backend",
+    "communication_device",
+    "barrier",
+    "rank",
+    "all_gather_objects",
+    "broadcast_object",
+}
 
 
 def test_every_staging_helper_is_checked():

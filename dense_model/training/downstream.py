@@ -181,9 +181,7 @@ class DataParallelLM(MegatronLM):
         if self.lockstep:
             self._join()
         if self.pipeline_group is not None:  # the other stages hold placeholders
-            box = [share]
-            torch.distributed.broadcast_object_list(box, self.last_stage_rank, group=self.pipeline_group)
-            share = box[0]
+            share = collectives.broadcast_object(share, self.last_stage_rank, self.pipeline_group)
         gathered = collectives.all_gather_objects(share, self.dp_group)
         answers = [None] * len(requests)
         for rank, part in enumerate(gathered):
