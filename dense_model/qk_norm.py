@@ -41,11 +41,6 @@ def full_width_rms_norm(x, weight, eps: float, width: int, tp_group=None):
     return _FullWidthRMSNorm.apply(x, weight, float(eps), int(width), tp_group)
 
 
-def _token_dot(a, b):
-    """Per-token dot product over the last two dims: [..., h, d] x [..., h, d] -> [..., 1, 1]."""
-    return torch.linalg.vecdot(a.flatten(-2), b.flatten(-2))[..., None, None]
-
-
 class _FullWidthRMSNorm(torch.autograd.Function):
     """``w * (x * rsqrt(mean(x^2) + eps))`` with the mean over every head of the token, its sum of
     squares all-reduced over the TP group.
@@ -54,37 +49,49 @@ class _FullWidthRMSNorm(torch.autograd.Function):
     takes about twice the passes over q and k (square, sum, two broadcast products and their
     backward reductions), and megatron hands q and k over as strided views of the fused QKV output,
     which every one of those passes (and the copies a reshape makes of them) reads slowly. Here x is
-    made contiguous once. With x^ = x * r, r = rsqrt(S/W + eps) and S the sum of squares over all
-    ranks' heads:
+    made contiguous once and seen as rows, one per token ([tokens, local width]). With
+    x^ = x * r, r = rsqrt(S/W + eps) and S the sum of squares over all ranks' heads:
         dL/dx = r * (g' - x^ * <g', x^> / W),   g' = g * w,
     where <g', x^> spans every head too, so it is all-reduced over TP as S is. x^ is kept in the
-    statistic's dtype (fp32 at least), so bf16 gradients are those of the fp32 formula."""
+    statistic's dtype (fp32 at least), so bf16 gradients are those of the fp32 formula.
+
+    Passes over the rows: forward a copy, a norm and two products; backward two products, a column
+    sum, a product with the gain vector, an addcmul and a scaling. Where x^ is also the normalised
+    output (x in fp32 or fp64), <g', x^> is (g * x^) @ w, a matrix-vector product on the rows the
+    gain gradient sums anyway, instead of one more pass."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, width, tp_group):
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 at least
-        x32 = x.to(compute).contiguous()  # [..., h, d]; a strided view of the fused QKV output
-        sumsq = _token_dot(x32, x32)  # [..., 1, 1]: this rank's heads
+        # [tokens, local width], this function's own copy (x is a strided view of the fused QKV
+        # output), normalised in place
+        rows = x.to(compute, memory_format=torch.contiguous_format, copy=True).view(-1, weight.numel())
+        sumsq = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_()  # [tokens, 1]
         if tp_world_size(tp_group) > 1:
             collectives.sum_over_group(sumsq, tp_group)  # all heads of the token
-        rstd = torch.rsqrt(sumsq / width + eps)  # [..., 1, 1]
-        xhat = x32 * rstd
-        normed = xhat.to(x.dtype)  # the same tensor unless x is narrower than fp32
-        gain = weight.view(x.shape[-2:])
-        ctx.save_for_backward(xhat, gain, rstd, normed)
-        ctx.width, ctx.tp_group, ctx.x_dtype = width, tp_group, x.dtype
-        return gain * normed
+        rstd = sumsq.mul_(1.0 / width).add_(eps).rsqrt_()  # [tokens, 1]
+        xhat = rows.mul_(rstd)
+        normed = xhat if x.dtype == compute else xhat.to(x.dtype)
+        ctx.save_for_backward(xhat, weight, rstd, normed)
+        ctx.width, ctx.tp_group, ctx.x_dtype, ctx.x_shape = width, tp_group, x.dtype, x.shape
+        return (normed * weight).view(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        xhat, gain, rstd, normed = ctx.saved_tensors
-        grad_gain = (grad * normed).sum(dim=tuple(range(grad.dim() - 2))).reshape(-1)  # [local width]
-        grad_normed = (grad * gain).to(xhat.dtype)  # [..., h, d]
-        dot = _token_dot(grad_normed, xhat)  # [..., 1, 1]
+        xhat, weight, rstd, normed = ctx.saved_tensors
+        rows = grad.reshape(xhat.shape)  # [tokens, local width]
+        prod = rows * normed
+        grad_gain = prod.sum(0)  # [local width]
+        if normed.dtype == xhat.dtype:  # normed is x^: <g * w, x^> = (g * x^) @ w
+            dot = torch.mv(prod, weight.to(prod.dtype))  # [tokens]
+            grad_x = torch.mul(rows, weight, out=prod)  # g' = g * w, in prod's place
+        else:
+            grad_x = (rows * weight).to(xhat.dtype)
+            dot = torch.linalg.vecdot(grad_x, xhat)
         if tp_world_size(ctx.tp_group) > 1:
             collectives.sum_over_group(dot, ctx.tp_group)
-        grad_x = torch.addcmul(grad_normed, xhat, dot / ctx.width, value=-1).mul_(rstd)
-        return grad_x.to(ctx.x_dtype), grad_gain.to(gain.dtype), None, None, None
+        grad_x.addcmul_(xhat, dot.mul_(-1.0 / ctx.width).unsqueeze(-1)).mul_(rstd)
+        return grad_x.view(ctx.x_shape).to(ctx.x_dtype), grad_gain.to(weight.dtype), None, None, None
 
 
 class FullWidthQKNorm(torch.nn.Module):

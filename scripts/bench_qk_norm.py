@@ -15,6 +15,12 @@ each run's median step and inter-quartile range, and the median of the per-round
 coefficients, one set per layer against one per expert:
 
     python scripts/bench_qk_norm.py --key model.moe.activation_params --runs per_expert,shared
+
+Several keys at once (comma-separated; each run's values joined by '+', in the keys' order), e.g. the
+seed's combination against the earlier default:
+
+    python scripts/bench_qk_norm.py --key model.qk_norm,model.moe.activation_params \
+        --runs none+per_expert,full+shared
 """
 
 from __future__ import annotations
@@ -37,7 +43,11 @@ from dense_model.parallel import initialize_parallel  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/moe/demo.yaml", help="YAML config (default: %(default)s)")
-    p.add_argument("--key", default="model.qk_norm", help="the config field compared (default: %(default)s)")
+    p.add_argument(
+        "--key",
+        default="model.qk_norm",
+        help="the config field compared, or several comma-separated (default: %(default)s)",
+    )
     p.add_argument(
         "--runs", default="none,full", help="comma-separated values of --key; the first is the baseline"
     )
@@ -58,7 +68,16 @@ def main(argv=None) -> int:
         *([] if args.device == "cuda" else ["training.bf16=false"]),
         *args.overrides,
     ]
-    cfgs = [load_config(args.config, [*base, f"{args.key}={name}"]) for name in names]
+    keys = args.key.split(",")
+    cfgs = []
+    for name in names:
+        values = name.split("+")
+        if len(values) != len(keys):
+            print(
+                f"bench_qk_norm: run {name!r} has {len(values)} values for {len(keys)} keys", file=sys.stderr
+            )
+            return 2
+        cfgs.append(load_config(args.config, [*base, *(f"{k}={v}" for k, v in zip(keys, values))]))
     initialize_parallel(1, 1, seed=cfgs[0].training.seed)
     args.dp_size = 1
     runs, _ = run_interleaved(args, cfgs)

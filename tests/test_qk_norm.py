@@ -206,9 +206,18 @@ def test_full_width_norm_is_olmoes_rmsnorm_on_the_projection_output():
         bf16 = FullWidthQKNorm(_attention_config(1, torch.bfloat16), HEAD_DIM, eps=1e-5, heads=kind)
         with torch.no_grad():
             bf16.weight.copy_(t["gain"])
-        got = bf16(t["x"].to(torch.bfloat16))
+        x16 = t["x"].to(torch.bfloat16).requires_grad_()
+        got = bf16(x16)
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+        # bf16 gradients (the backward's narrow-dtype branch: <g', x^> from the fp32 x^) against the
+        # float64 formula's, to bf16 rounding
+        got.backward(t["grad"].to(torch.bfloat16))
+        for name, g, w in zip(("input", "gain"), (x16.grad, bf16.weight.grad), want_grads):
+            assert g.dtype == torch.bfloat16
+            torch.testing.assert_close(
+                g.double(), w, rtol=3e-2, atol=3e-2, msg=f"bf16 {kind} {name} gradient"
+            )
 
 
 @pytest.mark.slow
