@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from dense_model import collectives
 from dense_model.activations import get_activation_entry
 from dense_model.checkpoint import CheckpointError, read_metadata, resolve_checkpoint
 from dense_model.checkpoint.inference import load_model_for_inference
@@ -327,10 +328,9 @@ def export_hf(
     if fmt not in FORMATS:
         raise ExportError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     # rank 0 writes: one export per output (a lock), published by renames (see export/output.py)
-    with staged_output(output_dir, overwrite) if _rank() == 0 else contextlib.nullcontext() as tmp:
+    with staged_output(output_dir, overwrite) if collectives.rank() == 0 else contextlib.nullcontext() as tmp:
         _export(folder, tmp, dtype, max_shard_size, fmt)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    collectives.barrier()  # NCCL's barrier needs the device named (collectives.barrier)
     return output_dir
 
 
@@ -420,10 +420,6 @@ def _generation_config(config):
     from transformers import GenerationConfig
 
     return GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def main(argv: list[str] | None = None) -> int:

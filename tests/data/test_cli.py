@@ -175,3 +175,26 @@ def test_a_tokenizer_file_that_is_not_sentencepiece_is_one_line_and_exit_2(
         f"error: --tokenizer-model {data}: not a SentencePiece model"
     ), err
     assert "--tokenizer-type huggingface" in err, err
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "read_only"])
+def test_an_output_prefix_that_cannot_be_created_is_one_line_and_exit_2(
+    tmp_path, spm_model, texts, data_helpers, capsys, where
+):
+    """--output-prefix below a file (a typo'd path), or in a read-only file system (as root, permissions
+    do not stop a write; a bind-mounted read-only folder would): one "error:" line naming the flag,
+    the folder and the fix, exit 2, nothing written."""
+    from dense_model.data.preprocess.cli import main
+
+    data = data_helpers.write_jsonl(str(tmp_path / "a.jsonl"), [{"text": t} for t in texts[:5]])
+    if where == "under_a_file":
+        prefix, folder, why = f"{data}/out/d", f"{data}/out", f"{data} is a file, not a folder"
+    else:  # /proc refuses new folders to everyone, root included
+        prefix, folder, why = "/proc/dense_model_test/d", "/proc/dense_model_test", ""
+    args = ["--input", data, "--output-prefix", prefix, "--tokenizer-type", "sentencepiece"]
+    code = main([*args, "--tokenizer-model", spm_model, "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"error: --output-prefix {prefix}: cannot create the folder {folder} ({why}"), err
+    assert err.rstrip().endswith("choose an --output-prefix in a folder you can write"), err

@@ -50,6 +50,26 @@ from dense_model.data.preprocess.workdir import (
 from dense_model.data.tokenizers import build_tokenizer
 
 
+def make_output_folder(folder: str, output_prefix: str) -> None:
+    """``os.makedirs(folder)``, or a ValueError naming --output-prefix and what is in the way (a
+    file where a folder is needed, no permission, a read-only or full file system)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        blocker = folder
+        while blocker and not os.path.exists(blocker):
+            blocker = os.path.dirname(blocker)
+        why = (
+            f"{blocker} is a file, not a folder"
+            if os.path.exists(blocker) and not os.path.isdir(blocker)
+            else (err.strerror or str(err))
+        )
+        raise ValueError(
+            f"--output-prefix {output_prefix}: cannot create the folder {folder} ({why}); "
+            "choose an --output-prefix in a folder you can write"
+        ) from None
+
+
 def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print) -> PreprocessSummary:
     """Run (or resume) preprocessing, or this task's share of it; see the module docstring."""
     t0 = time.monotonic()
@@ -58,9 +78,9 @@ def preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = print)
     tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
     dtype = token_dtype(tokenizer.vocab_size).__name__
     files = input_files(cfg)
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
     work_dir = os.path.abspath(cfg.output_prefix) + ".shards"
-    os.makedirs(work_dir, exist_ok=True)
+    for folder in (os.path.dirname(work_dir), work_dir):
+        make_output_folder(folder, cfg.output_prefix)
     settings = run_settings(cfg, tokenizer, dtype)
     several_tasks = cfg.num_tasks > 1 or cfg.merge_only
     task = f"task {cfg.task_index}/{cfg.num_tasks}: " if cfg.num_tasks > 1 else ""
