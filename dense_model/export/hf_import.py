@@ -59,11 +59,18 @@ from dense_model.checkpoint.layout import (
     read_metadata,
     write_metadata,
 )
-from dense_model.config import Config, ConfigError, config_from_dict, config_to_dict, save_config
+from dense_model.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
 from dense_model.data.tokenizers import build_tokenizer
 from dense_model.export.hf import DTYPES
 from dense_model.export.mapping import Rule, from_hf, hf_shapes, weight_rules
-from dense_model.export.olmoe import olmoe_model_section
+from dense_model.export.olmoe import olmoe_import_notes, olmoe_model_section
 from dense_model.fsreplace import ReplaceError, replacing
 
 
@@ -715,4 +722,6 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"imported {args.hf_dir} -> {out} (train: run_pretrain.sh {out}/config.yaml run_dir=NEW data.blend=...)"
     )
+    for note in olmoe_import_notes(load_config(str(out / "config.yaml")).model):
+        print(note)
     return 0

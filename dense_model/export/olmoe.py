@@ -74,6 +74,20 @@ def aux_loss_from_hf(coef: float) -> dict:
     return {"aux_loss_coeff": float(coef), "router_loss_scaling": "olmoe"}
 
 
+def olmoe_import_notes(m: ModelConfig) -> list[str]:
+    """What an imported OLMoE folder cannot say, to print after the import: its config.json has no
+    router z-loss field (``OlmoeConfig`` has ``router_aux_loss_coef`` only), so the imported config
+    trains without one, while the OLMoE-1B-7B-0924 recipe the paper's MoE run used weighs it 0.001
+    (``moe_zloss_weight``, megablocks' scaling)."""
+    if not moe_enabled(m) or m.moe.router_loss_scaling != "olmoe" or m.moe.z_loss_coeff is not None:
+        return []
+    return [
+        "note: an OLMoE config.json records no router z-loss, so this config trains without one; "
+        "the OLMoE-1B-7B-0924 recipe (the paper's MoE run) used 0.001 with megablocks' scaling: add "
+        "model.moe.z_loss_coeff=0.001 to train on as it did"
+    ]
+
+
 def olmoe_config(cfg: Config, special_ids: dict, dtype: torch.dtype):
     """``OlmoeConfig`` for ``cfg`` (checked by ``olmoe_refusal`` first)."""
     from transformers import OlmoeConfig

@@ -216,6 +216,17 @@ def test_transformers_olmoe_imports_with_its_logits_and_exports_back(olmoe):
     )  # fmt: skip
     # the folder's 0.01 is megablocks' weight, as allenai's OLMoE-1B-7B carries its training value
     assert moe["router_loss_scaling"] == "olmoe" and moe["aux_loss_coeff"] == pytest.approx(0.01)
+    # config.json has no z-loss field: the import trains without one and says what the recipe used
+    from dense_model.config import load_config
+    from dense_model.export.olmoe import olmoe_import_notes
+
+    assert moe["z_loss_coeff"] is None
+    (note,) = olmoe_import_notes(load_config(str(olmoe / "imported" / "config.yaml")).model)
+    assert note.startswith("note: an OLMoE config.json records no router z-loss") and (
+        "model.moe.z_loss_coeff=0.001" in note
+    ), note
+    seed = load_config("configs/moe/olmoe_1b7b_polynorm.yaml", ["model.vocab_size=50304"]).model
+    assert seed.moe.z_loss_coeff == pytest.approx(0.001) and olmoe_import_notes(seed) == []
     # round trip: the same config.json fields and transformers' logits
     original = json.loads((olmoe / "hf_made" / "config.json").read_text())
     again = json.loads((olmoe / "hf_again" / "config.json").read_text())
