@@ -74,6 +74,9 @@ from dense_model.training.step import forward_backward, lm_loss, reduce_lm_loss
 
 # The worker's pid, for the helper processes it spawns (see below).
 WORKER_PID_ENV = "DENSE_MODEL_TRAINING_WORKER_PID"
+# For tests that kill a job at a known point: after this step (logged, and saved if it is a save
+# step) every rank says so and waits until it is killed, so no later step or save can race the kill.
+HOLD_AFTER_STEP_ENV = "DENSE_MODEL_DEBUG_HOLD_AFTER_STEP"
 
 # A helper process the worker spawns (dist_checkpointing's multiprocessing Manager) re-imports this
 # module as __mp_main__ before it starts: it dies with the worker, as the worker dies with torchrun.
@@ -171,6 +174,7 @@ class Trainer:
         self.terminate = TerminationRequest()
         device_type = next(self.model.parameters()).device.type
         self.gc = ManualGC(manual_gc_wanted(t.manual_gc, device_type), t.manual_gc_interval)
+        self.hold_after_step = int(os.environ.get(HOLD_AFTER_STEP_ENV, "0") or 0)
         n_params = sum(p.numel() for p in self.model.parameters())
         self._print(
             f"model: {cfg.model.activation}, {n_params:,} parameters on rank 0 | "
@@ -441,6 +445,10 @@ class Trainer:
                 self._print(f"{why}: saved step {step} and stopping")
                 return self.state
             self.gc.step(step)
+            if step == self.hold_after_step:
+                self._print(f"holding after step {step} ({HOLD_AFTER_STEP_ENV}) until killed")
+                while True:
+                    time.sleep(60)
         if last_eval != self.state.iteration:
             self._validate()
         # the last step too, unless scored already or this job trained nothing (a relaunch of a

@@ -11,6 +11,7 @@ import time
 import psutil
 import pytest
 
+from dense_model.training.pretrain import HOLD_AFTER_STEP_ENV
 from tests.training.pretrain_jobs import (
     REPO,
     finish,
@@ -61,9 +62,11 @@ def test_launcher_sigkill_ends_workers_and_relaunch_resumes_exactly_with_dropout
     reference, _ = read_metrics(ref_dir)
 
     config, run_dir = tiny_config("killed", *dropout)
-    proc = launch(config)
-    for line in proc.stdout:  # the step-8 checkpoint is complete and steps 9, 10 are logged
-        if line.startswith("step      10 |"):
+    # the workers hold after step 10 (step-8 checkpoint complete, steps 9 and 10 logged) until the
+    # kill: reading the log alone, a loaded machine let them save step 12 before the kill landed
+    proc = launch(config, env={HOLD_AFTER_STEP_ENV: "10"})
+    for line in proc.stdout:
+        if line.startswith("holding after step 10"):
             break
     processes = job_processes(proc)
     assert any("dense_model.training.pretrain" in p.cmdline() for p in processes)
